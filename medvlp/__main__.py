@@ -1,0 +1,5 @@
+"""`python -m medvlp ...` (and `torchrun -m medvlp train ...`)."""
+
+from medvlp.cli import main
+
+main()

@@ -1,0 +1,163 @@
+"""The `medvlp` command line: a thin layer over the library."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+
+app = typer.Typer(
+    name="medvlp",
+    help="Medical vision-language models from a cohort of images, reports and outcomes.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+cohort_app = typer.Typer(help="Make, check and build cohorts.", no_args_is_help=True)
+app.add_typer(cohort_app, name="cohort")
+console = Console(stderr=True)
+
+KINDS = ("cxr", "ct")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False) -> None:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    for h in logging.root.handlers:  # the console shows warnings; library loggers may still feed their own files
+        h.setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def _recipe(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text())
+        syn = raw["synthetic"]
+        return {"kind": str(syn["kind"]), "n": int(syn.get("n", 500)), "seed": int(syn.get("seed", 0))}
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+        _fail(f"{path}: not a synthetic cohort recipe (expects `synthetic: {{kind: cxr|ct, n: N, seed: S}}`): {exc}")
+        raise  # unreachable
+
+
+@cohort_app.command("synth")
+def cohort_synth(
+    out: Annotated[Path, typer.Option(help="Folder to write the cohort into.")],
+    kind: Annotated[str | None, typer.Option(help="cxr (2D chest radiographs) or ct (3D abdominal CT).")] = None,
+    n: Annotated[int, typer.Option(help="Number of studies.", min=1)] = 500,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same files.")] = 0,
+    recipe: Annotated[Path | None, typer.Option(help="A recipe such as cohorts/synthetic-cxr.yaml.")] = None,
+) -> None:
+    """Write a built-in synthetic cohort (real DICOM files, manifest, reports, boxes, survival)."""
+    from medvlp.data.synthetic import synthesize
+
+    if recipe is not None:
+        r = _recipe(recipe)
+        kind, n, seed = r["kind"], r["n"], r["seed"]
+    if kind not in KINDS:
+        _fail(f"--kind must be one of {', '.join(KINDS)} (or give --recipe), got {kind!r}")
+    path = synthesize(kind, n, out, seed=seed)
+    console.print(f"wrote {n} synthetic {kind} studies: [bold]{path}[/]")
+
+
+@cohort_app.command("validate")
+def cohort_validate(cohort: Annotated[Path, typer.Argument(help="The cohort YAML.")]) -> None:
+    """Check a cohort (YAML, manifest, grounding, files present, reports not empty) without building it."""
+    from medvlp.data.cohort import CohortError, load_cohort
+    from medvlp.data.validate import record_problems
+
+    try:
+        c = load_cohort(cohort)
+    except CohortError as exc:
+        _fail(str(exc))
+        return
+    problems = record_problems(c)
+    splits = c.manifest["split"].value_counts().to_dict()
+    console.print(
+        f"{cohort}: {len(c.manifest)} studies {splits}, {len(c.grounding)} phrase boxes, "
+        f"findings: {', '.join(c.findings) or 'none'}"
+    )
+    for study_id, reason in problems:
+        console.print(f"  would quarantine {study_id}: {reason}", highlight=False)
+    console.print(f"[green]valid[/]: {len(c.manifest) - len(problems)} usable, {len(problems)} would be quarantined")
+
+
+@cohort_app.command("build")
+def cohort_build(
+    cohort: Annotated[Path, typer.Argument(help="The cohort YAML.")],
+    out: Annotated[Path, typer.Option(help="Cache folder to write (resumable).")],
+    workers: Annotated[int | None, typer.Option(help="Decoding processes (default: CPU count, at most 8).")] = None,
+) -> None:
+    """Decode, preprocess and cache every record; bad records go to quarantine.csv."""
+    from medvlp.data.build import build_cohort
+    from medvlp.data.cohort import CohortError
+
+    try:
+        s = build_cohort(cohort, out, workers=workers)
+    except CohortError as exc:
+        _fail(str(exc))
+        return
+    console.print(
+        f"built {out}: {s.ingested} ingested ({s.reused} reused), {s.quarantined} quarantined in {s.seconds:.1f} s"
+    )
+    if s.quarantined:
+        console.print(f"  reasons in {out / 'quarantine.csv'}")
+
+
+def _not_yet(what: str, issue: str) -> None:
+    _fail(f"`medvlp {what}` is not available yet ({issue}).", code=3)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train() -> None:
+    """Two-stage pretraining: stage1-text, stage1-image, stage2-align (torchrun-ready)."""
+    _not_yet("train", "encoders and two-stage pretraining are being built")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def evaluate() -> None:
+    """Zero-shot, grounding, retrieval, survival and probes on the test split; writes a model card."""
+    _not_yet("evaluate", "downstream tasks are being built")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve() -> None:
+    """The zero-shot diagnosis HTTP API and viewer."""
+    _not_yet("serve", "the API is being built")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's cohort, cache and results.")] = Path("demo-out"),
+    kind: Annotated[str, typer.Option(help="cxr (2D) or ct (3D).")] = "cxr",
+    n: Annotated[int, typer.Option(help="Number of synthetic studies.", min=10)] = 500,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """The whole pipeline on a built-in synthetic cohort."""
+    from medvlp.data.build import build_cohort
+    from medvlp.data.synthetic import synthesize
+
+    if kind not in KINDS:
+        _fail(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    console.rule(f"medvlp demo: synthetic {kind} cohort of {n} studies")
+    yaml_path = synthesize(kind, n, out / "cohort", seed=seed)
+    console.print(f"1. cohort written: {yaml_path}")
+    s = build_cohort(yaml_path, out / "cache", progress=True)
+    console.print(f"2. cache built: {s.ingested} studies ingested, {s.quarantined} quarantined, in {s.seconds:.1f} s")
+    summary = json.loads((out / "cache" / "summary.json").read_text())
+    console.print(f"   splits {summary['splits']}, arrays of {summary['preprocess']['size']} in {out / 'cache'}")
+    console.print("Training, evaluation and the model card join this demo as their stages land.")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""`medvlp cohort build`: every record of a cohort -> preprocessed, pseudonymized cache.
+
+One bad record never stops the build: it goes to ``quarantine.csv`` with its reason. Work is spread
+over processes; each finished study is written atomically, so a killed build continues where it
+stopped and a rerun redoes only the records whose file, report boxes or preprocessing changed (and
+every quarantined one, so fixing a file is enough to bring it in).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from medvlp.data.cache import CACHE_VERSION, atomic_save_npy, atomic_write_bytes, atomic_write_json
+from medvlp.data.cohort import Cohort, PreprocessSpec, load_cohort
+from medvlp.data.image import ImageReadError
+from medvlp.data.preprocess import map_boxes, preprocess_image
+from medvlp.data.privacy import load_or_create_key, pseudonym
+from medvlp.data.readers import read_image
+from medvlp.data.validate import precheck
+
+logger = logging.getLogger(__name__)
+
+# Technical facts about the source image that may be kept; everything else from a header is dropped.
+_SAFE_META = ("modality", "photometric_interpretation", "transfer_syntax", "n_files", "inverted", "color_converted")
+
+
+@dataclass(frozen=True)
+class BuildSummary:
+    """What a build did. ``reused`` counts studies taken unchanged from an earlier (or interrupted) build."""
+
+    out: Path
+    ingested: int
+    quarantined: int
+    reused: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Task:
+    study: str
+    image: Path
+    boxes: np.ndarray  # [N, 2D] in stored-image voxels
+    preprocess: PreprocessSpec
+    fingerprint: str
+    out: Path
+
+
+def _file_state(path: Path) -> list[Any]:
+    """Size and modification time of a file, or of every file of a folder (a DICOM series)."""
+    if path.is_dir():
+        return sorted([p.name, *_file_state(p)] for p in path.iterdir() if p.is_file())
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _fingerprint(spec: PreprocessSpec, image: Path, boxes: np.ndarray) -> str:
+    state = {
+        "cache_version": CACHE_VERSION,
+        "preprocess": spec.model_dump(mode="json"),
+        "image": str(image.resolve()),
+        "file": _file_state(image),
+        "boxes": np.round(boxes, 6).tolist(),
+    }
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _process(task: _Task) -> dict[str, Any]:
+    """Decode, preprocess and write one study. Runs in a worker process; never raises."""
+    try:
+        if not task.image.exists():
+            return {"study": task.study, "error": "image file not found"}
+        image = read_image(task.image)
+        out = preprocess_image(image, task.preprocess)
+        if not np.isfinite(out.array).all():
+            return {"study": task.study, "error": "image has no finite pixel values after preprocessing"}
+        boxes = map_boxes(task.boxes, out.source_to_output, task.preprocess.size) if len(task.boxes) else task.boxes
+    except (ImageReadError, ValueError, OSError) as exc:
+        return {"study": task.study, "error": str(exc).replace(str(task.image), task.image.name)}
+    except Exception as exc:
+        return {"study": task.study, "error": f"could not decode or preprocess: {type(exc).__name__}: {exc}"}
+    item = {
+        "study": task.study,
+        "fingerprint": task.fingerprint,
+        "shape": list(out.array.shape),
+        "source_shape": list(image.array.shape),
+        "source_spacing": [float(s) for s in image.spacing],
+        "source": {k: image.meta[k] for k in _SAFE_META if k in image.meta},
+        "affine": out.affine.tolist(),
+        "boxes": np.asarray(boxes, dtype=float).tolist(),
+    }
+    atomic_save_npy(task.out / "images" / f"{task.study}.npy", out.array)
+    atomic_write_json(task.out / "items" / f"{task.study}.json", item)
+    return item
+
+
+def _read_item(out: Path, study: str, fingerprint: str) -> dict[str, Any] | None:
+    path = out / "items" / f"{study}.json"
+    if not path.is_file() or not (out / "images" / f"{study}.npy").is_file():
+        return None
+    try:
+        item = json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError):
+        return None
+    return item if item.get("fingerprint") == fingerprint else None
+
+
+def _setup_log(out: Path) -> logging.Handler:
+    handler = logging.FileHandler(out / "build.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
+
+
+def build_cohort(
+    cohort: str | Path | Cohort, out: str | Path, workers: int | None = None, progress: bool | None = None
+) -> BuildSummary:
+    """Build (or bring up to date) the cache of a cohort.
+
+    Args:
+        cohort: the cohort YAML, or an already loaded :class:`Cohort`.
+        out: the cache folder; created if needed.
+        workers: processes to decode with; default ``min(cpu_count, 8)``, 0 decodes in this process.
+        progress: show a progress bar; default when stderr is a terminal.
+
+    Raises:
+        CohortError: when the cohort definition itself is wrong (nothing is built then).
+    """
+    t0 = time.perf_counter()
+    cohort = cohort if isinstance(cohort, Cohort) else load_cohort(cohort)
+    spec, df = cohort.spec, cohort.manifest
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "items").mkdir(parents=True, exist_ok=True)
+    handler = _setup_log(out)
+    try:
+        key = load_or_create_key(out)
+        pp = spec.preprocessing
+        box_cols = list(spec.box_columns)
+        by_study = {s: g[box_cols].to_numpy(float) for s, g in cohort.grounding.groupby("study_id")}
+        empty = np.zeros((0, len(box_cols)))
+
+        quarantine: list[tuple[str, str]] = []
+        items: dict[str, dict[str, Any]] = {}
+        reports: dict[str, str] = {}
+        tasks: list[_Task] = []
+        study_of: dict[str, str] = {}
+        for row in df.itertuples(index=False):
+            sid = row.study_id
+            st = pseudonym(key, "st", sid)
+            study_of[st] = sid
+            report, reason = precheck(spec, row)
+            if reason is not None:
+                quarantine.append((sid, reason))
+                continue
+            reports[st] = report
+            image = spec.resolve(row.image)
+            boxes = by_study.get(sid, empty)
+            fp = _fingerprint(pp, image, boxes)
+            done = _read_item(out, st, fp)
+            if done is not None:
+                items[st] = done | {"reused": True}
+            else:
+                tasks.append(_Task(st, image, boxes, pp, fp, out))
+        reused = len(items)
+        logger.info("build %s: %d records, %d reused, %d to process", spec.name, len(df), reused, len(tasks))
+
+        show = sys.stderr.isatty() if progress is None else progress
+        bar = tqdm(total=len(tasks), desc=f"cohort {spec.name}", unit="study", disable=not show)
+        n_workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+        results = _run(tasks, n_workers, bar)
+        bar.close()
+        for res in results:
+            if "error" in res:
+                quarantine.append((study_of[res["study"]], res["error"]))
+            else:
+                items[res["study"]] = res
+        for st in study_of:
+            if st not in items:  # a quarantined study must not leave a stale image behind
+                (out / "items" / f"{st}.json").unlink(missing_ok=True)
+                (out / "images" / f"{st}.npy").unlink(missing_ok=True)
+        for sid, reason in quarantine:
+            logger.warning("quarantined %s: %s", pseudonym(key, "st", sid), reason)
+
+        _write_tables(out, cohort, key, items, reports)
+        qdf = pd.DataFrame(quarantine, columns=["study_id", "reason"]).sort_values("study_id")
+        atomic_write_bytes(out / "quarantine.csv", qdf.to_csv(index=False).encode())
+        seconds = time.perf_counter() - t0
+        summary = {
+            "cache_version": CACHE_VERSION,
+            "cohort": spec.name,
+            "modality": spec.modality,
+            "spatial_dims": spec.spatial_dims,
+            "findings": spec.findings,
+            "covariates": spec.covariates,
+            "survival": spec.survival is not None,
+            "preprocess": pp.model_dump(mode="json"),
+            "records": len(df),
+            "ingested": len(items),
+            "quarantined": len(quarantine),
+            "reused": reused,
+            "processed": len(tasks),
+            "splits": {
+                s: int(n)
+                for s, n in df[df["study_id"].isin(set(study_of[s] for s in items))]["split"].value_counts().items()
+            },
+            "seconds": round(seconds, 3),
+        }
+        atomic_write_json(out / "summary.json", summary)
+        logger.info("built %s: %d ingested, %d quarantined in %.1f s", spec.name, len(items), len(quarantine), seconds)
+        return BuildSummary(out, len(items), len(quarantine), reused, seconds)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def _run(tasks: list[_Task], workers: int, bar: tqdm) -> list[dict[str, Any]]:
+    results = []
+    if workers <= 1 or len(tasks) <= 1:
+        for t in tasks:
+            results.append(_process(t))
+            bar.update()
+        return results
+    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
+        futures = {pool.submit(_process, t): t for t in tasks}
+        for fut in as_completed(futures):
+            try:
+                results.append(fut.result())
+            except Exception as exc:
+                results.append({"study": futures[fut].study, "error": f"worker failed: {type(exc).__name__}: {exc}"})
+            bar.update()
+    return results
+
+
+def _write_tables(
+    out: Path, cohort: Cohort, key: bytes, items: dict[str, dict[str, Any]], reports: dict[str, str]
+) -> None:
+    """records.parquet and grounding.parquet, keyed by pseudonyms only."""
+    spec, df = cohort.spec, cohort.manifest
+    keep = [*spec.findings, *spec.covariates]
+    if spec.survival:
+        keep += [spec.survival.time, spec.survival.event]
+    studies = df["study_id"].map(lambda s: pseudonym(key, "st", s))
+    ok = studies.isin(items.keys()).to_numpy()
+    records = pd.DataFrame(
+        {
+            "study": studies[ok].to_numpy(),
+            "subject": df.loc[ok, "subject_id"].map(lambda s: pseudonym(key, "sb", s)).to_numpy(),
+            "split": df.loc[ok, "split"].to_numpy(),
+            "report": [reports[s] for s in studies[ok]],
+        }
+    )
+    for c in keep:
+        records[c] = df.loc[ok, c].to_numpy()
+    atomic_write_bytes(out / "records.parquet", records.to_parquet(index=False))
+
+    box_cols = list(spec.box_columns)
+    rows = []
+    for sid, g in cohort.grounding.groupby("study_id", sort=False):
+        item = items.get(pseudonym(key, "st", sid))
+        if item is None:
+            continue
+        for (cat, text), box in zip(
+            g[["category_name", "label_text"]].itertuples(index=False), item["boxes"], strict=True
+        ):
+            rows.append([item["study"], cat, text, *box])
+    gdf = pd.DataFrame(rows, columns=["study", "category_name", "label_text", *box_cols])
+    atomic_write_bytes(out / "grounding.parquet", gdf.to_parquet(index=False))

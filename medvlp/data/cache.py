@@ -1,0 +1,111 @@
+"""The preprocessed cohort cache: what `medvlp cohort build` writes and training reads.
+
+Layout of a cache folder::
+
+    summary.json        counts, preprocessing, timings
+    quarantine.csv      study_id, reason: every record that could not be used
+    records.parquet     one row per ingested study: pseudonyms, split, report, labels, covariates, survival
+    grounding.parquet   phrase boxes mapped onto the cached grid (voxel corner + size, floats)
+    images/<study>.npy  float16 [1, *size] in [0, 1], read memory-mapped
+    items/<study>.json  per-study fingerprint, the resume marker (written after its .npy)
+    secret/             the pseudonym key: stays inside the hospital, never shipped with a model
+
+One ``.npy`` per study, rather than one big array, makes the build parallel and resumable (a study is
+done once its item file exists) and lets a rerun replace only what changed; reading a memory-mapped
+``.npy`` costs one ``open`` + ``mmap``, measured in ``benchmarks/bench_cohort.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+CACHE_VERSION = 1
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path`` and rename it in place, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(array))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class CachedCohort:
+    """Read side of a built cache.
+
+    Attributes:
+        root: the cache folder.
+        summary: the content of ``summary.json``.
+        records: one row per ingested study (column ``study`` is the pseudonym).
+        grounding: phrase boxes on the cached grid (``study, category_name, label_text, x, y[, z], w, h[, d]``).
+    """
+
+    root: Path
+    summary: dict[str, Any]
+    records: pd.DataFrame
+    grounding: pd.DataFrame
+
+    @classmethod
+    def open(cls, root: str | Path) -> CachedCohort:
+        root = Path(root)
+        summary_path = root / "summary.json"
+        if not summary_path.is_file():
+            raise FileNotFoundError(f"{root} is not a built cohort cache (no summary.json): run `medvlp cohort build`")
+        summary = json.loads(summary_path.read_text())
+        if summary.get("cache_version") != CACHE_VERSION:
+            raise ValueError(f"{root}: cache version {summary.get('cache_version')} != {CACHE_VERSION}; rebuild it")
+        return cls(
+            root=root,
+            summary=summary,
+            records=pd.read_parquet(root / "records.parquet"),
+            grounding=pd.read_parquet(root / "grounding.parquet"),
+        )
+
+    @property
+    def findings(self) -> list[str]:
+        return list(self.summary["findings"])
+
+    @property
+    def spatial_dims(self) -> int:
+        return int(self.summary["spatial_dims"])
+
+    def split(self, name: str) -> pd.DataFrame:
+        """Records of one split (train, val or test), index reset."""
+        return self.records[self.records["split"] == name].reset_index(drop=True)
+
+    def image_path(self, study: str) -> Path:
+        return self.root / "images" / f"{study}.npy"
+
+    def load_image(self, study: str, mmap: bool = True) -> np.ndarray:
+        """The cached float16 array ``[1, *size]`` of one study (memory-mapped by default)."""
+        return np.load(self.image_path(study), mmap_mode="r" if mmap else None)
