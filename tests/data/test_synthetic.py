@@ -89,7 +89,7 @@ def test_same_seed_gives_identical_bytes(make: Callable[..., Path], kind: str) -
 def test_a_cohort_is_the_prefix_of_a_larger_one(make: Callable[..., Path], kind: str) -> None:
     small, large = make(kind, 4), make(kind, 6)
     ms, ml = pd.read_csv(small / "manifest.csv"), pd.read_csv(large / "manifest.csv")
-    pd.testing.assert_frame_equal(ms, ml.head(4))
+    pd.testing.assert_frame_equal(ms, ml.head(4), check_dtype=False)
     gs, gl = pd.read_csv(small / "grounding.csv"), pd.read_csv(large / "grounding.csv")
     pd.testing.assert_frame_equal(gs, gl[gl.study_id.isin(ms.study_id)].reset_index(drop=True))
     fs, fl = _files(small / "images"), _files(large / "images")
@@ -206,8 +206,9 @@ def test_labels_prevalence_and_normal_reports(kind: str) -> None:
     assert df.drop_duplicates("subject_id").split.value_counts(normalize=True).between(0.1, 0.8).all()
 
 
-@pytest.mark.parametrize(("kind", "n", "tol"), [("ct", 6000, 0.15), ("cxr", 3000, 0.2)])
+@pytest.mark.parametrize(("kind", "n", "tol"), [("ct", 10000, 0.15), ("cxr", 3000, 0.2)])
 def test_survival_recovers_true_hazard(kind: str, n: int, tol: float) -> None:
+    # standard errors are about 0.03 (ct, 10000) and 0.06 (cxr, 3000): the tolerances are 3-5 of them
     from lifelines import CoxPHFitter
 
     df = sample_cases(kind, n, seed=0)
@@ -257,6 +258,8 @@ def test_ct_series_geometry_and_headers(make: Callable[..., Path]) -> None:
             assert [float(v) for v in d.PixelSpacing] == [4.0, 4.0] and float(d.SliceThickness) == 5.0
             assert (d.BitsStored, d.PixelRepresentation, float(d.RescaleIntercept)) == (16, 1, -1024.0)
         _check_phi(slices[0], row)
+        assert len({d.SOPInstanceUID for d in slices}) == 40 and len({d.SeriesInstanceUID for d in slices}) == 1
+        assert all(d.SOPInstanceUID == d.file_meta.MediaStorageSOPInstanceUID for d in slices)
         instance = [int(d.InstanceNumber) for d in slices]
         orders.add("ascending" if instance == sorted(instance) else "descending")
         by_name = sorted((folder / row.image).glob("*.dcm"))

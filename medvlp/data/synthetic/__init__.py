@@ -34,7 +34,9 @@ def synthesize(kind: str, n: int, out: str | Path, seed: int = 0) -> Path:
         kind: ``"cxr"`` (2D chest radiographs) or ``"ct"`` (3D abdominal CT).
         n: number of studies; study ``i`` is the same whatever ``n`` is.
         out: output folder, created if missing.
-        seed: non-negative integer; the same ``(kind, n, seed)`` gives byte-identical files.
+        seed: non-negative integer; the same ``(kind, n, seed)`` gives byte-identical files, whatever the
+            number of worker processes (up to 4 when ``n >= 48``; the environment variable
+            ``MEDVLP_SYNTH_WORKERS`` overrides it).
 
     Returns:
         The path of the written ``cohort.yaml``.

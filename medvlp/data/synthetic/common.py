@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,6 +215,7 @@ def generative_model(mod: ModuleType) -> dict[str, Any]:
             "scale_months": WEIBULL_SCALE,
             "reference": "all findings absent, age 60, female (linear predictor 0)",
             "median_months_at_reference": round(WEIBULL_SCALE * math.log(2.0) ** (1.0 / WEIBULL_SHAPE), 2),
+            "median_months_over_cohort": "about 36 (latent event time before censoring, over the covariate mix)",
             "cumulative_hazard": "H0(t) = (t / scale) ** shape",
         },
         "censoring": {
@@ -248,7 +249,7 @@ def new_dicom(
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
     ds.Modality = modality
-    ds.Manufacturer = "MEDVLP SYNTHETIC"
+    ds.Manufacturer = "MEDVLP"
     for key, value in phi.items():
         setattr(ds, key, value)
     ds.SeriesDate = ds.StudyDate
@@ -279,6 +280,9 @@ def cases_frame(mod: ModuleType, rows: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame([{k: r[k] for k in (*columns, *extra)} for r in rows], columns=[*columns, *extra])
     for finding in mod.FINDINGS:
         df[finding] = df[finding].astype("Int64")
+    for col in extra:  # stable dtypes whatever values a prefix happens to hold
+        if col.endswith(("_mm", "_ratio")):
+            df[col] = df[col].astype(float)
     return df
 
 
@@ -305,9 +309,7 @@ def _workers(n: int) -> int:
     return 1 if n < 48 else max(1, min(4, os.cpu_count() or 1))
 
 
-def write_cohort(
-    mod: ModuleType, n: int, out: str | Path, seed: int, progress: Callable[[int], None] | None = None
-) -> Path:
+def write_cohort(mod: ModuleType, n: int, out: str | Path, seed: int) -> Path:
     """Samples ``n`` studies, writes their images, manifest, grounding, cohort.yaml and synthetic.json."""
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
@@ -316,11 +318,9 @@ def write_cohort(
     rows = _rows(mod, n, seed)
     workers = _workers(n)
     if workers == 1:
-        for i, row in enumerate(rows):
+        for row in rows:
             mod.write_study(row, out, seed)
-            if progress is not None:
-                progress(i + 1)
-    else:
+    else:  # each study has its own generators, so the files do not depend on the split into chunks
         chunks = [(mod.__name__, rows[w::workers], str(out), seed) for w in range(workers)]
         with ProcessPoolExecutor(max_workers=workers) as pool:
             list(pool.map(_write_chunk, chunks))

@@ -46,6 +46,28 @@ def _neg(options: list[str], style: int, rng: np.random.Generator, normal: bool)
     return pick(rng, options)
 
 
+def _mention(f: str, states: Mapping[str, str], said: Mapping[str, tuple[str, str]], negation: str) -> str:
+    """The findings sentence of finding ``f``: its negation, its description, or nothing."""
+    if states[f] == "absent":
+        return negation
+    return "" if states[f] == "unmentioned" else said[f][0]
+
+
+def _finish(
+    body: list[str], said: Mapping[str, tuple[str, str]], states: Mapping[str, str], normal_impression: str,
+    otherwise: str, rng: np.random.Generator,
+) -> tuple[str, dict[str, str]]:  # fmt: skip
+    """Assembles the report; also returns, per present finding, the findings sentence describing it."""
+    present = [f for f in said if states[f] == "present"]
+    if not said:
+        impression = [normal_impression]
+    else:
+        impression = [said[f][1] for f in present] + [said[f][1] for f in said if states[f] == "uncertain"]
+        if not present:
+            impression.append(otherwise)
+    return _assemble([s for s in body if s], impression, rng), {f: said[f][0] for f in present}
+
+
 # ------------------------------------------------------------------ chest radiographs
 
 _CXR_NEG = {
@@ -200,63 +222,32 @@ def _cxr_uncertain(finding: str, d: Mapping[str, Any], rng: np.random.Generator)
     return sentence, f"Possible tiny {side} apical pneumothorax."
 
 
-def _phrase(
-    kind_present: Any, kind_uncertain: Any, finding: str, state: str, d: Mapping[str, Any], rng: Any
-) -> tuple[str, str]:
-    if state == "present":
-        return kind_present(finding, d, rng)
-    return kind_uncertain(finding, d, rng)
-
-
 def cxr_report(
     states: Mapping[str, str], details: Mapping[str, Mapping[str, Any]], rng: np.random.Generator
 ) -> tuple[str, dict[str, str]]:
     """A chest radiograph report and, per present finding, the findings sentence that describes it."""
     style = int(rng.integers(3))
-    positive = [
-        f
-        for f in ("pneumothorax", "pleural_effusion", "lung_nodule", "cardiomegaly")
+    order = ("pneumothorax", "pleural_effusion", "lung_nodule", "cardiomegaly")
+    said = {
+        f: (_cxr_present if states[f] == "present" else _cxr_uncertain)(f, details[f], rng)
+        for f in order
         if states[f] in ("present", "uncertain")
-    ]
-    normal = not positive
-    said: dict[str, tuple[str, str]] = {
-        f: _phrase(_cxr_present, _cxr_uncertain, f, states[f], details[f], rng) for f in positive
     }
-    body: list[str] = []
-    st = states["cardiomegaly"]
-    if st == "absent":
-        body.append(_neg(_CXR_NEG["cardiomegaly"], style, rng, normal))
-    elif st != "unmentioned":
-        body.append(said["cardiomegaly"][0])
-    body.append(_CXR_MEDIASTINUM[style])
-    st = states["lung_nodule"]
-    pleural_clear = all(states[f] in ("absent", "unmentioned") for f in ("pleural_effusion", "pneumothorax"))
-    if st == "absent":
-        options = _CXR_NEG["lung_nodule"] if pleural_clear else _CXR_NEG["lung_nodule"][2:]
-        body.append(_neg(options, style, rng, normal))
-    elif st != "unmentioned":
-        body.append(said["lung_nodule"][0])
+    normal = not said
+    neg = {f: _neg(_CXR_NEG[f], style, rng, normal) for f in _CXR_NEG}
+    if not all(states[f] in ("absent", "unmentioned") for f in ("pleural_effusion", "pneumothorax")):
+        neg["lung_nodule"] = _neg(_CXR_NEG["lung_nodule"][2:], style, rng, normal)  # the lungs are not "clear"
+    body = [_mention("cardiomegaly", states, said, neg["cardiomegaly"]), _CXR_MEDIASTINUM[style]]
+    body.append(_mention("lung_nodule", states, said, neg["lung_nodule"]))
     if states["pleural_effusion"] == "absent" and states["pneumothorax"] == "absent" and rng.random() < 0.8:
         body.append(_neg(_CXR_NEG_PLEURA, style, rng, normal))
     else:
-        for f in ("pleural_effusion", "pneumothorax"):
-            if states[f] == "absent":
-                body.append(_neg(_CXR_NEG[f], style, rng, normal))
-            elif states[f] != "unmentioned":
-                body.append(said[f][0])
+        body += [_mention(f, states, said, neg[f]) for f in ("pleural_effusion", "pneumothorax")]
     if rng.random() < 0.15:
         body.append(pick(rng, _CXR_INCIDENTAL))
     body.append(_CXR_BONES[style])
-    body = [s for s in body if s]
-    if normal:
-        impression = [_CXR_NORMAL_IMPRESSION[style]]
-    else:
-        impression = [said[f][1] for f in positive if states[f] == "present"]
-        impression += [said[f][1] for f in positive if states[f] == "uncertain"]
-        if all(states[f] == "uncertain" for f in positive):
-            impression.append("Otherwise no acute cardiopulmonary abnormality.")
-    labels_text = {f: said[f][0] for f in positive if states[f] == "present"}
-    return _assemble(body, impression, rng), labels_text
+    otherwise = "Otherwise no acute cardiopulmonary abnormality."
+    return _finish(body, said, states, _CXR_NORMAL_IMPRESSION[style], otherwise, rng)
 
 
 # ------------------------------------------------------------------ abdominal CT
@@ -408,42 +399,24 @@ def ct_report(
     """An abdominal CT report and, per present finding, the findings sentence that describes it."""
     style = int(rng.integers(3))
     order = ("renal_mass", "hepatic_lesion", "ascites", "kidney_stone")
-    positive = [f for f in order if states[f] in ("present", "uncertain")]
-    normal = not positive
-    said = {f: _phrase(_ct_present, _ct_uncertain, f, states[f], details[f], rng) for f in positive}
-    body: list[str] = []
-    st = states["hepatic_lesion"]
-    if st == "absent" and style == 0 and (normal or rng.random() < 0.6):
-        body.append(_CT_LIVER_AND_OTHERS)
+    said = {
+        f: (_ct_present if states[f] == "present" else _ct_uncertain)(f, details[f], rng)
+        for f in order
+        if states[f] in ("present", "uncertain")
+    }
+    normal = not said
+    neg = {f: _neg(_CT_NEG[f], style, rng, normal) for f in _CT_NEG}
+    if states["hepatic_lesion"] == "absent" and style == 0 and (normal or rng.random() < 0.6):
+        body = [_CT_LIVER_AND_OTHERS]
     else:
-        if st == "absent":
-            body.append(_neg(_CT_NEG["hepatic_lesion"], style, rng, normal))
-        elif st != "unmentioned":
-            body.append(said["hepatic_lesion"][0])
-        body.append(_CT_OTHER_ORGANS[style])
+        body = [_mention("hepatic_lesion", states, said, neg["hepatic_lesion"]), _CT_OTHER_ORGANS[style]]
     if states["renal_mass"] == "absent" and states["kidney_stone"] == "absent" and rng.random() < 0.8:
         body.append(_neg(_CT_NEG_KIDNEYS, style, rng, normal))
     else:
-        for f in ("renal_mass", "kidney_stone"):
-            if states[f] == "absent":
-                body.append(_neg(_CT_NEG[f], style, rng, normal))
-            elif states[f] != "unmentioned":
-                body.append(said[f][0])
-    if states["ascites"] == "absent":
-        body.append(_neg(_CT_NEG["ascites"], style, rng, normal))
-    elif states["ascites"] != "unmentioned":
-        body.append(said["ascites"][0])
-    body.append(_CT_VESSELS[style])
+        body += [_mention(f, states, said, neg[f]) for f in ("renal_mass", "kidney_stone")]
+    body += [_mention("ascites", states, said, neg["ascites"]), _CT_VESSELS[style]]
     if rng.random() < 0.15:
         body.append(pick(rng, _CT_INCIDENTAL))
     body.append(_CT_BONES[style])
-    body = [s for s in body if s]
-    if normal:
-        impression = [_CT_NORMAL_IMPRESSION[style]]
-    else:
-        impression = [said[f][1] for f in positive if states[f] == "present"]
-        impression += [said[f][1] for f in positive if states[f] == "uncertain"]
-        if all(states[f] == "uncertain" for f in positive):
-            impression.append("Otherwise no acute abnormality in the abdomen.")
-    labels_text = {f: said[f][0] for f in positive if states[f] == "present"}
-    return _assemble(body, impression, rng), labels_text
+    otherwise = "Otherwise no acute abnormality in the abdomen."
+    return _finish(body, said, states, _CT_NORMAL_IMPRESSION[style], otherwise, rng)
