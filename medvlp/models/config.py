@@ -1,0 +1,89 @@
+"""Configuration of the joint vision-language model."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = ["ModelConfig"]
+
+
+class ModelConfig(BaseModel):
+    """What :class:`medvlp.models.MedVLP` is built from.
+
+    Attributes:
+        image_encoder: a registered image encoder name (see ``list_image_encoders()``) or ``"timm/<model_name>"``.
+        image_encoder_args: extra builder arguments (e.g. ``{"hidden_size": 384}``).
+        spatial_dims: 2 (radiographs) or 3 (volumes).
+        image_size: input size ``(X, Y[, Z])``; one int is repeated over the axes.
+        text_encoder: local transformers folder; None for the bundled all-MiniLM-L6-v2.
+        text_num_layers: keep only the first k text layers (None: all).
+        text_max_length: tokenizer truncation length.
+        embed_dim: width of the shared embedding space.
+        projection: ``"linear"`` or ``"mlp"`` (Linear-GELU-Linear) heads into the shared space.
+        loss: ``"clip"`` (softmax InfoNCE) or ``"siglip"`` (sigmoid); sets the logit scale/bias defaults.
+        init_logit_scale: initial log logit scale; None: ``log(1/0.07)`` for clip, ``log(10)`` for siglip.
+        init_logit_bias: initial logit bias; None: -10 for siglip, no bias for clip.
+        image_checkpoint: optional local checkpoint for the image encoder, loaded at construction.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    image_encoder: str
+    image_encoder_args: dict[str, Any] = Field(default_factory=dict)
+    spatial_dims: Literal[2, 3]
+    image_size: tuple[int, ...]
+    text_encoder: str | None = None
+    text_num_layers: int | None = Field(default=None, ge=1)
+    text_max_length: int = Field(default=128, ge=4)
+    embed_dim: int = Field(default=256, ge=1)
+    projection: Literal["linear", "mlp"] = "mlp"
+    loss: Literal["clip", "siglip"] = "clip"
+    init_logit_scale: float | None = None
+    init_logit_bias: float | None = None
+    image_checkpoint: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_image_size(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("image_size"), int) and data.get("spatial_dims") in (2, 3):
+            data = {**data, "image_size": (data["image_size"],) * int(data["spatial_dims"])}
+        return data
+
+    @field_validator("image_encoder")
+    @classmethod
+    def _known_encoder(cls, value: str) -> str:
+        from medvlp.models.registry import get_image_encoder_spec
+
+        get_image_encoder_spec(value)  # ValueError naming the value and the known names
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        from medvlp.models.registry import get_image_encoder_spec
+
+        if len(self.image_size) != self.spatial_dims or min(self.image_size) <= 0:
+            raise ValueError(f"image_size {self.image_size} does not describe a {self.spatial_dims}D image")
+        spec = get_image_encoder_spec(self.image_encoder)
+        if self.spatial_dims not in spec.spatial_dims:
+            raise ValueError(
+                f"image_encoder {self.image_encoder!r} does not support spatial_dims={self.spatial_dims} "
+                f"(supports {list(spec.spatial_dims)})"
+            )
+        return self
+
+    @property
+    def logit_scale_init(self) -> float:
+        """Initial log logit scale after defaults."""
+        if self.init_logit_scale is not None:
+            return float(self.init_logit_scale)
+        return math.log(10.0) if self.loss == "siglip" else math.log(1 / 0.07)
+
+    @property
+    def logit_bias_init(self) -> float | None:
+        """Initial logit bias after defaults (None: no bias parameter)."""
+        if self.init_logit_bias is not None:
+            return float(self.init_logit_bias)
+        return -10.0 if self.loss == "siglip" else None

@@ -1,0 +1,239 @@
+"""Image encoders: registry, shapes, gradients, checkpointing and loading users' checkpoints."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from medvlp.models import ImageEncoder, create_image_encoder, list_image_encoders, load_image_checkpoint
+from medvlp.models.registry import get_image_encoder_spec
+
+SIZE_2D = (64, 96)
+SIZE_3D = (32, 48, 40)
+
+CASES = [
+    ("tiny_timm_vit", 2, SIZE_2D),
+    ("tiny_timm_convnext", 2, SIZE_2D),
+    ("tiny_timm_resnet", 2, SIZE_2D),
+    ("timm/resnet18", 2, (64, 64)),
+    ("tiny_vit", 2, SIZE_2D),
+    ("tiny_vit", 3, SIZE_3D),
+    ("tiny_resnet", 2, SIZE_2D),
+    ("tiny_resnet", 3, SIZE_3D),
+    ("tiny_swin", 2, (64, 64)),
+    ("tiny_swin", 2, SIZE_2D),
+    ("tiny_swin", 3, (64, 64, 32)),
+    ("tiny_swin", 3, SIZE_3D),
+]
+
+
+def _ids(case: tuple) -> str:
+    name, dims, size = case
+    return f"{name}-{dims}d-{'x'.join(map(str, size))}"
+
+
+def _loss(out) -> torch.Tensor:
+    """A loss using both the embedding and every token, with random weights (no symmetric cancellations)."""
+    g = torch.Generator().manual_seed(1)
+    w_emb = torch.randn(out.embedding.shape, generator=g)
+    w_tok = torch.randn(out.tokens.shape, generator=g)
+    return (out.embedding * w_emb).sum() + (out.tokens * w_tok).sum()
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_shapes_and_gradients(case: tuple) -> None:
+    name, dims, size = case
+    enc = create_image_encoder(name, dims, size)
+    assert isinstance(enc, ImageEncoder)
+    assert enc.spatial_dims == dims and enc.image_size == size
+    x = torch.randn(2, 1, *size)
+    out = enc(x)
+    assert out.embedding.shape == (2, enc.embed_dim)
+    assert out.tokens.shape == (2, math.prod(out.grid), enc.token_dim)
+    assert len(out.grid) == dims
+    # the grid follows the input's axis order: a longer axis never has fewer tokens
+    for a in range(dims):
+        for b in range(dims):
+            if size[a] < size[b]:
+                assert out.grid[a] <= out.grid[b], (out.grid, size)
+    assert torch.isfinite(out.embedding).all() and torch.isfinite(out.tokens).all()
+
+    _loss(out).backward()
+    for pname, param in enc.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None, f"{pname} got no gradient"
+            assert torch.isfinite(param.grad).all(), f"{pname} has a non-finite gradient"
+
+    groups = enc.layer_groups()
+    flat = [n for g in groups for n in g]
+    assert len(groups) >= 2 and sorted(flat) == sorted(n for n, _ in enc.named_parameters())
+
+
+@pytest.mark.parametrize(
+    "case", [("tiny_vit", 3, SIZE_3D), ("tiny_swin", 2, SIZE_2D), ("tiny_timm_vit", 2, SIZE_2D)], ids=_ids
+)
+def test_grad_checkpointing_is_exact(case: tuple) -> None:
+    name, dims, size = case
+    enc = create_image_encoder(name, dims, size)
+    x = torch.randn(2, 1, *size)
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        enc.zero_grad()
+        loss = _loss(enc(x))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in enc.named_parameters() if p.requires_grad}
+
+    loss_a, grads_a = run()
+    enc.set_grad_checkpointing(True)
+    assert enc.grad_checkpointing
+    loss_b, grads_b = run()
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-5, rtol=1e-5)
+    for n in grads_a:
+        torch.testing.assert_close(grads_a[n], grads_b[n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+def test_registry_lists_families_and_presets() -> None:
+    names = list_image_encoders()
+    for expected in ("timm", "monai_vit", "monai_resnet", "monai_swin", "tiny_vit", "resnet18_2d", "vit_base_3d"):
+        assert expected in names
+    assert "tiny_timm_vit" not in list_image_encoders(3)
+    assert "tiny_vit" in list_image_encoders(3)
+    assert get_image_encoder_spec("timm/resnet50").name == "timm"
+    assert get_image_encoder_spec("tiny_swin").description
+
+
+def test_unknown_name_suggests_close_matches() -> None:
+    with pytest.raises(ValueError, match="tiny_vitt") as err:
+        create_image_encoder("tiny_vitt", 2, 64)
+    assert "Did you mean 'tiny_vit'" in str(err.value)
+    assert "monai_resnet" in str(err.value)  # the list of known names
+
+
+def test_unknown_timm_model_suggests_close_matches() -> None:
+    with pytest.raises(ValueError, match="resnet181"):
+        create_image_encoder("timm/resnet181", 2, 64)
+    with pytest.raises(ValueError, match="model_name"):
+        create_image_encoder("timm", 2, 64)
+
+
+def test_wrong_spatial_dims() -> None:
+    with pytest.raises(ValueError, match=r"2D images only.*spatial_dims=3"):
+        create_image_encoder("tiny_timm_vit", 3, (32, 32, 32))
+    with pytest.raises(ValueError, match="3D"):
+        create_image_encoder("vit_base_3d", 2, (64, 64))
+    with pytest.raises(ValueError, match="image_size"):
+        create_image_encoder("tiny_vit", 3, (32, 32))
+
+
+def test_fixed_size_encoders_reject_other_sizes() -> None:
+    enc = create_image_encoder("tiny_vit", 2, (32, 48))
+    with pytest.raises(ValueError, match="image_size"):
+        enc(torch.randn(1, 1, 48, 32))
+    with pytest.raises(ValueError, match=r"\[B, 1, X, Y\]"):
+        enc(torch.randn(1, 3, 32, 48))
+    with pytest.raises(ValueError, match="divisible"):
+        create_image_encoder("tiny_vit", 2, (30, 48))
+    # CNNs take any size
+    cnn = create_image_encoder("tiny_resnet", 2, (64, 64))
+    assert cnn(torch.randn(1, 1, 96, 64)).grid == (3, 2)
+
+
+def test_lock_freezes_all_but_last_groups() -> None:
+    enc = create_image_encoder("tiny_vit", 2, (32, 32))
+    enc.lock()
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc.lock(unlocked_groups=1)
+    trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
+    assert trainable == set(enc.layer_groups()[-1]) and "head_norm.weight" in trainable
+    enc.lock(unlocked_groups=100)
+    frozen = {n for n, p in enc.named_parameters() if not p.requires_grad}
+    assert (
+        frozen
+        == enc.unused_parameters
+        == {f"backbone.blocks.{i}.norm_cross_attn.{w}" for i in (0, 1) for w in ("weight", "bias")}
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ checkpoints
+
+
+def _outputs(enc: ImageEncoder, x: torch.Tensor) -> torch.Tensor:
+    enc.eval()
+    with torch.no_grad():
+        out = enc(x)
+    return torch.cat([out.embedding.flatten(), out.tokens.flatten()])
+
+
+def test_checkpoint_roundtrip_with_wrapper_and_prefix(tmp_path: Path) -> None:
+    src = create_image_encoder("tiny_vit", 3, SIZE_3D)
+    torch.manual_seed(123)
+    dst = create_image_encoder("tiny_vit", 3, SIZE_3D)
+    x = torch.randn(2, 1, *SIZE_3D)
+    assert not torch.allclose(_outputs(src, x), _outputs(dst, x))
+    path = tmp_path / "encoder.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}, "epoch": 3}, path)
+    report = load_image_checkpoint(dst, path)
+    assert report["missing"] == [] and report["unexpected"] == [] and report["mismatched"] == []
+    torch.testing.assert_close(_outputs(src, x), _outputs(dst, x), atol=0, rtol=0)
+
+
+def test_checkpoint_safetensors_via_create(tmp_path: Path) -> None:
+    src = create_image_encoder("tiny_resnet", 2, SIZE_2D)
+    path = tmp_path / "encoder.safetensors"
+    save_file({f"model.{k}": v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    torch.manual_seed(5)
+    dst = create_image_encoder("tiny_resnet", 2, SIZE_2D, checkpoint=path, strict=True)
+    x = torch.randn(2, 1, *SIZE_2D)
+    torch.testing.assert_close(_outputs(src, x), _outputs(dst, x), atol=0, rtol=0)
+
+
+def test_three_channel_timm_checkpoint_is_adapted(tmp_path: Path) -> None:
+    rgb = timm.create_model("resnet18", pretrained=False, in_chans=3, num_classes=1000).eval()
+    path = tmp_path / "resnet18_rgb.pth"
+    torch.save(rgb.state_dict(), path)
+    enc = create_image_encoder("resnet18_2d", 2, (64, 64))
+    report = load_image_checkpoint(enc, path)
+    assert report["adapted"] == ["backbone.conv1.weight"]
+    assert set(report["unexpected"]) == {"fc.weight", "fc.bias"}
+    assert report["missing"] == []
+    torch.testing.assert_close(enc.backbone.conv1.weight, rgb.conv1.weight.sum(dim=1, keepdim=True))
+    # summed filters on a gray image == the RGB network on the gray image repeated over channels
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        expected = rgb.forward_head(rgb.forward_features(x.repeat(1, 3, 1, 1)), pre_logits=True)
+    torch.testing.assert_close(enc.eval()(x).embedding, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_vit_position_embedding_is_resampled(tmp_path: Path) -> None:
+    rgb = timm.create_model("test_vit", pretrained=False, in_chans=3, num_classes=0)  # 160 px, grid 10x10
+    path = tmp_path / "vit.pt"
+    torch.save({"model": rgb.state_dict()}, path)
+    enc = create_image_encoder("tiny_timm_vit", 2, SIZE_2D)
+    report = load_image_checkpoint(enc, path, strict=True)
+    assert set(report["adapted"]) == {"backbone.pos_embed", "backbone.patch_embed.proj.weight"}
+    torch.testing.assert_close(enc.backbone.cls_token, rgb.cls_token)
+    assert torch.isfinite(enc(torch.randn(1, 1, *SIZE_2D)).embedding).all()
+
+
+def test_checkpoint_without_matches_fails(tmp_path: Path) -> None:
+    path = tmp_path / "other.pt"
+    torch.save({"decoder.weight": torch.zeros(3, 3), "head.bias": torch.zeros(3)}, path)
+    enc = create_image_encoder("tiny_vit", 2, (32, 32))
+    with pytest.raises(ValueError, match=r"no tensor in other\.pt matches"):
+        load_image_checkpoint(enc, path)
+    with pytest.raises(FileNotFoundError):
+        load_image_checkpoint(enc, tmp_path / "missing.pt")
+
+
+def test_strict_partial_checkpoint_fails(tmp_path: Path) -> None:
+    enc = create_image_encoder("tiny_vit", 2, (32, 32))
+    path = tmp_path / "partial.pt"
+    torch.save({k: v for k, v in enc.state_dict().items() if "blocks.1." not in k}, path)
+    assert any("blocks.1." in k for k in load_image_checkpoint(enc, path)["missing"])
+    with pytest.raises(ValueError, match="missing"):
+        load_image_checkpoint(enc, path, strict=True)
