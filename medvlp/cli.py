@@ -114,10 +114,38 @@ def _not_yet(what: str, issue: str) -> None:
     _fail(f"`medvlp {what}` is not available yet ({issue}).", code=3)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def train() -> None:
-    """Two-stage pretraining: stage1-text, stage1-image, stage2-align (torchrun-ready)."""
-    _not_yet("train", "encoders and two-stage pretraining are being built")
+@app.command()
+def train(
+    cohort: Annotated[Path, typer.Option(help="The cohort YAML.")],
+    out: Annotated[Path, typer.Option(help="Run folder (config, logs, checkpoints, model).")],
+    config: Annotated[Path | None, typer.Option(help="Training config YAML, e.g. configs/demo-2d.yaml.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config value: --set stages.stage2-align.lr=1e-4")
+    ] = None,
+    stages: Annotated[
+        str | None, typer.Option(help="Comma-separated subset of stage1-text,stage1-image,stage2-align.")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the run folder's checkpoints.")] = False,
+    cache: Annotated[Path | None, typer.Option(help="Cohort cache folder (default: beside the cohort).")] = None,
+) -> None:
+    """Two-stage pretraining: stage1-text, stage1-image, then stage2-align. Also runs under torchrun."""
+    import sys
+
+    from medvlp.config import ConfigError, load_config
+    from medvlp.data.cohort import CohortError
+    from medvlp.train.run import train as run_train
+
+    try:
+        cfg = load_config(config, set_ or [])
+        chosen = [s.strip() for s in stages.split(",")] if stages else None
+        results = run_train(cfg, cohort, out, stages=chosen, resume=resume, cache_dir=cache, command=sys.argv)
+    except (ConfigError, CohortError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    for name, r in results.items():
+        loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
+        console.print(f"{name}: {r['steps']} steps, final loss {loss}")
+    console.print(f"model: [bold]{out / 'stage2-align' / 'model'}[/]")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

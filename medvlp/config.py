@@ -1,0 +1,181 @@
+"""Training configuration: frozen, validated, loaded from YAML, overridable with ``--set key=value``.
+
+The resolved config (after overrides, with the image size taken from the cohort) is written into the
+run folder, so a run can be repeated from it alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STAGES = ("stage1-text", "stage1-image", "stage2-align")
+
+
+class ConfigError(ValueError):
+    """A training config is wrong; the message lists each problem with its dotted key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OptimConfig(_Strict):
+    """One short loop serves every stage; these are its knobs."""
+
+    steps: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=16, ge=1, description="per process; the global batch is this times world size")
+    lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    optimizer: Literal["adamw", "lion"] = "adamw"
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = Field(default=10, ge=0)
+    min_lr_ratio: float = Field(default=0.05, ge=0, le=1)
+    grad_accum: int = Field(default=1, ge=1)
+    clip_grad: float | None = Field(default=1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    checkpoint_every: int = Field(default=50, ge=1)
+    log_every: int = Field(default=5, ge=1)
+
+
+class TextStageConfig(OptimConfig):
+    """Stage 1, language: masked-language-model domain adaptation of the text tower on the reports."""
+
+    enabled: bool = True
+    lr: float = 5e-5
+    mlm_probability: float = Field(default=0.15, gt=0, lt=1)
+    whole_word_mask: bool = True
+
+
+class ImageStageConfig(OptimConfig):
+    """Stage 1, images: self-supervised pretraining of the image tower."""
+
+    enabled: bool = True
+    method: Literal["simmim", "simclr"] = "simmim"
+    mask_ratio: float = Field(default=0.5, gt=0, lt=1)
+    mask_patch: int = Field(default=8, ge=1, description="voxels per side of a masked block (simmim)")
+    temperature: float = Field(default=0.2, gt=0, description="simclr")
+
+
+class AlignStageConfig(OptimConfig):
+    """Stage 2: contrastive image-report alignment."""
+
+    enabled: bool = True
+    false_negatives: Literal["none", "report", "labels"] = "report"
+    noise_weighting: bool = False
+    uniformity_weight: float = Field(default=0.0, ge=0)
+    alignment_weight: float = Field(default=0.0, ge=0)
+    local_weight: float = Field(default=0.0, ge=0)
+    chunk_size: int | None = Field(default=None, ge=1)
+    lock_text_layers: int | None = Field(default=None, ge=0, description="freeze all but the last N text layers")
+
+
+class StagesConfig(_Strict):
+    stage1_text: TextStageConfig = Field(default_factory=TextStageConfig, alias="stage1-text")
+    stage1_image: ImageStageConfig = Field(default_factory=ImageStageConfig, alias="stage1-image")
+    stage2_align: AlignStageConfig = Field(default_factory=AlignStageConfig, alias="stage2-align")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def get(self, name: str) -> OptimConfig:
+        return {"stage1-text": self.stage1_text, "stage1-image": self.stage1_image, "stage2-align": self.stage2_align}[
+            name
+        ]
+
+
+class DataConfig(_Strict):
+    augment: bool = True
+    num_workers: int = Field(default=0, ge=0)
+    report_sections: list[str] = Field(
+        default_factory=lambda: ["findings", "impression"],
+        description="report sections fed to the text tower, in order; a report without them is used whole",
+    )
+
+
+class TrainConfig(_Strict):
+    """Everything a run needs besides the cohort."""
+
+    seed: int = 0
+    device: str = Field(default="auto", description="auto (cuda when present), cpu, cuda, cuda:N")
+    model: dict[str, Any] = Field(default_factory=dict, description="medvlp.models.ModelConfig fields")
+    data: DataConfig = Field(default_factory=DataConfig)
+    stages: StagesConfig = Field(default_factory=StagesConfig)
+
+    @model_validator(mode="after")
+    def _device(self) -> TrainConfig:
+        d = self.device
+        if d not in ("auto", "cpu", "cuda", "mps") and not d.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {d!r}")
+        return self
+
+
+def _parse_value(text: str) -> Any:
+    """``--set`` values are YAML scalars or flow collections: 1e-4, true, [64, 64], {mode: window}."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides to a nested dict (a copy). Stage names may be written with - or _."""
+    out = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--set has an empty key: {item!r}")
+        if parts[0] == "stages" and len(parts) > 1:
+            parts[1] = parts[1].replace("_", "-")
+        node = out
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {key}: {p!r} is a value, not a section")
+            node = nxt
+        node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        lines.append(f"  - {where}: {e['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a training config YAML (or the defaults when ``path`` is None) and apply ``overrides``.
+
+    Raises:
+        ConfigError: naming every bad key and value.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: must be a YAML mapping")
+    if isinstance(raw.get("stages"), dict):  # stage1_text and stage1-text name the same stage
+        raw["stages"] = {str(k).replace("_", "-"): v for k, v in raw["stages"].items()}
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path or 'config'}: invalid:\n{_format(exc)}") from exc
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    """The YAML a run folder keeps: loading it back gives the same config."""
+    return yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)

@@ -1,0 +1,178 @@
+"""Training data from a built cache, with batches that are a pure function of the step.
+
+The sample indices of micro-step ``s`` depend only on (seed, s, rank, world size): the epoch's
+permutation comes from ``seed + epoch``, and rank ``r`` takes its slice of each global batch. So
+resuming at step ``s`` needs no iterator state, and N ranks with batch ``b`` see exactly the samples
+one process with batch ``N * b`` sees. Augmentations are seeded per (seed, epoch, sample, view) for
+the same reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from medvlp.data.cache import CachedCohort
+from medvlp.data.reports import report_text
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """Maps a micro-step to the dataset indices of this rank's batch."""
+
+    n: int
+    batch_size: int  # per rank
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.global_batch > self.n:
+            raise ValueError(
+                f"global batch {self.global_batch} (batch_size {self.batch_size} x {self.world_size} processes) "
+                f"is larger than the {self.n} training samples; lower batch_size"
+            )
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.batches_per_epoch
+
+    def indices(self, step: int) -> list[int]:
+        epoch, b = divmod(step, self.batches_per_epoch)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.n, generator=g)
+        start = b * self.global_batch + self.rank * self.batch_size
+        return perm[start : start + self.batch_size].tolist()
+
+
+class StepBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of ``(index, epoch)`` keys for micro-steps ``start .. stop-1``, for a DataLoader's ``batch_sampler``."""
+
+    def __init__(self, schedule: StepSchedule, start: int, stop: int) -> None:
+        self.schedule, self.start, self.stop = schedule, start, stop
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for s in range(self.start, self.stop):
+            epoch = self.schedule.epoch_of(s)
+            yield [(i, epoch) for i in self.schedule.indices(s)]
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+def sample_seed(seed: int, epoch: int, index: int, view: int = 0) -> int:
+    return int(np.random.SeedSequence([seed, epoch, index, view]).generate_state(1)[0])
+
+
+def augmentation(spatial_dims: int, strong: bool = False):
+    """MONAI augmentations for radiographs/CT in [0, 1]: small affine, intensity jitter, noise (+ more if strong)."""
+    from monai.transforms import (
+        Compose,
+        RandAdjustContrast,
+        RandAffine,
+        RandGaussianNoise,
+        RandGaussianSmooth,
+        RandScaleIntensity,
+        RandShiftIntensity,
+    )
+
+    rot = (0.35 if strong else 0.1,) * (1 if spatial_dims == 2 else 3)
+    steps = [
+        RandAffine(
+            prob=0.9 if strong else 0.5,
+            rotate_range=rot,
+            scale_range=(0.2 if strong else 0.08,) * spatial_dims,
+            translate_range=(0.08,) * spatial_dims,
+            padding_mode="zeros",
+            mode="bilinear",
+        ),
+        RandScaleIntensity(factors=0.15 if strong else 0.05, prob=0.5),
+        RandShiftIntensity(offsets=0.1 if strong else 0.03, prob=0.5),
+        RandGaussianNoise(prob=0.5, std=0.03 if strong else 0.01),
+    ]
+    if strong:
+        steps += [RandAdjustContrast(prob=0.5, gamma=(0.7, 1.5)), RandGaussianSmooth(prob=0.3)]
+    return Compose(steps)
+
+
+class CachedImages(Dataset):
+    """Images (and reports, labels) of one split of a built cache.
+
+    Args:
+        cache: the built cohort.
+        split: train, val or test.
+        sections: report sections for the text, see :func:`medvlp.data.reports.report_text`.
+        views: how many augmented views per image (2 for SimCLR); 0 returns the image un-augmented.
+        strong: use the strong augmentation set (self-supervised stages).
+        seed: the run's seed.
+    """
+
+    def __init__(
+        self,
+        cache: CachedCohort,
+        split: str = "train",
+        sections: list[str] | None = None,
+        views: int = 1,
+        strong: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.cache = cache
+        self.records: pd.DataFrame = cache.split(split)
+        if self.records.empty:
+            raise ValueError(f"the cache at {cache.root} has no studies in split {split!r}")
+        self.sections = sections or ["findings", "impression"]
+        self.views, self.seed = views, seed
+        self.findings = cache.findings
+        self._aug = augmentation(cache.spatial_dims, strong) if views > 0 else None
+        labels = self.records[self.findings].astype("float32").to_numpy() if self.findings else np.zeros((len(self), 0))
+        self.labels = torch.from_numpy(np.nan_to_num(labels, nan=-2.0))  # -2 unknown, -1 uncertain
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def image(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.cache.load_image(self.records.at[i, "study"]), dtype=np.float32))
+
+    def text(self, i: int) -> str:
+        return report_text(self.records.at[i, "report"], self.sections)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
+        x = self.image(i)
+        out: dict[str, Any] = {"index": i, "text": self.text(i), "labels": self.labels[i]}
+        if self._aug is None:
+            out["image"] = x
+            return out
+        views = []
+        for v in range(self.views):
+            self._aug.set_random_state(seed=sample_seed(self.seed, epoch, i, v) % 2**32)
+            views.append(torch.as_tensor(self._aug(x)).float().clamp_(0, 1))
+        out["image"] = views[0]
+        if self.views > 1:
+            out["views"] = views
+        return out
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    batch: dict[str, Any] = {
+        "index": torch.tensor([it["index"] for it in items]),
+        "text": [it["text"] for it in items],
+        "labels": torch.stack([it["labels"] for it in items]),
+        "image": torch.stack([it["image"] for it in items]),
+    }
+    if "views" in items[0]:
+        batch["views"] = [torch.stack([it["views"][v] for it in items]) for v in range(len(items[0]["views"]))]
+    return batch

@@ -1,0 +1,256 @@
+"""One short training loop for every stage (the pattern of open_clip's task classes and MAE's engine).
+
+A stage says what to train and how to compute its loss; this loop does the rest: optimizer (AdamW or
+Lion), warmup + cosine schedule, gradient accumulation, clipping, mixed precision, DDP, atomic
+checkpoints every N steps, exact resume (model, optimizer, scheduler, scaler, RNG, data position),
+a progress bar and ``log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import random
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from medvlp.config import OptimConfig
+from medvlp.data.cache import atomic_write_bytes
+from medvlp.train.data import StepBatchSampler, StepSchedule
+from medvlp.train.runtime import Runtime, autocast, barrier, resolve_precision
+
+logger = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+
+
+class Stage(Protocol):
+    """What a stage provides to the loop."""
+
+    name: str
+    config: OptimConfig
+
+    def module(self) -> nn.Module:
+        """The module whose trainable parameters this stage optimizes (wrapped in DDP by the loop)."""
+        ...
+
+    def dataset(self) -> Dataset: ...
+
+    def collate(self, items: list[Any]) -> dict[str, Any]: ...
+
+    def training_forward(self, module: nn.Module, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        """Returns at least ``{"loss": scalar}``; other scalars are logged."""
+        ...
+
+    def save_final(self, out_dir: Path) -> None: ...
+
+
+def lr_lambda(cfg: OptimConfig):
+    """Linear warmup, then cosine decay to ``min_lr_ratio`` of the peak."""
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def make_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW or Lion; no weight decay on biases, norms, temperatures (1-D parameters)."""
+    decay, no_decay = [], []
+    for _, p in module.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the stage has no trainable parameters (is every tower locked?)")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "lion":
+        from timm.optim import Lion
+
+        return Lion(groups, lr=cfg.lr, betas=cfg.betas)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-6)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+        elif isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+            out[k] = [t.to(device, non_blocking=True) for t in v]
+        else:
+            out[k] = v
+    return out
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """On resume, drop log lines past the checkpoint: they will be written again."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    atomic_write_bytes(path, ("\n".join(keep) + "\n").encode() if keep else b"")
+
+
+def run_stage(stage: Stage, out_dir: Path, rt: Runtime, seed: int, resume: bool = False) -> dict[str, Any]:
+    """Train one stage to ``stage.config.steps`` optimizer steps, or continue it from its checkpoint.
+
+    Returns:
+        ``{"steps": ..., "loss": last logged loss, "resumed_from": step or None}``.
+    """
+    cfg = stage.config
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = out_dir / CHECKPOINT, out_dir / "log.jsonl"
+    module = stage.module().to(rt.device)
+    opt = make_optimizer(module, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    amp_dtype = resolve_precision(cfg.precision, rt.device)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=amp_dtype == torch.float16)
+
+    step, resumed_from = 0, None
+    if resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        module.load_state_dict(state["module"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step = resumed_from = int(state["step"])
+        _set_rng_state(state["rng"][rt.rank] if isinstance(state["rng"], list) else state["rng"])
+        if rt.is_main:
+            _trim_log(log_path, step)
+        logger.info("%s: resumed at step %d", stage.name, step)
+    elif rt.is_main and log_path.exists():
+        log_path.unlink()
+    barrier(rt)
+    if step >= cfg.steps:
+        return {"steps": step, "loss": None, "resumed_from": resumed_from}
+
+    ddp: nn.Module = module
+    if rt.distributed:
+        # A stage's module returns only what its loss uses, so DDP's walk back from the outputs finds exactly the
+        # parameters that get a gradient (SimMIM leaves the pooled-embedding head unused, for one).
+        ddp = DistributedDataParallel(
+            module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, find_unused_parameters=True
+        )
+    ds = stage.dataset()
+    schedule = StepSchedule(len(ds), cfg.batch_size, seed, rt.rank, rt.world_size)
+    accum = cfg.grad_accum
+    loader = DataLoader(
+        ds,
+        batch_sampler=StepBatchSampler(schedule, step * accum, cfg.steps * accum),
+        collate_fn=stage.collate,
+        num_workers=getattr(stage, "num_workers", 0),
+        pin_memory=rt.device.type == "cuda",
+        generator=torch.Generator().manual_seed(seed),  # its own: iter() must not draw from the global RNG
+    )
+    batches = iter(loader)
+    bar = tqdm(
+        total=cfg.steps, initial=step, desc=stage.name, unit="step", disable=not (rt.is_main and sys.stderr.isatty())
+    )
+    module.train()
+    last: dict[str, float] = {}
+    t_log, samples = time.perf_counter(), 0
+    with log_path.open("a") if rt.is_main else nullcontext() as log:
+        while step < cfg.steps:
+            sums: dict[str, float] = {}
+            for micro in range(accum):
+                batch = _to(next(batches), rt.device)
+                sync = nullcontext() if (micro == accum - 1 or not rt.distributed) else ddp.no_sync()
+                with sync:
+                    with autocast(rt.device, amp_dtype):
+                        out = stage.training_forward(ddp, batch, step)
+                    if not torch.isfinite(out["loss"]):
+                        raise FloatingPointError(f"{stage.name}: loss is {out['loss'].item()} at step {step}")
+                    scaler.scale(out["loss"] / accum).backward()
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
+                samples += len(batch["index"]) * rt.world_size
+            scaler.unscale_(opt)
+            grad_norm = None
+            if cfg.clip_grad is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.clip_grad))
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+            bar.update()
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                if rt.distributed:
+                    vec = torch.tensor(list(sums.values()), dtype=torch.float64, device=rt.device)
+                    dist.all_reduce(vec)
+                    sums = dict(zip(sums, (vec / rt.world_size).tolist(), strict=True))
+                now = time.perf_counter()
+                last = {
+                    "step": step,
+                    **{k: round(v, 6) for k, v in sums.items()},
+                    "lr": opt.param_groups[0]["lr"],
+                    "samples_per_s": round(samples / max(now - t_log, 1e-9), 2),
+                }
+                if grad_norm is not None:
+                    last["grad_norm"] = round(grad_norm, 4)
+                t_log, samples = now, 0
+                if log is not None:
+                    log.write(json.dumps(last) + "\n")
+                    log.flush()
+                bar.set_postfix(loss=f"{sums['loss']:.4f}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                _save_checkpoint(ckpt_path, module, opt, sched, scaler, step, rt)
+    bar.close()
+    if rt.is_main:
+        stage.save_final(out_dir)
+    barrier(rt)
+    return {"steps": step, "loss": last.get("loss"), "resumed_from": resumed_from}
+
+
+def _save_checkpoint(path: Path, module: nn.Module, opt, sched, scaler, step: int, rt: Runtime) -> None:
+    """Rank 0 writes one file atomically, holding every rank's RNG state."""
+    rng: Any = _rng_state()
+    if rt.distributed:
+        gathered: list[Any] = [None] * rt.world_size
+        dist.all_gather_object(gathered, rng)
+        rng = gathered
+    if rt.is_main:
+        buf = io.BytesIO()
+        torch.save(
+            {
+                "step": step,
+                "module": module.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": rng,
+            },
+            buf,
+        )
+        atomic_write_bytes(path, buf.getvalue())
+    barrier(rt)

@@ -1,0 +1,186 @@
+"""`medvlp train`: build the cohort cache if needed, then run the stages in order into one run folder.
+
+A run folder holds everything needed to repeat it::
+
+    RUN/config.yaml        the resolved config (after --set overrides, image size from the cohort)
+    RUN/run.json           code version (git commit, medvlp and torch versions), command, cohort, world size
+    RUN/train.log          the log of rank 0
+    RUN/stage1-text/       checkpoint.pt, log.jsonl, text/ (a transformers folder), mlm/
+    RUN/stage1-image/      checkpoint.pt, log.jsonl, image_encoder.safetensors
+    RUN/stage2-align/      checkpoint.pt, log.jsonl, model/ (config.json, model.safetensors, text/)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medvlp.config import STAGES, TrainConfig, dump_config
+from medvlp.data.build import build_cohort
+from medvlp.data.cache import CachedCohort
+from medvlp.data.cohort import load_spec
+from medvlp.train.loop import run_stage
+from medvlp.train.runtime import Runtime, barrier, init_runtime, seed_everything, shutdown_runtime
+
+logger = logging.getLogger(__name__)
+
+
+def code_version() -> dict[str, Any]:
+    """The git commit of the medvlp source (and whether it had uncommitted changes), with package versions."""
+    import medvlp
+
+    src = Path(medvlp.__file__).resolve().parent.parent
+    info: dict[str, Any] = {
+        "medvlp": medvlp.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        info |= {"git_commit": commit.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.CalledProcessError):
+        info["git_commit"] = None
+    return info
+
+
+def default_cache_dir(cohort_yaml: Path) -> Path:
+    spec = load_spec(cohort_yaml)
+    return cohort_yaml.resolve().parent / ".medvlp-cache" / spec.name
+
+
+def model_config(cfg: TrainConfig, cache: CachedCohort, run: Path, stages: list[str]) -> dict[str, Any]:
+    """The model fields of the config, completed from the cohort and from earlier stages' outputs."""
+    m = {k: v for k, v in cfg.model.items() if k != "text_dropout"}
+    m.setdefault("spatial_dims", cache.spatial_dims)
+    m.setdefault("image_size", list(cache.summary["preprocess"]["size"]))
+    if list(m["image_size"]) != list(cache.summary["preprocess"]["size"]):
+        raise ValueError(
+            f"model.image_size {m['image_size']} differs from the cohort's preprocess size "
+            f"{cache.summary['preprocess']['size']}; leave it out to take the cohort's"
+        )
+    text_dir = run / "stage1-text" / "text"
+    if cfg.stages.stage1_text.enabled and ("stage1-text" in stages or text_dir.is_dir()):
+        m["text_encoder"] = str(text_dir)
+        m["text_num_layers"] = None  # the adapted folder already has the chosen depth
+    image_ckpt = run / "stage1-image" / "image_encoder.safetensors"
+    if cfg.stages.stage1_image.enabled and ("stage1-image" in stages or image_ckpt.is_file()):
+        m["image_checkpoint"] = str(image_ckpt)
+    return m
+
+
+def _stage(name: str, cfg: TrainConfig, cache: CachedCohort, run: Path, stages: list[str]):
+    from medvlp.models import ModelConfig, create_image_encoder
+
+    if name == "stage1-text":
+        from medvlp.train.stages.text import TextStage
+
+        return TextStage(
+            cfg.stages.stage1_text,
+            cache,
+            cfg.data.report_sections,
+            cfg.seed,
+            text_path=cfg.model.get("text_encoder"),
+            num_layers=cfg.model.get("text_num_layers"),
+            max_length=cfg.model.get("text_max_length", 128),
+            dropout=cfg.model.get("text_dropout"),
+        )
+    mc = ModelConfig.model_validate(model_config(cfg, cache, run, stages))
+    if name == "stage1-image":
+        from medvlp.train.stages.image import ImageStage
+
+        enc = create_image_encoder(mc.image_encoder, mc.spatial_dims, tuple(mc.image_size), **mc.image_encoder_args)
+        return ImageStage(cfg.stages.stage1_image, cache, enc, cfg.seed)
+    from medvlp.train.stages.align import AlignStage
+
+    return AlignStage(
+        cfg.stages.stage2_align,
+        cache,
+        mc,
+        cfg.data.report_sections,
+        cfg.seed,
+        cfg.data.augment,
+        text_dropout=cfg.model.get("text_dropout"),
+    )
+
+
+def train(
+    cfg: TrainConfig,
+    cohort_yaml: str | Path,
+    run: str | Path,
+    stages: list[str] | None = None,
+    resume: bool = False,
+    cache_dir: str | Path | None = None,
+    command: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run the enabled stages (all three by default) in order; under torchrun every rank calls this.
+
+    Returns:
+        Per stage, ``{"steps", "loss", "resumed_from"}``.
+    """
+    run, cohort_yaml = Path(run), Path(cohort_yaml)
+    unknown = [s for s in stages or [] if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; the stages are {', '.join(STAGES)}")
+    wanted = [s for s in (stages or STAGES) if cfg.stages.get(s).enabled]
+    rt = init_runtime(cfg.device)
+    seed_everything(cfg.seed)
+    handler = _setup(run, rt)
+    try:
+        cache_path = Path(cache_dir) if cache_dir else default_cache_dir(cohort_yaml)
+        if rt.is_main:
+            summary = build_cohort(cohort_yaml, cache_path)
+            logger.info(
+                "cohort cache %s: %d studies, %d quarantined", cache_path, summary.ingested, summary.quarantined
+            )
+            (run / "config.yaml").write_text(dump_config(cfg))
+            info = {
+                "code": code_version(),
+                "command": command or sys.argv,
+                "cohort": str(cohort_yaml.resolve()),
+                "cache": str(cache_path.resolve()),
+                "world_size": rt.world_size,
+                "device": str(rt.device),
+                "stages": wanted,
+            }
+            (run / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+        barrier(rt)
+        cache = CachedCohort.open(cache_path)
+        results: dict[str, Any] = {}
+        for name in wanted:
+            seed_everything(cfg.seed)
+            stage = _stage(name, cfg, cache, run, wanted)
+            results[name] = run_stage(stage, run / name, rt, cfg.seed, resume=resume)
+            logger.info("%s done: %s", name, results[name])
+        return results
+    finally:
+        if handler is not None:
+            logging.getLogger("medvlp").removeHandler(handler)
+            handler.close()
+        shutdown_runtime(rt)
+
+
+def _setup(run: Path, rt: Runtime) -> logging.Handler | None:
+    run.mkdir(parents=True, exist_ok=True)
+    if not rt.is_main:
+        return None
+    handler = logging.FileHandler(run / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("medvlp")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return handler

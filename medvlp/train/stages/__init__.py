@@ -1,0 +1,1 @@
+"""The three stages; each is a small class the training loop drives."""

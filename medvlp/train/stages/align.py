@@ -1,0 +1,137 @@
+"""Stage 2: contrastive image-report alignment (CLIP or SigLIP losses, false-negative aware).
+
+Studies whose normalized reports are the same (the many near-identical normal reports), or whose label
+vectors are the same, are not pushed apart as negatives: they share the target mass of their row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from medvlp.config import AlignStageConfig
+from medvlp.data.cache import CachedCohort
+from medvlp.data.reports import normalize_report
+from medvlp.losses import ContrastiveLoss
+from medvlp.models import MedVLP, ModelConfig
+from medvlp.train.data import CachedImages, collate
+
+MAX_LOG_SCALE = 4.6052  # log(100), as open_clip clamps the temperature
+
+
+def set_dropout(module: nn.Module, p: float) -> None:
+    """Set every dropout probability of a module (0 makes the text tower deterministic)."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+
+
+class AlignNet(nn.Module):
+    """What DDP wraps in stage 2: the joint model, returning only the tensors the loss uses.
+
+    DDP decides which parameters will get a gradient by walking back from the forward's outputs; returning
+    patch and word tokens that a global loss never touches would leave their projections "expected" but never
+    reduced, and the all-reduce of their bucket would never run.
+    """
+
+    def __init__(self, model: MedVLP, with_tokens: bool) -> None:
+        super().__init__()
+        self.model, self.with_tokens = model, with_tokens
+
+    def forward(self, images: torch.Tensor, tokens: dict[str, torch.Tensor]) -> dict[str, Any]:
+        if self.with_tokens:
+            out = self.model(images, tokens)
+            return {
+                "image_features": out.image_features,
+                "text_features": out.text_features,
+                "logit_scale": out.logit_scale,
+                "logit_bias": out.logit_bias,
+                "image_tokens": out.image_tokens,
+                "text_tokens": out.text_tokens,
+                "text_mask": out.text_mask,
+            }
+        return {
+            "image_features": self.model.encode_image(images),
+            "text_features": self.model.encode_text(tokens),
+            "logit_scale": self.model.logit_scale.exp(),
+            "logit_bias": self.model.logit_bias,
+        }
+
+
+class AlignStage:
+    """Trains the joint model; its ``save_final`` writes the model folder that every downstream task loads."""
+
+    name = "stage2-align"
+
+    def __init__(
+        self,
+        cfg: AlignStageConfig,
+        cache: CachedCohort,
+        model_config: ModelConfig,
+        sections: list[str],
+        seed: int,
+        augment: bool = True,
+        text_dropout: float | None = None,
+    ) -> None:
+        self.config, self.cache, self.sections, self.seed, self.augment = cfg, cache, sections, seed, augment
+        self.model = MedVLP(model_config)
+        if text_dropout is not None:
+            set_dropout(self.model.text_encoder, text_dropout)
+        if cfg.lock_text_layers is not None:
+            self.model.lock_text_tower(unlocked_layers=cfg.lock_text_layers)
+        self.net = AlignNet(self.model, with_tokens=cfg.local_weight > 0)
+        self.loss = ContrastiveLoss(
+            model_config.loss,
+            chunk_size=cfg.chunk_size,
+            noise_weighting=cfg.noise_weighting,
+            uniformity_weight=cfg.uniformity_weight,
+            alignment_weight=cfg.alignment_weight,
+            local_weight=cfg.local_weight,
+        )
+
+    def module(self) -> nn.Module:
+        return self.net
+
+    def dataset(self) -> Dataset:
+        return CachedImages(self.cache, "train", self.sections, views=1 if self.augment else 0, seed=self.seed)
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate(items)
+        batch["tokens"] = dict(self.model.text_encoder.tokenize(batch["text"]))
+        return batch
+
+    def _keys(self, batch: dict[str, Any]) -> Any:
+        mode = self.config.false_negatives
+        if mode == "report":
+            return [normalize_report(t) for t in batch["text"]]
+        if mode == "labels":
+            labels = batch["labels"]
+            known = (labels >= 0).all(dim=1)  # only fully labelled studies may share a key
+            keys = torch.where(known[:, None], labels, -10.0 - batch["index"][:, None].to(labels).expand_as(labels))
+            return keys
+        return None
+
+    def training_forward(self, module: nn.Module, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        tokens = {k: v.to(batch["image"].device) for k, v in batch["tokens"].items()}
+        out = module(batch["image"], tokens)
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(max=MAX_LOG_SCALE)
+        terms = self.loss(
+            out["image_features"],
+            out["text_features"],
+            out["logit_scale"],
+            out["logit_bias"],
+            keys=self._keys(batch),
+            image_tokens=out.get("image_tokens"),
+            text_tokens=out.get("text_tokens"),
+            text_mask=out.get("text_mask"),
+        )
+        terms["logit_scale"] = out["logit_scale"].detach()
+        return terms
+
+    def save_final(self, out_dir: Path) -> None:
+        self.model.save_pretrained(out_dir / "model")

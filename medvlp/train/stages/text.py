@@ -1,0 +1,154 @@
+"""Stage 1, language: masked-language-model domain adaptation of the text tower on the cohort's reports.
+
+Whole-word masking: a word split into several word pieces ("pneumo", "##thorax") is masked whole, so
+the model cannot fill in a finding from its own fragments. Masks are drawn from a generator seeded by
+(seed, step): resuming a run reproduces them exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from medvlp.config import TextStageConfig
+from medvlp.data.cache import CachedCohort
+from medvlp.data.reports import split_sections
+from medvlp.models.text import default_text_model_path, quiet_transformers
+
+
+class ReportSections(Dataset):
+    """Each section of each training report (FINDINGS, IMPRESSION, ...) as one text: sections differ in style."""
+
+    def __init__(self, cache: CachedCohort, sections: list[str]) -> None:
+        texts: list[str] = []
+        for report in cache.split("train")["report"]:
+            parts = split_sections(report)
+            chosen = [parts[s] for s in sections if s in parts] or [" ".join(report.split())]
+            texts.extend(t for t in chosen if t)
+        if not texts:
+            raise ValueError(f"{cache.root}: no report text in the train split")
+        self.texts = texts
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        i = key[0] if isinstance(key, tuple) else key
+        return {"index": i, "text": self.texts[i]}
+
+
+def whole_word_mask(
+    input_ids: torch.Tensor,
+    word_ids: list[list[int | None]],
+    tokenizer,
+    probability: float,
+    generator: torch.Generator,
+    whole_words: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking (80% [MASK], 10% random token, 10% kept) of whole words.
+
+    Args:
+        input_ids: ``[B, T]`` token ids.
+        word_ids: per sequence, the word index of each token (None for special and padding tokens).
+        probability: share of words to mask (at least one word per sequence).
+
+    Returns:
+        ``(masked_input_ids, labels)`` with labels -100 where nothing is predicted.
+    """
+    B, T = input_ids.shape
+    select = torch.zeros(B, T, dtype=torch.bool)
+    for b, wids in enumerate(word_ids):
+        units = (
+            [w for w in dict.fromkeys(wids) if w is not None]
+            if whole_words
+            else [t for t, w in enumerate(wids) if w is not None]
+        )
+        if not units:
+            continue
+        n = max(1, round(probability * len(units)))
+        chosen = torch.randperm(len(units), generator=generator)[:n]
+        picked = {units[int(c)] for c in chosen}
+        for t, w in enumerate(wids):
+            key = w if whole_words else t
+            if w is not None and key in picked:
+                select[b, t] = True
+    labels = torch.where(select, input_ids, torch.full_like(input_ids, -100))
+    roll = torch.rand(B, T, generator=generator)
+    masked = input_ids.clone()
+    masked[select & (roll < 0.8)] = tokenizer.mask_token_id
+    rand_pos = select & (roll >= 0.8) & (roll < 0.9)
+    masked[rand_pos] = torch.randint(len(tokenizer), (int(rand_pos.sum()),), generator=generator)
+    return masked, labels
+
+
+class TextStage:
+    """Continues masked-language pretraining of any local transformers folder on the reports."""
+
+    name = "stage1-text"
+
+    def __init__(
+        self,
+        cfg: TextStageConfig,
+        cache: CachedCohort,
+        sections: list[str],
+        seed: int,
+        text_path: str | None = None,
+        num_layers: int | None = None,
+        max_length: int = 128,
+        dropout: float | None = None,
+    ) -> None:
+        from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+        self.config, self.cache, self.sections, self.seed = cfg, cache, sections, seed
+        self.path = str(text_path or default_text_model_path())
+        extra: dict[str, Any] = {} if num_layers is None else {"num_hidden_layers": num_layers}
+        if dropout is not None:
+            extra |= {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        if self.tokenizer.mask_token_id is None:
+            raise ValueError(f"{self.path}: the tokenizer has no [MASK] token; masked-language training needs one")
+        with quiet_transformers():  # the MLM head is new: transformers' load report would list it as missing
+            self.model = AutoModelForMaskedLM.from_pretrained(self.path, local_files_only=True, **extra)
+        self.max_length = max_length
+
+    def module(self) -> nn.Module:
+        return self.model
+
+    def dataset(self) -> Dataset:
+        return ReportSections(self.cache, self.sections)
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        enc = self.tokenizer(
+            [it["text"] for it in items], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {
+            "index": torch.tensor([it["index"] for it in items]),
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "word_ids": [enc.word_ids(b) for b in range(len(items))],
+        }
+
+    def training_forward(self, module: nn.Module, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 7_919 + step * 104_729 + int(batch["index"][0]))
+        ids, labels = whole_word_mask(
+            batch["input_ids"].cpu(),
+            batch["word_ids"],
+            self.tokenizer,
+            self.config.mlm_probability,
+            g,
+            self.config.whole_word_mask,
+        )
+        dev = batch["input_ids"].device
+        out = module(input_ids=ids.to(dev), attention_mask=batch["attention_mask"], labels=labels.to(dev))
+        return {"loss": out.loss}
+
+    def save_final(self, out_dir: Path) -> None:
+        """The adapted encoder as a plain transformers folder (``out_dir/text``), the MLM head beside it."""
+        with quiet_transformers():
+            self.model.base_model.save_pretrained(out_dir / "text")
+            self.tokenizer.save_pretrained(out_dir / "text")
+            self.model.save_pretrained(out_dir / "mlm")

@@ -1,0 +1,222 @@
+"""Training: a tiny run end to end, exact resume after a kill, and torchrun (2 gloo ranks == 1 process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medvlp.config import ConfigError, load_config
+from medvlp.models import load_model
+from medvlp.train.run import train
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_2D = ROOT / "configs" / "tiny-2d.yaml"
+TINY_3D = ROOT / "configs" / "tiny-3d.yaml"
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from medvlp.data.synthetic import synthesize
+
+    return synthesize("cxr", 48, tmp_path_factory.mktemp("train-cxr"), seed=3)
+
+
+def _params(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def _log(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def test_tiny_run_end_to_end(cohort: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cfg = load_config(TINY_2D)
+    results = train(cfg, cohort, run)
+    assert list(results) == ["stage1-text", "stage1-image", "stage2-align"]
+    for stage, steps in (("stage1-text", 6), ("stage1-image", 6), ("stage2-align", 10)):
+        log = _log(run / stage / "log.jsonl")
+        assert [r["step"] for r in log] == list(range(2, steps + 1, 2)), stage
+        assert all("loss" in r and r["loss"] == r["loss"] for r in log), stage
+        assert (run / stage / "checkpoint.pt").is_file()
+    assert (run / "stage1-text" / "text" / "config.json").is_file()  # a plain transformers folder
+    assert (run / "stage1-image" / "image_encoder.safetensors").is_file()
+    resolved = load_config(run / "config.yaml")
+    assert resolved == cfg  # the run folder's config repeats the run
+    info = json.loads((run / "run.json").read_text())
+    assert info["code"]["medvlp"] and "git_commit" in info["code"] and info["world_size"] == 1
+
+    # stage 2 started from both stage-1 results
+    model = load_model(run)
+    assert model.text_encoder.num_layers == 1
+    stage1_img = load_file(str(run / "stage1-image" / "image_encoder.safetensors"))
+    assert stage1_img, "stage 1 image weights saved"
+    x = torch.rand(2, 1, 128, 128)
+    with torch.no_grad():
+        img = model.encode_image(x)
+        txt = model.encode_text(["No pleural effusion.", "Large right pleural effusion."])
+    assert img.shape == txt.shape == (2, 64)
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(2))
+
+
+def test_tiny_3d_run(tmp_path: Path) -> None:
+    from medvlp.data.synthetic import synthesize
+
+    yaml_path = synthesize("ct", 20, tmp_path / "ct", seed=4)
+    cfg = load_config(
+        TINY_3D, ["stages.stage1-text.enabled=false", "stages.stage2-align.steps=4", "stages.stage1-image.steps=2"]
+    )
+    results = train(cfg, yaml_path, tmp_path / "run")
+    assert list(results) == ["stage1-image", "stage2-align"]
+    model = load_model(tmp_path / "run")
+    with torch.no_grad():
+        emb = model.encode_image(torch.rand(1, 1, 64, 64, 32))
+    assert emb.shape == (1, 64) and torch.isfinite(emb).all()
+
+
+def _cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "medvlp", "train", *args]
+
+
+ALIGN_ONLY = [
+    "--stages",
+    "stage2-align",
+    "--set",
+    "stages.stage2-align.steps=12",
+    "--set",
+    "stages.stage2-align.checkpoint_every=4",
+    "--set",
+    "stages.stage2-align.log_every=1",
+]
+
+
+def test_killed_run_resumes_exactly(cohort: Path, tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    r = subprocess.run(
+        _cmd("--config", str(TINY_2D), "--cohort", str(cohort), "--out", str(full), *ALIGN_ONLY),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(
+        _cmd("--config", str(TINY_2D), "--cohort", str(cohort), "--out", str(cut), *ALIGN_ONLY),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    ckpt = cut / "stage2-align" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and not ckpt.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert ckpt.exists(), err[-3000:]
+    step_at_kill = torch.load(ckpt, weights_only=False)["step"]
+    assert step_at_kill < 12, "the run finished before it was killed: the test proves nothing"
+    assert not (cut / "stage2-align" / "model").exists()
+
+    r = subprocess.run(
+        _cmd("--config", str(TINY_2D), "--cohort", str(cohort), "--out", str(cut), *ALIGN_ONLY, "--resume"),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _params(full / "stage2-align" / "model"), _params(cut / "stage2-align" / "model")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    log_full, log_cut = _log(full / "stage2-align" / "log.jsonl"), _log(cut / "stage2-align" / "log.jsonl")
+    assert [r["step"] for r in log_cut] == list(range(1, 13))
+    assert [r["loss"] for r in log_cut] == [r["loss"] for r in log_full]
+
+
+def test_torchrun_two_ranks_equal_one_process_on_the_global_batch(cohort: Path, tmp_path: Path) -> None:
+    """2 gloo ranks x batch 4 == 1 process x batch 8: same losses, same parameters after 3 steps."""
+    common = [
+        "--config",
+        str(TINY_2D),
+        "--cohort",
+        str(cohort),
+        "--stages",
+        "stage2-align",
+        "--set",
+        "model.image_encoder=tiny_vit",  # LayerNorm: no per-rank batch statistics
+        "--set",
+        "model.text_dropout=0.0",
+        "--set",
+        "stages.stage2-align.steps=3",
+        "--set",
+        "stages.stage2-align.log_every=1",
+        "--set",
+        "stages.stage2-align.clip_grad=null",
+        "--cache",
+        str(tmp_path / "cache"),
+    ]
+    one = subprocess.run(
+        [*_cmd(*common, "--out", str(tmp_path / "one")), "--set", "stages.stage2-align.batch_size=8"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "medvlp",
+            "train",
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+            "--set",
+            "stages.stage2-align.batch_size=4",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
+    l1, l2 = (
+        _log(tmp_path / "one" / "stage2-align" / "log.jsonl"),
+        _log(tmp_path / "two" / "stage2-align" / "log.jsonl"),
+    )
+    assert [r["step"] for r in l2] == [1, 2, 3]
+    for a, b in zip(l1, l2, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+    p1, p2 = _params(tmp_path / "one" / "stage2-align" / "model"), _params(tmp_path / "two" / "stage2-align" / "model")
+    for k in p1:
+        torch.testing.assert_close(p1[k], p2[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_config_overrides_and_errors(tmp_path: Path) -> None:
+    cfg = load_config(TINY_2D, ["stages.stage2-align.lr=3e-4", "stages.stage1_text.enabled=false", "seed=7"])
+    assert cfg.stages.stage2_align.lr == 3e-4 and not cfg.stages.stage1_text.enabled and cfg.seed == 7
+    with pytest.raises(ConfigError, match=r"stages\.stage2-align\.optimizer"):
+        load_config(TINY_2D, ["stages.stage2-align.optimizer=sgd"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(TINY_2D, ["seed"])
+    with pytest.raises(ConfigError, match="device must be auto"):
+        load_config(None, ["device=tpu"])
+    with pytest.raises(ConfigError, match=r"stages\.stage2-align\.lrr"):
+        load_config(None, ["stages.stage2-align.lrr=1"])
