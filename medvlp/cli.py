@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -160,27 +159,43 @@ def serve() -> None:
     _not_yet("serve", "the API is being built")
 
 
+def shipped_config(name: str) -> Path:
+    """A config shipped in the repository's ``configs/`` folder (``demo-2d``, ``tiny-3d``, ...)."""
+    import medvlp
+
+    path = Path(medvlp.__file__).resolve().parent.parent / "configs" / f"{name}.yaml"
+    if not path.is_file():
+        _fail(f"shipped config {name!r} not found at {path}: run from a source checkout (pip install -e .)")
+    return path
+
+
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the demo's cohort, cache and results.")] = Path("demo-out"),
-    kind: Annotated[str, typer.Option(help="cxr (2D) or ct (3D).")] = "cxr",
-    n: Annotated[int, typer.Option(help="Number of synthetic studies.", min=10)] = 500,
+    out: Annotated[Path, typer.Option(help="Folder for the demo's cohort, cache and run.")] = Path("demo-out"),
+    kind: Annotated[str, typer.Option(help="cxr (2D radiographs) or ct (3D CT).")] = "cxr",
+    n: Annotated[int, typer.Option(help="Number of synthetic studies.", min=20)] = 500,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    config: Annotated[Path | None, typer.Option(help="Training config (default configs/demo-2d or demo-3d).")] = None,
 ) -> None:
-    """The whole pipeline on a built-in synthetic cohort."""
+    """The whole pipeline on a built-in synthetic cohort: cohort, cache, both training stages."""
+    from medvlp.config import load_config
     from medvlp.data.build import build_cohort
     from medvlp.data.synthetic import synthesize
+    from medvlp.train.run import train as run_train
 
     if kind not in KINDS:
         _fail(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    cfg = load_config(config or shipped_config("demo-2d" if kind == "cxr" else "demo-3d"), [f"seed={seed}"])
     console.rule(f"medvlp demo: synthetic {kind} cohort of {n} studies")
     yaml_path = synthesize(kind, n, out / "cohort", seed=seed)
     console.print(f"1. cohort written: {yaml_path}")
     s = build_cohort(yaml_path, out / "cache", progress=True)
     console.print(f"2. cache built: {s.ingested} studies ingested, {s.quarantined} quarantined, in {s.seconds:.1f} s")
-    summary = json.loads((out / "cache" / "summary.json").read_text())
-    console.print(f"   splits {summary['splits']}, arrays of {summary['preprocess']['size']} in {out / 'cache'}")
-    console.print("Training, evaluation and the model card join this demo as their stages land.")
+    results = run_train(cfg, yaml_path, out / "run", cache_dir=out / "cache", command=["medvlp", "demo"])
+    for name, r in results.items():
+        loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
+        console.print(f"3. {name}: {r['steps']} steps, final loss {loss}")
+    console.print(f"model: [bold]{out / 'run' / 'stage2-align' / 'model'}[/] (load it with medvlp.load_model)")
 
 
 def main() -> None:

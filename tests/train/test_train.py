@@ -220,3 +220,12 @@ def test_config_overrides_and_errors(tmp_path: Path) -> None:
         load_config(None, ["device=tpu"])
     with pytest.raises(ConfigError, match=r"stages\.stage2-align\.lrr"):
         load_config(None, ["stages.stage2-align.lrr=1"])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path: Path) -> None:
+    from medvlp.models.registry import list_image_encoders
+
+    cfg = load_config(path)
+    name = cfg.model["image_encoder"]
+    assert name.startswith("timm/") or name in list_image_encoders(), name

@@ -1,0 +1,132 @@
+"""The loop's parts: schedule, optimizers, accumulation, precision, the stage-1 objectives, sharded batches."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from medvlp.config import ImageStageConfig, OptimConfig
+from medvlp.data.build import build_cohort
+from medvlp.data.cache import CachedCohort
+from medvlp.models import create_image_encoder
+from medvlp.train.data import StepSchedule
+from medvlp.train.loop import lr_lambda, make_optimizer, run_stage
+from medvlp.train.runtime import Runtime, resolve_precision
+from medvlp.train.stages.image import ImageStage, SimMIM, block_mask
+from medvlp.train.stages.text import whole_word_mask
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> CachedCohort:
+    from medvlp.data.synthetic import synthesize
+
+    root = tmp_path_factory.mktemp("loop")
+    build_cohort(synthesize("cxr", 24, root / "src", seed=5), root / "cache", workers=0)
+    return CachedCohort.open(root / "cache")
+
+
+def test_warmup_then_cosine_to_the_floor() -> None:
+    cfg = OptimConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    f = lr_lambda(cfg)
+    warm = [f(s) for s in range(10)]
+    assert warm == sorted(warm) and warm[-1] < 1.0
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(110) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_biases_and_norms() -> None:
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = make_optimizer(m, OptimConfig(weight_decay=0.1))
+    decay, no_decay = opt.param_groups
+    assert [p.ndim for p in decay["params"]] == [2] and decay["weight_decay"] == 0.1
+    assert all(p.ndim == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert type(make_optimizer(m, OptimConfig(optimizer="lion"))).__name__ == "Lion"
+    for p in m.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        make_optimizer(m, OptimConfig())
+
+
+def test_precision_choice() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) is None
+    assert resolve_precision("bf16", cpu) is torch.bfloat16
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        resolve_precision("fp16", cpu)
+
+
+@pytest.mark.parametrize("method", ["simmim", "simclr"])
+def test_image_stage_with_lion_accumulation_and_bf16(method: str, cache: CachedCohort, tmp_path: Path) -> None:
+    enc = create_image_encoder("tiny_resnet", 2, (128, 128))
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    cfg = ImageStageConfig(
+        method=method,
+        steps=4,
+        batch_size=4,
+        grad_accum=2,
+        optimizer="lion",
+        lr=1e-3,
+        precision="bf16",
+        warmup_steps=1,
+        log_every=1,
+        checkpoint_every=2,
+        mask_patch=16,
+    )
+    out = run_stage(ImageStage(cfg, cache, enc, seed=0), tmp_path, Runtime(torch.device("cpu")), seed=0)
+    assert out["steps"] == 4 and math.isfinite(out["loss"])
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    changed = [k for k, v in enc.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert len(changed) > len(before) // 2
+    assert (tmp_path / "image_encoder.safetensors").is_file()
+
+
+def test_simmim_learns_to_fill_in(cache: CachedCohort) -> None:
+    torch.manual_seed(0)
+    net = SimMIM(create_image_encoder("tiny_resnet", 2, (128, 128)), (128, 128))
+    x = torch.stack([torch.from_numpy(cache.load_image(s).astype("float32")) for s in cache.records["study"][:8]])
+    mask = block_mask(tuple(x.shape), 16, 0.5, torch.Generator().manual_seed(0))
+    assert mask.shape == x.shape and abs(float(mask.mean()) - 0.5) < 0.05
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        loss = net(x, mask)
+        first = first if first is not None else float(loss.detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.6 * first
+
+
+def test_whole_word_masking() -> None:
+    from transformers import AutoTokenizer
+
+    from medvlp.models.text import default_text_model_path
+
+    tok = AutoTokenizer.from_pretrained(str(default_text_model_path()), local_files_only=True)
+    enc = tok(["pneumothorax cardiomegaly effusion"] * 4, return_tensors="pt", padding=True)
+    word_ids = [enc.word_ids(b) for b in range(4)]
+    masked, labels = whole_word_mask(enc["input_ids"], word_ids, tok, 0.4, torch.Generator().manual_seed(0))
+    again, labels2 = whole_word_mask(enc["input_ids"], word_ids, tok, 0.4, torch.Generator().manual_seed(0))
+    assert torch.equal(masked, again) and torch.equal(labels, labels2)
+    for b in range(4):
+        picked = {w for t, w in enumerate(word_ids[b]) if labels[b, t] != -100}
+        assert picked, "at least one word is masked"
+        for t, w in enumerate(word_ids[b]):  # every piece of a picked word is predicted, nothing else is
+            assert (labels[b, t] != -100) == (w in picked)
+        assert (labels[b][labels[b] != -100] == enc["input_ids"][b][labels[b] != -100]).all()
+
+
+def test_sharded_batches_are_the_global_batch() -> None:
+    one = StepSchedule(n=50, batch_size=8, seed=3)
+    ranks = [StepSchedule(n=50, batch_size=4, seed=3, rank=r, world_size=2) for r in range(2)]
+    for step in range(20):  # across epochs too
+        assert one.indices(step) == ranks[0].indices(step) + ranks[1].indices(step)
+    assert one.epoch_of(6) == 1 and one.batches_per_epoch == 6
+    with pytest.raises(ValueError, match="larger than the 50 training samples"):
+        StepSchedule(n=50, batch_size=32, seed=0, world_size=2)
