@@ -147,10 +147,28 @@ def train(
     console.print(f"model: [bold]{out / 'stage2-align' / 'model'}[/]")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def evaluate() -> None:
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option(help="A run folder or a model folder.")],
+    cohort: Annotated[Path, typer.Option(help="The cohort YAML (its test split is used).")],
+    out: Annotated[Path, typer.Option(help="Card folder: metrics.json, model_card.md, plots.")],
+    baseline: Annotated[bool, typer.Option(help="Also evaluate the untrained and align-only baselines.")] = False,
+    cache: Annotated[Path | None, typer.Option(help="Cohort cache folder (default: beside the cohort).")] = None,
+) -> None:
     """Zero-shot, grounding, retrieval, survival and probes on the test split; writes a model card."""
-    _not_yet("evaluate", "downstream tasks are being built")
+    from medvlp.card import HEADLINE, get
+    from medvlp.data.cohort import CohortError
+    from medvlp.evaluate import evaluate as run_evaluate
+
+    try:
+        metrics = run_evaluate(model, cohort, out, baselines=baseline, cache_dir=cache)
+    except (CohortError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    for label, path in HEADLINE:
+        v = get(metrics, path)
+        console.print(f"  {label}: {'-' if v is None else f'{v:.3f}'}")
+    console.print(f"card: [bold]{out / 'model_card.md'}[/]")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -177,7 +195,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     config: Annotated[Path | None, typer.Option(help="Training config (default configs/demo-2d or demo-3d).")] = None,
 ) -> None:
-    """The whole pipeline on a built-in synthetic cohort: cohort, cache, both training stages."""
+    """The whole pipeline on a built-in synthetic cohort: cohort, cache, both training stages, evaluation."""
     from medvlp.config import load_config
     from medvlp.data.build import build_cohort
     from medvlp.data.synthetic import synthesize
@@ -195,7 +213,16 @@ def demo(
     for name, r in results.items():
         loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
         console.print(f"3. {name}: {r['steps']} steps, final loss {loss}")
+    from medvlp.card import HEADLINE, get
+    from medvlp.evaluate import evaluate as run_evaluate
+
+    metrics = run_evaluate(out / "run", yaml_path, out / "card", baselines=True, cache_dir=out / "cache")
+    console.print("4. evaluation on the test split (this model | untrained | align only):")
+    for label, path in HEADLINE:
+        vals = [get(metrics, path), *[get(b, path) for b in metrics.get("baselines", {}).values()]]
+        console.print(f"   {label}: " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals))
     console.print(f"model: [bold]{out / 'run' / 'stage2-align' / 'model'}[/] (load it with medvlp.load_model)")
+    console.print(f"card:  [bold]{out / 'card' / 'model_card.md'}[/] with its plots")
 
 
 def main() -> None:

@@ -83,7 +83,10 @@ def make_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         from timm.optim import Lion
 
         return Lion(groups, lr=cfg.lr, betas=cfg.betas)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-6)
+    try:  # the fused kernel (CPU and CUDA) is several times faster than the per-tensor loop
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-6, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-6)
 
 
 def _rng_state() -> dict[str, Any]:

@@ -130,3 +130,35 @@ def test_sharded_batches_are_the_global_batch() -> None:
     assert one.epoch_of(6) == 1 and one.batches_per_epoch == 6
     with pytest.raises(ValueError, match="larger than the 50 training samples"):
         StepSchedule(n=50, batch_size=32, seed=0, world_size=2)
+
+
+def test_masked_lm_head_on_masked_positions_only_equals_the_full_forward() -> None:
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from medvlp.models.text import default_text_model_path, quiet_transformers
+    from medvlp.train.stages.text import MaskedLM
+
+    path = str(default_text_model_path())
+    with quiet_transformers():
+        m = AutoModelForMaskedLM.from_pretrained(
+            path, local_files_only=True, num_hidden_layers=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+        )
+    tok = AutoTokenizer.from_pretrained(path)
+    enc = tok(
+        ["No pleural effusion.", "Moderate cardiomegaly with small bilateral effusions."],
+        padding=True,
+        return_tensors="pt",
+    )
+    ids, labels = whole_word_mask(
+        enc["input_ids"], [enc.word_ids(b) for b in range(2)], tok, 0.3, torch.Generator().manual_seed(0)
+    )
+    ref = m(input_ids=ids, attention_mask=enc["attention_mask"], labels=labels).loss
+    ref.backward()
+    g_ref = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    loss = MaskedLM(m)(ids, enc["attention_mask"], labels)
+    loss.backward()
+    torch.testing.assert_close(loss, ref)
+    for k, p in m.named_parameters():
+        if k in g_ref:
+            torch.testing.assert_close(p.grad, g_ref[k], rtol=1e-4, atol=1e-4, msg=k)

@@ -85,6 +85,28 @@ def whole_word_mask(
     return masked, labels
 
 
+class MaskedLM(nn.Module):
+    """A masked-LM model whose vocabulary head runs only at the masked positions (~15% of tokens).
+
+    The head (hidden -> vocabulary, 30k outputs) costs as much as the encoder when applied to every token, as
+    ``BertForMaskedLM.forward`` does; here it sees only the rows that have a label. Models without a separate
+    head attribute (``cls`` for BERT, ``lm_head`` for RoBERTa-likes) fall back to their own forward.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.head = getattr(model, "cls", None) or getattr(model, "lm_head", None)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        picked = labels != -100  # [B, T]
+        logits = self.head(hidden[picked])  # [M, vocab]
+        return nn.functional.cross_entropy(logits.float(), labels[picked])
+
+
 class TextStage:
     """Continues masked-language pretraining of any local transformers folder on the reports."""
 
@@ -114,9 +136,12 @@ class TextStage:
         with quiet_transformers():  # the MLM head is new: transformers' load report would list it as missing
             self.model = AutoModelForMaskedLM.from_pretrained(self.path, local_files_only=True, **extra)
         self.max_length = max_length
+        if cfg.freeze_embeddings:
+            self.model.get_input_embeddings().weight.requires_grad_(False)
+        self.net = MaskedLM(self.model)
 
     def module(self) -> nn.Module:
-        return self.model
+        return self.net
 
     def dataset(self) -> Dataset:
         return ReportSections(self.cache, self.sections)
@@ -143,8 +168,7 @@ class TextStage:
             self.config.whole_word_mask,
         )
         dev = batch["input_ids"].device
-        out = module(input_ids=ids.to(dev), attention_mask=batch["attention_mask"], labels=labels.to(dev))
-        return {"loss": out.loss}
+        return {"loss": module(ids.to(dev), batch["attention_mask"], labels.to(dev))}
 
     def save_final(self, out_dir: Path) -> None:
         """The adapted encoder as a plain transformers folder (``out_dir/text``), the MLM head beside it."""

@@ -1,0 +1,102 @@
+"""The model card: one Markdown page with the headline numbers, the baselines beside them, and the plots.
+
+It names the cohort and counts, never a study or a patient.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+HEADLINE = (
+    ("zero-shot mean AUROC", ("zero_shot", "mean_auroc")),
+    ("image->report R@1", ("retrieval", "image_to_report", "R@1")),
+    ("image->report R@10", ("retrieval", "image_to_report", "R@10")),
+    ("report->image R@10", ("retrieval", "report_to_image", "R@10")),
+    ("grounding mean CNR", ("grounding", "mean_cnr")),
+    ("grounding mean IoU", ("grounding", "mean_iou")),
+    ("survival C-index (image + covariates)", ("survival", "c_index")),
+    ("linear probe mean AUROC (100% labels)", ("linear_probe", "mean_auroc")),
+)
+
+
+def get(metrics: dict[str, Any] | None, path: tuple[str, ...]) -> float | None:
+    node: Any = metrics
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node if isinstance(node, int | float) else None
+
+
+def _fmt(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def write_model_card(out: Path, metrics: dict[str, Any], model_path: Path) -> Path:
+    """Write ``out/model_card.md`` from the metrics of :func:`medvlp.evaluate.evaluate`."""
+    base = metrics.get("baselines") or {}
+    cols = ["this model", *[k.replace("_", " ") for k in base]]
+    lines = [
+        f"# Model card: {Path(model_path).name}",
+        "",
+        f"Cohort **{metrics['cohort']['name']}**, test split of {metrics['cohort']['test_studies']} studies; "
+        f"findings: {', '.join(metrics['cohort']['findings'])}.",
+        "",
+        "| metric | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for label, path in HEADLINE:
+        row = [_fmt(get(metrics, path)), *[_fmt(get(b, path)) for b in base.values()]]
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    if base:
+        lines += [
+            "",
+            "*untrained*: the same architecture with a random image tower and the generic text tower; "
+            "*align only*: stage 2 without stage 1. The gap between the columns is what each stage buys.",
+        ]
+    zs = (metrics.get("zero_shot") or {}).get("per_finding", {})
+    if zs:
+        lines += [
+            "",
+            "## Zero-shot diagnosis per finding",
+            "",
+            "| finding | AUROC | AUPRC | F1 | ECE | pos / neg |",
+            "|---|---|---|---|---|---|",
+        ]
+        for f, m in zs.items():
+            lines.append(
+                f"| {f} | {_fmt(m.get('auroc'))} | {_fmt(m.get('auprc'))} | {_fmt(m.get('f1'))} | "
+                f"{_fmt(m.get('ece'))} | {m.get('n_pos')} / {m.get('n_neg')} |"
+            )
+    s = metrics.get("survival")
+    if s:
+        lines += [
+            "",
+            "## Survival (Cox on image-embedding components + covariates)",
+            "",
+            "| features | Harrell C | Uno C | mean td-AUC | integrated Brier | log-rank p (2 risk groups) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name in ("image+covariates", "covariates", "image"):
+            if name in s:
+                m = s[name]
+                lines.append(
+                    f"| {name} | {_fmt(m.get('c_index'))} | {_fmt(m.get('uno_c_index'))} | "
+                    f"{_fmt(m.get('td_auc_mean'))} | {_fmt(m.get('integrated_brier'))} | "
+                    f"{m.get('logrank_p', float('nan')):.3g} |"
+                )
+    lines += ["", "## Plots", ""]
+    for png in sorted(out.glob("*.png")):
+        lines.append(f"![{png.stem}]({png.name})")
+    lines += ["", "All numbers: `metrics.json` beside this card.", ""]
+    path = out / "model_card.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def summary(metrics_path: Path) -> dict[str, Any]:
+    """The headline numbers of a card (for the API's /v1/model)."""
+    metrics = json.loads(Path(metrics_path).read_text())
+    return {label: get(metrics, path) for label, path in HEADLINE}
