@@ -1,0 +1,1 @@
+"""Downstream evaluation tasks: zero-shot classification, retrieval, grounding, linear probes, survival, plots."""
