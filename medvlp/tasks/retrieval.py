@@ -51,7 +51,7 @@ def _merge_column_topk(sim: Tensor, start: int, vals: Tensor, idx: Tensor, buf: 
 
     Until every column holds k entries the block is merged densely (a top-k down each column); after that, only
     the entries beating their column's k-th value are gathered, and each touched column's old top-k plus its new
-    entries are sorted (by column, then value) and cut back to k. Ties keep the earlier row.
+    entries are sorted (by column, then value) and cut back to k. Equal similarities may come in either order.
     """
     k = vals.shape[0]
     if not torch.isfinite(vals[-1]).all():
