@@ -7,6 +7,7 @@ shown with X across and Y down, voxel ``i`` spanning ``[i, i + 1)`` so boxes ``(
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -177,7 +178,7 @@ def plot_grounding_overlay(
             ax.set_title(label, fontsize="small")
     fig.colorbar(overlay, ax=list(axs), shrink=0.8, label="similarity")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(textwrap.fill(title, 60), fontsize="medium")
     return _save(fig, path)
 
 
