@@ -99,7 +99,7 @@ def cohort_build(
 
     try:
         s = build_cohort(cohort, out, workers=workers)
-    except CohortError as exc:
+    except (CohortError, RuntimeError) as exc:
         _fail(str(exc))
         return
     console.print(

@@ -24,7 +24,14 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from medvlp.data.cache import CACHE_VERSION, atomic_save_npy, atomic_write_bytes, atomic_write_json
+from medvlp.data.cache import (
+    CACHE_VERSION,
+    atomic_save_npy,
+    atomic_write_bytes,
+    atomic_write_json,
+    exclusive_build,
+    remove_stale_temporaries,
+)
 from medvlp.data.cohort import Cohort, PreprocessSpec, load_cohort
 from medvlp.data.image import ImageReadError
 from medvlp.data.preprocess import map_boxes, preprocess_image
@@ -148,10 +155,16 @@ def build_cohort(
     """
     t0 = time.perf_counter()
     cohort = cohort if isinstance(cohort, Cohort) else load_cohort(cohort)
-    spec, df = cohort.spec, cohort.manifest
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "items").mkdir(parents=True, exist_ok=True)
+    with exclusive_build(out):
+        remove_stale_temporaries(out)
+        return _build_locked(cohort, out, workers, progress, t0)
+
+
+def _build_locked(cohort: Cohort, out: Path, workers: int | None, progress: bool | None, t0: float) -> BuildSummary:
+    spec, df = cohort.spec, cohort.manifest
     handler = _setup_log(out)
     try:
         key = load_or_create_key(out)

@@ -17,9 +17,12 @@ done once its item file exists) and lets a rerun replace only what changed; read
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +52,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             np.save(fh, np.ascontiguousarray(array))
@@ -57,6 +60,31 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(root: Path) -> int:
+    """Delete half-written files a killed build left behind (``.name.XXXX.tmp``); returns how many."""
+    n = 0
+    for sub in ("images", "items", "."):
+        for p in (root / sub).glob(".*.tmp"):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+@contextmanager
+def exclusive_build(root: Path) -> Iterator[None]:
+    """Hold the cache's build lock: a second build on the same folder fails at once instead of colliding."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".build.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise RuntimeError(f"another `medvlp cohort build` is writing {root}; wait for it to finish") from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @dataclass

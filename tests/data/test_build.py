@@ -253,3 +253,19 @@ def test_cli_synth(kind: str, tmp_path: Path) -> None:
         check=False,
     )
     assert r.returncode == 2 and "--kind must be one of cxr, ct" in r.stderr
+
+
+def test_a_second_build_on_the_same_cache_is_refused_and_stale_temporaries_are_swept(
+    cxr_cohort: Path, tmp_path: Path
+) -> None:
+    from medvlp.data.cache import exclusive_build
+
+    out = tmp_path / "cache"
+    (out / "images").mkdir(parents=True)
+    stale = out / "images" / ".st-0123456789abcdef.x1y2z3.tmp"
+    stale.write_bytes(b"half a file")
+    with exclusive_build(out), pytest.raises(RuntimeError, match="another `medvlp cohort build` is writing"):
+        build_cohort(cxr_cohort, out, workers=0)
+    assert stale.exists()  # the refused build touched nothing
+    s = build_cohort(cxr_cohort, out, workers=0)
+    assert s.ingested == 24 and not stale.exists()
