@@ -76,7 +76,7 @@ def _grounding(model: MedVLP, cache: CachedCohort, plot_dir: Path | None, max_pl
     df = grounding.grounding_metrics(model, images, list(g["label_text"]), boxes, list(g["category_name"]))
     per_cat = df.groupby("category")[["cnr", "iou"]].mean().round(4).to_dict(orient="index")
     if plot_dir is not None:
-        for i in df.sort_values("cnr", ascending=False).index[:max_plots]:
+        for k, i in enumerate(df.sort_values("cnr", ascending=False).index[:max_plots]):
             with torch.no_grad():
                 emb = model.forward_image(images[i : i + 1].to(model.device))
                 phrase = model.encode_text([g.at[i, "label_text"]])
@@ -85,7 +85,7 @@ def _grounding(model: MedVLP, cache: CachedCohort, plot_dir: Path | None, max_pl
                 images[i, 0].numpy(),
                 sim.cpu().numpy(),
                 boxes[i],
-                plot_dir / f"grounding_{len(list(plot_dir.glob('grounding_*.png')))}.png",
+                plot_dir / f"grounding_{k}.png",
                 title=f"{g.at[i, 'label_text']} (CNR {df.at[i, 'cnr']:.2f})",
             )
     return {
@@ -240,7 +240,6 @@ def _align_only(cfg, cohort_yaml: str | Path, cache_path: Path, run: Path) -> Me
     """Stage 2 alone from the generic towers, with the run's own stage-2 settings (resumable)."""
     from medvlp.train.run import train
 
-    cfg = cfg.model_copy(update={"model": {**cfg.model}})
     train(cfg, cohort_yaml, run, stages=["stage2-align"], cache_dir=cache_path, resume=True)
     return load_model(run)
 

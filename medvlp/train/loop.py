@@ -124,8 +124,13 @@ def _trim_log(path: Path, step: int) -> None:
     atomic_write_bytes(path, ("\n".join(keep) + "\n").encode() if keep else b"")
 
 
-def run_stage(stage: Stage, out_dir: Path, rt: Runtime, seed: int, resume: bool = False) -> dict[str, Any]:
+def run_stage(
+    stage: Stage, out_dir: Path, rt: Runtime, seed: int, resume: bool = False, num_workers: int = 0
+) -> dict[str, Any]:
     """Train one stage to ``stage.config.steps`` optimizer steps, or continue it from its checkpoint.
+
+    ``num_workers`` DataLoader processes prepare batches; batches and augmentations depend only on the step, so
+    the result is the same for any number of workers.
 
     Returns:
         ``{"steps": ..., "loss": last logged loss, "resumed_from": step or None}``.
@@ -154,7 +159,10 @@ def run_stage(stage: Stage, out_dir: Path, rt: Runtime, seed: int, resume: bool 
     elif rt.is_main and log_path.exists():
         log_path.unlink()
     barrier(rt)
-    if step >= cfg.steps:
+    if step >= cfg.steps:  # finished; a kill may have come between the last checkpoint and the final outputs
+        if rt.is_main:
+            stage.save_final(out_dir)
+        barrier(rt)
         return {"steps": step, "loss": None, "resumed_from": resumed_from}
 
     ddp: nn.Module = module
@@ -171,7 +179,7 @@ def run_stage(stage: Stage, out_dir: Path, rt: Runtime, seed: int, resume: bool 
         ds,
         batch_sampler=StepBatchSampler(schedule, step * accum, cfg.steps * accum),
         collate_fn=stage.collate,
-        num_workers=getattr(stage, "num_workers", 0),
+        num_workers=num_workers,
         pin_memory=rt.device.type == "cuda",
         generator=torch.Generator().manual_seed(seed),  # its own: iter() must not draw from the global RNG
     )

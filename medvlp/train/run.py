@@ -164,7 +164,7 @@ def train(
         for name in wanted:
             seed_everything(cfg.seed)
             stage = _stage(name, cfg, cache, run, wanted)
-            results[name] = run_stage(stage, run / name, rt, cfg.seed, resume=resume)
+            results[name] = run_stage(stage, run / name, rt, cfg.seed, resume=resume, num_workers=cfg.data.num_workers)
             logger.info("%s done: %s", name, results[name])
         return results
     finally:

@@ -162,3 +162,36 @@ def test_masked_lm_head_on_masked_positions_only_equals_the_full_forward() -> No
     for k, p in m.named_parameters():
         if k in g_ref:
             torch.testing.assert_close(p.grad, g_ref[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+def _image_run(cache: CachedCohort, out: Path, num_workers: int, resume: bool = False) -> torch.nn.Module:
+    torch.manual_seed(0)
+    enc = create_image_encoder("tiny_resnet", 2, (128, 128))
+    cfg = ImageStageConfig(
+        steps=3, batch_size=4, lr=1e-3, warmup_steps=1, log_every=1, checkpoint_every=3, mask_patch=16
+    )
+    run_stage(
+        ImageStage(cfg, cache, enc, seed=0),
+        out,
+        Runtime(torch.device("cpu")),
+        seed=0,
+        resume=resume,
+        num_workers=num_workers,
+    )
+    return enc
+
+
+def test_worker_processes_do_not_change_the_result(cache: CachedCohort, tmp_path: Path) -> None:
+    a = _image_run(cache, tmp_path / "w0", num_workers=0).state_dict()
+    b = _image_run(cache, tmp_path / "w2", num_workers=2).state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resuming_a_finished_stage_restores_lost_final_outputs(cache: CachedCohort, tmp_path: Path) -> None:
+    _image_run(cache, tmp_path, num_workers=0)
+    final = tmp_path / "image_encoder.safetensors"
+    saved = final.read_bytes()
+    final.unlink()  # as if killed between the last checkpoint and the final save
+    _image_run(cache, tmp_path, num_workers=0, resume=True)
+    assert final.read_bytes() == saved
