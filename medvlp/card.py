@@ -50,11 +50,15 @@ def write_model_card(out: Path, metrics: dict[str, Any], model_path: Path) -> Pa
     for label, path in HEADLINE:
         row = [_fmt(get(metrics, path)), *[_fmt(get(b, path)) for b in base.values()]]
         lines.append(f"| {label} | " + " | ".join(row) + " |")
+    notes = {
+        "untrained": "*untrained*: the same architecture with a random image tower and the generic text tower",
+        "align_only": "*align only*: stage 2 without stage 1",
+    }
     if base:
         lines += [
             "",
-            "*untrained*: the same architecture with a random image tower and the generic text tower; "
-            "*align only*: stage 2 without stage 1. The gap between the columns is what each stage buys.",
+            "; ".join(notes[k] for k in base if k in notes) + ". The gaps between columns are what "
+            "training (and each stage) buys.",
         ]
     zs = (metrics.get("zero_shot") or {}).get("per_finding", {})
     if zs:

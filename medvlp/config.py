@@ -53,6 +53,15 @@ class TextStageConfig(OptimConfig):
         description="keep the word embeddings (and the decoder tied to them) fixed: a cohort's reports "
         "are too few to relearn a 30k vocabulary, and it halves the step on a CPU",
     )
+    body_lr_scale: float = Field(
+        default=0.1,
+        ge=0,
+        description="the pretrained encoder's share of lr; the new MLM head gets all of it "
+        "(a sentence-embedding model ships with no MLM head)",
+    )
+    head_only_steps: int = Field(
+        default=10, ge=0, description="steps in which only the new MLM head learns, before the encoder moves"
+    )
 
 
 class ImageStageConfig(OptimConfig):
@@ -76,6 +85,10 @@ class AlignStageConfig(OptimConfig):
     local_weight: float = Field(default=0.0, ge=0)
     chunk_size: int | None = Field(default=None, ge=1)
     lock_text_layers: int | None = Field(default=None, ge=0, description="freeze all but the last N text layers")
+    text_lr_scale: float = Field(
+        default=0.1, ge=0, description="the pretrained text tower's share of lr (projections and image tower: all)"
+    )
+    image_lr_scale: float = Field(default=1.0, ge=0, description="the image tower's share of lr")
 
 
 class StagesConfig(_Strict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from medvlp.tasks import grounding, plots, probe, retrieval, survival, zeroshot
 
 logger = logging.getLogger(__name__)
 PCA_COMPONENTS = 8
+BASELINES = ("untrained", "align_only")
 
 
 @dataclass
@@ -188,13 +190,20 @@ def evaluate(
     model_path: str | Path,
     cohort_yaml: str | Path,
     out: str | Path,
-    baselines: bool = False,
+    baselines: bool | Sequence[str] = False,
     cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a run (or model folder) on a cohort's test split; write ``out/metrics.json``, plots and the card."""
+    """Evaluate a run (or model folder) on a cohort's test split; write ``out/metrics.json``, plots and the card.
+
+    ``baselines``: True for both, or a list of ``"untrained"`` (same architecture, random image tower and
+    projections, generic text tower) and ``"align_only"`` (stage 2 alone, trained here with the run's settings).
+    """
     from medvlp.data.build import build_cohort
     from medvlp.train.run import default_cache_dir
 
+    wanted = set(BASELINES if baselines is True else baselines or ())
+    if wanted - set(BASELINES):
+        raise ValueError(f"unknown baseline(s) {sorted(wanted - set(BASELINES))}; known: {', '.join(BASELINES)}")
     out, model_path = Path(out), Path(model_path)
     out.mkdir(parents=True, exist_ok=True)
     cache_path = Path(cache_dir) if cache_dir else default_cache_dir(Path(cohort_yaml))
@@ -209,9 +218,11 @@ def evaluate(
         "test_studies": len(cache.split("test")),
         "findings": cache.findings,
     }
-    if baselines:
-        metrics["baselines"] = {"untrained": evaluate_model(_untrained(model), cache, sections)}
-        if run_cfg is not None:
+    if wanted:
+        metrics["baselines"] = {}
+        if "untrained" in wanted:
+            metrics["baselines"]["untrained"] = evaluate_model(_untrained(model), cache, sections)
+        if "align_only" in wanted and run_cfg is not None:
             metrics["baselines"]["align_only"] = evaluate_model(
                 _align_only(run_cfg, cohort_yaml, cache_path, out / "baselines" / "align-only"), cache, sections
             )

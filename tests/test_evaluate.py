@@ -94,3 +94,16 @@ def test_tiny_run_gives_a_complete_card(tiny_run: tuple[Path, Path], tmp_path: P
     manifest = pd.read_csv(yaml_path.parent / "manifest.csv", dtype=str)
     everything = text + (card / "metrics.json").read_text()
     assert not [s for s in [*manifest["study_id"], *manifest["subject_id"]] if s in everything]
+
+
+def test_baselines_can_be_chosen(tiny_run: tuple[Path, Path], tmp_path: Path) -> None:
+    from medvlp.evaluate import evaluate
+
+    yaml_path, run = tiny_run
+    with pytest.raises(ValueError, match="unknown baseline"):
+        evaluate(run, yaml_path, tmp_path / "bad", baselines=["random"])
+    metrics = evaluate(run, yaml_path, tmp_path / "card", baselines=["untrained"])
+    assert set(metrics["baselines"]) == {"untrained"}
+    assert not (tmp_path / "card" / "baselines").exists()  # no align-only training
+    text = (tmp_path / "card" / "model_card.md").read_text()
+    assert "untrained" in text and "align only" not in text

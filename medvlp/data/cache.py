@@ -31,6 +31,17 @@ import numpy as np
 import pandas as pd
 
 CACHE_VERSION = 1
+COHORT_RECORD = "cohort.json"  # what a trained model folder keeps of its cohort (no study, no patient)
+_RECORD_KEYS = ("cohort", "modality", "spatial_dims", "findings", "preprocess")
+
+
+def cohort_record(summary: dict[str, Any]) -> dict[str, Any]:
+    """The part of a cache's ``summary.json`` a trained model needs to be used on new images (``cohort.json``).
+
+    The preprocessing, the findings, the modality and dimensionality: enough for ``medvlp serve`` to treat a new
+    study exactly as the training ones, from a copied model folder alone.
+    """
+    return {k: summary[k] for k in _RECORD_KEYS if k in summary}
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -23,6 +23,9 @@ class ModelConfig(BaseModel):
         text_max_length: tokenizer truncation length.
         embed_dim: width of the shared embedding space.
         projection: ``"linear"`` or ``"mlp"`` (Linear-GELU-Linear) heads into the shared space.
+        token_projection: ``"shared"``: patch/voxel and word tokens go through their tower's global projection
+            head (as BioViL projects patches with its global projector), so the global contrastive loss trains
+            what phrase grounding reads; ``"separate"``: tokens get their own head, trained only by a local loss.
         loss: ``"clip"`` (softmax InfoNCE) or ``"siglip"`` (sigmoid); sets the logit scale/bias defaults.
         init_logit_scale: initial log logit scale; None: ``log(1/0.07)`` for clip, ``log(10)`` for siglip.
         init_logit_bias: initial logit bias; None: -10 for siglip, no bias for clip.
@@ -40,6 +43,7 @@ class ModelConfig(BaseModel):
     text_max_length: int = Field(default=128, ge=4)
     embed_dim: int = Field(default=256, ge=1)
     projection: Literal["linear", "mlp"] = "mlp"
+    token_projection: Literal["shared", "separate"] = "shared"
     loss: Literal["clip", "siglip"] = "clip"
     init_logit_scale: float | None = None
     init_logit_bias: float | None = None

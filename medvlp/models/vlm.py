@@ -67,15 +67,25 @@ def _head(in_dim: int, out_dim: int, kind: str) -> nn.Module:
 
 
 class TowerProjection(nn.Module):
-    """Projects a tower's global embedding and its tokens (separate heads) into the shared space."""
+    """Projects a tower's global embedding and its tokens into the shared space.
 
-    def __init__(self, global_dim: int, token_dim: int, embed_dim: int, kind: str = "mlp") -> None:
+    ``shared=True`` projects the tokens with the global head: the global loss then trains the token features that
+    grounding compares with a phrase. A separate token head learns only from a local (token-level) loss.
+    """
+
+    def __init__(self, global_dim: int, token_dim: int, embed_dim: int, kind: str = "mlp", shared: bool = True) -> None:
         super().__init__()
+        if shared and global_dim != token_dim:
+            raise ValueError(
+                f"token_projection 'shared' needs tokens as wide as the global embedding ({token_dim} != {global_dim});"
+                " use token_projection: separate"
+            )
         self.global_proj = _head(global_dim, embed_dim, kind)
-        self.token_proj = _head(token_dim, embed_dim, kind)
+        self.token_proj = None if shared else _head(token_dim, embed_dim, kind)
 
     def forward(self, embedding: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        return self.global_proj(embedding), self.token_proj(tokens)
+        token_head = self.global_proj if self.token_proj is None else self.token_proj
+        return self.global_proj(embedding), token_head(tokens)
 
 
 class MedVLP(nn.Module):
@@ -108,9 +118,10 @@ class MedVLP(nn.Module):
         )
         e = config.embed_dim
         enc = self.image_encoder
-        self.image_projection = TowerProjection(enc.embed_dim, enc.token_dim, e, config.projection)
+        shared = config.token_projection == "shared"
+        self.image_projection = TowerProjection(enc.embed_dim, enc.token_dim, e, config.projection, shared)
         hidden = self.text_encoder.hidden_size
-        self.text_projection = TowerProjection(hidden, hidden, e, config.projection)
+        self.text_projection = TowerProjection(hidden, hidden, e, config.projection, shared)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init))
         bias = config.logit_bias_init
         self.logit_bias = nn.Parameter(torch.tensor(bias)) if bias is not None else None

@@ -15,7 +15,9 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -56,29 +58,59 @@ class Stage(Protocol):
 
     def save_final(self, out_dir: Path) -> None: ...
 
+    # Optional: ``lr_plan(name) -> LrPlan`` gives a parameter (by its name in ``module()``) its own share of the
+    # stage's learning rate and a number of steps to hold still (a new head learns before the pretrained body).
 
-def lr_lambda(cfg: OptimConfig):
-    """Linear warmup, then cosine decay to ``min_lr_ratio`` of the peak."""
+
+@dataclass(frozen=True)
+class LrPlan:
+    """A parameter group's learning rate: ``scale`` times the stage's schedule, zero for the first ``delay`` steps."""
+
+    scale: float = 1.0
+    delay: int = 0
+
+
+def lr_lambda(cfg: OptimConfig, delay: int = 0):
+    """Linear warmup, then cosine decay to ``min_lr_ratio`` of the peak; all zero for the first ``delay`` steps."""
+    steps = max(1, cfg.steps - delay)
 
     def f(step: int) -> float:
+        step -= delay
+        if step < 0:
+            return 0.0
         if step < cfg.warmup_steps:
             return (step + 1) / (cfg.warmup_steps + 1)
-        span = max(1, cfg.steps - cfg.warmup_steps)
+        span = max(1, steps - cfg.warmup_steps)
         progress = min(1.0, (step - cfg.warmup_steps) / span)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
 
 
-def make_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW or Lion; no weight decay on biases, norms, temperatures (1-D parameters)."""
-    decay, no_decay = [], []
-    for _, p in module.named_parameters():
+def param_groups(
+    module: nn.Module, cfg: OptimConfig, plan: Callable[[str], LrPlan] | None = None
+) -> tuple[list[dict[str, Any]], list[LrPlan]]:
+    """Groups by (weight decay, learning-rate plan): no decay on biases, norms, temperatures (1-D parameters)."""
+    groups: dict[tuple[bool, LrPlan], list[nn.Parameter]] = {}
+    for name, p in module.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    if not decay and not no_decay:
+            key = (p.ndim > 1, plan(name) if plan is not None else LrPlan())
+            groups.setdefault(key, []).append(p)
+    if not groups:
         raise ValueError("the stage has no trainable parameters (is every tower locked?)")
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    keys = sorted(groups, key=lambda k: (not k[0], k[1].scale, k[1].delay))
+    out = [
+        {"params": groups[k], "weight_decay": cfg.weight_decay if k[0] else 0.0, "lr": cfg.lr * k[1].scale}
+        for k in keys
+    ]
+    return out, [k[1] for k in keys]
+
+
+def make_optimizer(
+    module: nn.Module, cfg: OptimConfig, plan: Callable[[str], LrPlan] | None = None
+) -> torch.optim.Optimizer:
+    """AdamW or Lion over :func:`param_groups`."""
+    groups, _ = param_groups(module, cfg, plan)
     if cfg.optimizer == "lion":
         from timm.optim import Lion
 
@@ -125,12 +157,20 @@ def _trim_log(path: Path, step: int) -> None:
 
 
 def run_stage(
-    stage: Stage, out_dir: Path, rt: Runtime, seed: int, resume: bool = False, num_workers: int = 0
+    stage: Stage,
+    out_dir: Path,
+    rt: Runtime,
+    seed: int,
+    resume: bool = False,
+    num_workers: int = 0,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Train one stage to ``stage.config.steps`` optimizer steps, or continue it from its checkpoint.
 
     ``num_workers`` DataLoader processes prepare batches; batches and augmentations depend only on the step, so
-    the result is the same for any number of workers.
+    the result is the same for any number of workers. ``on_step(step, total)``, when given, is called on rank 0
+    at the start and after every optimizer step, and replaces the stage's own progress bar (a caller showing one
+    display for a whole pipeline).
 
     Returns:
         ``{"steps": ..., "loss": last logged loss, "resumed_from": step or None}``.
@@ -139,8 +179,10 @@ def run_stage(
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = out_dir / CHECKPOINT, out_dir / "log.jsonl"
     module = stage.module().to(rt.device)
-    opt = make_optimizer(module, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    plan = getattr(stage, "lr_plan", None)
+    opt = make_optimizer(module, cfg, plan)
+    plans = param_groups(module, cfg, plan)[1]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lr_lambda(cfg, p.delay) for p in plans])
     amp_dtype = resolve_precision(cfg.precision, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=amp_dtype == torch.float16)
 
@@ -159,6 +201,9 @@ def run_stage(
     elif rt.is_main and log_path.exists():
         log_path.unlink()
     barrier(rt)
+    report = on_step if rt.is_main else None
+    if report is not None:
+        report(step, cfg.steps)
     if step >= cfg.steps:  # finished; a kill may have come between the last checkpoint and the final outputs
         if rt.is_main:
             stage.save_final(out_dir)
@@ -184,9 +229,8 @@ def run_stage(
         generator=torch.Generator().manual_seed(seed),  # its own: iter() must not draw from the global RNG
     )
     batches = iter(loader)
-    bar = tqdm(
-        total=cfg.steps, initial=step, desc=stage.name, unit="step", disable=not (rt.is_main and sys.stderr.isatty())
-    )
+    show = rt.is_main and on_step is None and sys.stderr.isatty()
+    bar = tqdm(total=cfg.steps, initial=step, desc=stage.name, unit="step", disable=not show)
     module.train()
     last: dict[str, float] = {}
     t_log, samples = time.perf_counter(), 0
@@ -215,6 +259,8 @@ def run_stage(
             sched.step()
             step += 1
             bar.update()
+            if report is not None:
+                report(step, cfg.steps)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 if rt.distributed:
                     vec = torch.tensor(list(sums.values()), dtype=torch.float64, device=rt.device)
@@ -224,7 +270,7 @@ def run_stage(
                 last = {
                     "step": step,
                     **{k: round(v, 6) for k, v in sums.items()},
-                    "lr": opt.param_groups[0]["lr"],
+                    "lr": max(g["lr"] for g in opt.param_groups),
                     "samples_per_s": round(samples / max(now - t_log, 1e-9), 2),
                 }
                 if grad_norm is not None:

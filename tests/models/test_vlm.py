@@ -234,3 +234,26 @@ def test_config_validation_names_the_bad_value() -> None:
     assert config.image_size == (32, 32) and config.logit_scale_init == 1.0 and config.logit_bias_init == -10.0
     with pytest.raises(ValidationError):
         config.embed_dim = 3  # frozen
+
+
+def test_tokens_share_the_global_projection_so_the_global_loss_trains_grounding() -> None:
+    torch.manual_seed(0)
+    config = ModelConfig(image_encoder="tiny_vit", spatial_dims=2, image_size=SIZE, text_num_layers=1, embed_dim=16)
+    model = MedVLP(config)
+    assert model.image_projection.token_proj is None and model.text_projection.token_proj is None
+    images = _images()
+    model.zero_grad(set_to_none=True)
+    out = model(images, TEXTS)  # a global loss only: tokens play no part in it
+    (out.logit_scale * out.image_features @ out.text_features.T).logsumexp(dim=1).mean().backward()
+    grads = {n for n, p in model.image_projection.named_parameters() if p.grad is not None}
+    assert grads == {n for n, _ in model.image_projection.named_parameters()}  # = every head that projects tokens
+    head = model.image_projection.global_proj
+    tokens = model.image_encoder(images).tokens
+    assert torch.allclose(model.forward_image(images, normalize=False).tokens, head(tokens))
+
+    separate = MedVLP(config.model_copy(update={"token_projection": "separate"}))
+    assert separate.image_projection.token_proj is not None
+    with pytest.raises(ValueError, match="token_projection: separate"):
+        from medvlp.models.vlm import TowerProjection
+
+        TowerProjection(8, 4, 16)

@@ -195,3 +195,39 @@ def test_resuming_a_finished_stage_restores_lost_final_outputs(cache: CachedCoho
     final.unlink()  # as if killed between the last checkpoint and the final save
     _image_run(cache, tmp_path, num_workers=0, resume=True)
     assert final.read_bytes() == saved
+
+
+def test_lr_plan_scales_and_delays_parameter_groups() -> None:
+    from medvlp.train.loop import LrPlan, param_groups
+
+    m = torch.nn.ModuleDict({"body": torch.nn.Linear(4, 4), "head": torch.nn.Linear(4, 2)})
+    cfg = OptimConfig(lr=1e-3, steps=20, warmup_steps=2)
+    groups, plans = param_groups(m, cfg, lambda n: LrPlan(0.1, 5) if n.startswith("body.") else LrPlan())
+    assert len(groups) == 4  # (decay, no decay) x (body, head)
+    for g, p in zip(groups, plans, strict=True):
+        assert g["lr"] == pytest.approx(1e-3 * p.scale)
+    f = lr_lambda(cfg, delay=5)
+    assert [f(s) for s in range(5)] == [0.0] * 5 and f(5) > 0
+    assert f(20) == pytest.approx(cfg.min_lr_ratio)  # the delayed schedule still ends at the floor
+
+
+def test_text_stage_trains_its_new_head_alone_first(cache: CachedCohort, tmp_path: Path) -> None:
+    from medvlp.config import TextStageConfig
+    from medvlp.train.stages.text import TextStage
+
+    cfg = TextStageConfig(steps=3, batch_size=4, head_only_steps=2, lr=1e-3, log_every=1, checkpoint_every=10)
+    stage = TextStage(cfg, cache, ["findings", "impression"], seed=0, num_layers=1, max_length=32)
+    body = {k: v.clone() for k, v in stage.model.base_model.state_dict().items()}
+    head = {k: v.clone() for k, v in stage.model.cls.state_dict().items()}
+
+    def moved(module: torch.nn.Module, before: dict[str, torch.Tensor]) -> int:
+        return sum(not torch.equal(v, before[k]) for k, v in module.state_dict().items() if v.is_floating_point())
+
+    cfg2 = cfg.model_copy(update={"steps": 2})
+    stage.config = cfg2
+    run_stage(stage, tmp_path / "a", Runtime(torch.device("cpu")), seed=0)
+    assert moved(stage.model.base_model, body) == 0, "the encoder must hold still while the head warms up"
+    assert moved(stage.model.cls, head) > 0
+    stage2 = TextStage(cfg, cache, ["findings", "impression"], seed=0, num_layers=1, max_length=32)
+    run_stage(stage2, tmp_path / "b", Runtime(torch.device("cpu")), seed=0)
+    assert moved(stage2.model.base_model, body) > 0, "after the head-only steps the encoder learns too"

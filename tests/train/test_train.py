@@ -55,6 +55,14 @@ def test_tiny_run_end_to_end(cohort: Path, tmp_path: Path) -> None:
     info = json.loads((run / "run.json").read_text())
     assert info["code"]["medvlp"] and "git_commit" in info["code"] and info["world_size"] == 1
 
+    # the model folder carries what using it on new images needs: the preprocessing and the findings
+    record = json.loads((run / "stage2-align" / "model" / "cohort.json").read_text())
+    from medvlp.train.run import default_cache_dir
+
+    summary = json.loads((default_cache_dir(cohort) / "summary.json").read_text())
+    assert record["preprocess"] == summary["preprocess"] and record["findings"] == summary["findings"]
+    assert record["spatial_dims"] == 2
+
     # stage 2 started from both stage-1 results
     model = load_model(run)
     assert model.text_encoder.num_layers == 1

@@ -14,11 +14,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from medvlp.config import AlignStageConfig
-from medvlp.data.cache import CachedCohort
+from medvlp.data.cache import COHORT_RECORD, CachedCohort, atomic_write_json, cohort_record
 from medvlp.data.reports import normalize_report
 from medvlp.losses import ContrastiveLoss
 from medvlp.models import MedVLP, ModelConfig
 from medvlp.train.data import CachedImages, collate
+from medvlp.train.loop import LrPlan
 
 MAX_LOG_SCALE = 4.6052  # log(100), as open_clip clamps the temperature
 
@@ -96,6 +97,15 @@ class AlignStage:
     def module(self) -> nn.Module:
         return self.net
 
+    def lr_plan(self, name: str) -> LrPlan:
+        """Pretrained towers move slower than the new projections: a full rate on the text tower wipes out what
+        its pretraining (and stage 1) taught it within a few hundred steps."""
+        if name.startswith("model.text_encoder."):
+            return LrPlan(self.config.text_lr_scale)
+        if name.startswith("model.image_encoder."):
+            return LrPlan(self.config.image_lr_scale)
+        return LrPlan()
+
     def dataset(self) -> Dataset:
         return CachedImages(self.cache, "train", self.sections, views=1 if self.augment else 0, seed=self.seed)
 
@@ -134,4 +144,6 @@ class AlignStage:
         return terms
 
     def save_final(self, out_dir: Path) -> None:
-        self.model.save_pretrained(out_dir / "model")
+        """The model folder, with the cohort's preprocessing and findings (``cohort.json``) beside the weights."""
+        folder = self.model.save_pretrained(out_dir / "model")
+        atomic_write_json(folder / COHORT_RECORD, cohort_record(self.cache.summary))

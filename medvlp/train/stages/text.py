@@ -18,6 +18,7 @@ from medvlp.config import TextStageConfig
 from medvlp.data.cache import CachedCohort
 from medvlp.data.reports import split_sections
 from medvlp.models.text import default_text_model_path, quiet_transformers
+from medvlp.train.loop import LrPlan
 
 
 class ReportSections(Dataset):
@@ -142,6 +143,16 @@ class TextStage:
 
     def module(self) -> nn.Module:
         return self.net
+
+    def lr_plan(self, name: str) -> LrPlan:
+        """The new MLM head learns alone for ``head_only_steps``, then the encoder follows at ``body_lr_scale``.
+
+        A random head's first gradients are noise; passed into a pretrained encoder at full rate they undo what
+        the encoder knew before the head has learnt to read it.
+        """
+        if name.startswith(f"model.{self.model.base_model_prefix}."):
+            return LrPlan(self.config.body_lr_scale, self.config.head_only_steps)
+        return LrPlan()
 
     def dataset(self) -> Dataset:
         return ReportSections(self.cache, self.sections)
