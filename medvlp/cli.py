@@ -171,10 +171,64 @@ def evaluate(
     console.print(f"card: [bold]{out / 'model_card.md'}[/]")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def serve() -> None:
-    """The zero-shot diagnosis HTTP API and viewer."""
-    _not_yet("serve", "the API is being built")
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Option(help="A run folder or a model folder.")],
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.", min=0, max=65535)] = 8000,
+    cohort: Annotated[Path | None, typer.Option(help="The training cohort YAML (retrieval corpus).")] = None,
+    cache: Annotated[Path | None, typer.Option(help="The training cohort's cache folder (retrieval corpus).")] = None,
+    card: Annotated[Path | None, typer.Option(help="Evaluation card folder (default: RUN/card, RUN/../card).")] = None,
+    api_keys_file: Annotated[Path | None, typer.Option(help="API keys, one per line (also: MEDVLP_API_KEYS).")] = None,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve without keys (loopback hosts only).")] = False,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest upload or DICOMweb series (413 beyond).")] = 256.0,
+    max_batch: Annotated[int, typer.Option(help="Most requests per forward pass.", min=1)] = 16,
+    batch_wait_ms: Annotated[float, typer.Option(help="How long a request waits for batch-mates.", min=0)] = 5.0,
+    no_batching: Annotated[bool, typer.Option("--no-batching", help="One request per forward pass.")] = False,
+    dicomweb_allow: Annotated[
+        list[str] | None, typer.Option(help="A DICOMweb base URL the server may pull from (repeatable).")
+    ] = None,
+    dicomweb_timeout: Annotated[float, typer.Option(help="Seconds to wait for a DICOMweb server.")] = 30.0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """The zero-shot diagnosis HTTP API (/v1/...) and its viewer (/). Keys: MEDVLP_API_KEYS or --api-keys-file."""
+    try:
+        from medvlp.serve.app import ServeSettings
+        from medvlp.serve.auth import check_auth_config, load_keys
+        from medvlp.serve.dicomweb import DicomWebConfig
+        from medvlp.serve.server import load_service, run_server
+        from medvlp.serve.uploads import UploadLimits
+    except ImportError as exc:
+        _fail(f"the server needs the 'serve' extra (pip install 'medvlp[serve]'): {exc}")
+        return
+    try:
+        keys = load_keys(api_keys_file)
+        check_auth_config(keys, no_auth, host)
+        max_bytes = int(max_upload_mb * (1 << 20))
+        if max_bytes < 1:
+            raise ValueError(f"--max-upload-mb must be positive, got {max_upload_mb}")
+        allow = tuple(dicomweb_allow or ())
+        for url in allow:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"--dicomweb-allow takes http(s) base URLs, got {url!r}")
+        settings = ServeSettings(
+            api_keys=tuple(keys),
+            limits=UploadLimits(max_bytes=max_bytes, max_unpacked=max(4 * max_bytes, 1 << 30)),
+            max_batch=1 if no_batching else max_batch,
+            batch_wait_ms=0.0 if no_batching else batch_wait_ms,
+            dicomweb=DicomWebConfig(allow=allow, timeout=dicomweb_timeout),
+        )
+        for h in logging.root.handlers:  # a server logs its requests (route, status, time: never a key or a header)
+            h.setLevel(min(h.level, logging.INFO))
+        logging.getLogger("medvlp").setLevel(logging.INFO)
+        logging.getLogger("uvicorn").setLevel(logging.INFO)
+        service = load_service(model, cohort_yaml=cohort, cache_dir=cache, card=card, device=device)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+        return
+    auth = f"{len(keys)} API key(s)" if keys else "NO authentication (loopback only)"
+    console.print(f"serving {model} on http://{host}:{port} with {auth}; viewer at /, API under /v1", highlight=False)
+    run_server(service, settings, host, port)
 
 
 def shipped_config(name: str) -> Path:
@@ -187,6 +241,80 @@ def shipped_config(name: str) -> Path:
     return path
 
 
+class _PipelineProgress:
+    """The demo's one progress display: an overall bar across all phases and a bar for the phase under way.
+
+    Phases are ``{name: steps}``; :meth:`update` takes ``(phase, done, total)``, the signature of the ``progress``
+    callbacks of :func:`medvlp.train.run.train` and (bound to a phase) of ``build_cohort``'s ``on_progress``. When
+    a phase ends, a line ``[k/N] phase: ...`` is printed above the display (on a terminal or not).
+    """
+
+    def __init__(self, phases: dict[str, int], console: Console) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+        self.phases, self.console = {k: max(1, int(v)) for k, v in phases.items()}, console
+        self.done = dict.fromkeys(self.phases, 0)
+        self.progress = Progress(
+            TextColumn("{task.description:<22}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not console.is_terminal,
+        )
+        self.overall = self.progress.add_task("pipeline", total=sum(self.phases.values()))
+        self.current: str | None = None
+        self.task: TaskID | None = None  # the bar of the phase under way
+
+    def __enter__(self) -> _PipelineProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def start(self, phase: str) -> None:
+        """Begin a phase (the previous one, if any, is finished first)."""
+        import time
+
+        if self.current is not None:
+            self.finish()
+        self.current, self.t0 = phase, time.perf_counter()
+        k = list(self.phases).index(phase) + 1
+        self.task = self.progress.add_task(f"[{k}/{len(self.phases)}] {phase}", total=self.phases[phase])
+
+    def update(self, phase: str, done: int, total: int) -> None:
+        """A callback: ``done`` of ``total`` steps of ``phase``, rescaled to the phase's planned steps."""
+        if phase != self.current or total <= 0:
+            return  # e.g. a cache build with nothing left to do, inside training
+        steps = round(self.phases[phase] * min(done, total) / total)
+        self._set(steps)
+
+    def _set(self, steps: int) -> None:
+        assert self.current is not None and self.task is not None
+        self.done[self.current] = steps
+        self.progress.update(self.task, completed=steps)
+        self.progress.update(self.overall, completed=sum(self.done.values()))
+
+    def finish(self, note: str = "") -> None:
+        """Mark the current phase complete and print its line."""
+        import time
+
+        if self.current is None:
+            return
+        assert self.task is not None
+        self._set(self.phases[self.current])
+        self.progress.remove_task(self.task)
+        k = list(self.phases).index(self.current) + 1
+        seconds = time.perf_counter() - self.t0
+        self.progress.console.print(
+            f"[{k}/{len(self.phases)}] {self.current}: {note or 'done'} ({seconds:.1f} s)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        self.current = self.task = None
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's cohort, cache and run.")] = Path("demo-out"),
@@ -194,35 +322,85 @@ def demo(
     n: Annotated[int, typer.Option(help="Number of synthetic studies.", min=20)] = 500,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     config: Annotated[Path | None, typer.Option(help="Training config (default configs/demo-2d or demo-3d).")] = None,
+    ablation: Annotated[
+        bool, typer.Option(help="Also train stage 2 alone (align-only baseline): the card shows what stage 1 buys.")
+    ] = False,
 ) -> None:
-    """The whole pipeline on a built-in synthetic cohort: cohort, cache, both training stages, evaluation."""
-    from medvlp.config import load_config
+    """The whole pipeline on a built-in synthetic cohort: cohort, cache, both training stages, evaluation.
+
+    The card compares the model with the same architecture untrained (and, with ``--ablation``, with stage 2
+    alone). One progress display covers every phase: synth, build, the training stages, the baseline, the
+    evaluation.
+    """
+    from medvlp.card import HEADLINE, get
+    from medvlp.config import STAGES, load_config
     from medvlp.data.build import build_cohort
     from medvlp.data.synthetic import synthesize
+    from medvlp.evaluate import evaluate as run_evaluate
     from medvlp.train.run import train as run_train
 
     if kind not in KINDS:
         _fail(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
     cfg = load_config(config or shipped_config("demo-2d" if kind == "cxr" else "demo-3d"), [f"seed={seed}"])
+    stages = [s for s in STAGES if cfg.stages.get(s).enabled]
+    phases = {"synth": n, "build": n, **{s: cfg.stages.get(s).steps for s in stages}}
+    if ablation:
+        phases["baseline (align only)"] = cfg.stages.stage2_align.steps
+    phases["evaluation"] = 1
+    cache, run, card = out / "cache", out / "run", out / "card"
     console.rule(f"medvlp demo: synthetic {kind} cohort of {n} studies")
-    yaml_path = synthesize(kind, n, out / "cohort", seed=seed)
-    console.print(f"1. cohort written: {yaml_path}")
-    s = build_cohort(yaml_path, out / "cache", progress=True)
-    console.print(f"2. cache built: {s.ingested} studies ingested, {s.quarantined} quarantined, in {s.seconds:.1f} s")
-    results = run_train(cfg, yaml_path, out / "run", cache_dir=out / "cache", command=["medvlp", "demo"])
-    for name, r in results.items():
-        loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
-        console.print(f"3. {name}: {r['steps']} steps, final loss {loss}")
-    from medvlp.card import HEADLINE, get
-    from medvlp.evaluate import evaluate as run_evaluate
+    with _PipelineProgress(phases, console) as bar:
+        bar.start("synth")
+        yaml_path = synthesize(kind, n, out / "cohort", seed=seed)
+        bar.finish(f"cohort written to {yaml_path}")
+        bar.start("build")
+        s = build_cohort(yaml_path, cache, on_progress=lambda d, t: bar.update("build", d, t))
+        bar.finish(f"{s.ingested} studies ingested, {s.quarantined} quarantined")
 
-    metrics = run_evaluate(out / "run", yaml_path, out / "card", baselines=True, cache_dir=out / "cache")
-    console.print("4. evaluation on the test split (this model | untrained | align only):")
+        def on_train(phase: str, done: int, total: int) -> None:
+            if phase in stages and phase != bar.current:
+                bar.start(phase)
+            bar.update(phase, done, total)
+
+        results = run_train(cfg, yaml_path, run, cache_dir=cache, command=["medvlp", "demo"], progress=on_train)
+        bar.finish()
+        for name, r in results.items():
+            loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
+            console.print(f"      {name}: {r['steps']} steps, final loss {loss}", highlight=False)
+        if ablation:
+            _train_align_only(bar, cfg, yaml_path, card, cache)
+        bar.start("evaluation")
+        baselines = ["untrained", "align_only"] if ablation else ["untrained"]
+        metrics = run_evaluate(run, yaml_path, card, baselines=baselines, cache_dir=cache)
+        bar.finish(f"test split: this model and {' and '.join(b.replace('_', ' ') for b in baselines)}")
+    console.print(f"evaluation on the test split (this model | {' | '.join(b.replace('_', ' ') for b in baselines)}):")
     for label, path in HEADLINE:
         vals = [get(metrics, path), *[get(b, path) for b in metrics.get("baselines", {}).values()]]
         console.print(f"   {label}: " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals))
-    console.print(f"model: [bold]{out / 'run' / 'stage2-align' / 'model'}[/] (load it with medvlp.load_model)")
-    console.print(f"card:  [bold]{out / 'card' / 'model_card.md'}[/] with its plots")
+    model_dir = run / "stage2-align" / "model"
+    console.print(f"model: [bold]{model_dir}[/] (load it with medvlp.load_model)", soft_wrap=True)
+    console.print(f"card:  [bold]{card / 'model_card.md'}[/] with its plots in {card}", soft_wrap=True)
+    serve_cmd = f"medvlp serve --model {run} --cohort {yaml_path} --cache {cache} --no-auth"
+    console.print(f"serve: [bold]{serve_cmd}[/]  (then open http://127.0.0.1:8000)", soft_wrap=True)
+
+
+def _train_align_only(bar: _PipelineProgress, cfg, yaml_path: Path, card: Path, cache: Path) -> None:
+    """Stage 2 alone, trained where ``medvlp evaluate --baseline`` keeps its align-only run: evaluation then finds
+    it finished (resume) instead of training it again under a bar of its own."""
+    from medvlp.train.run import train as run_train
+
+    bar.start("baseline (align only)")
+    run_train(
+        cfg,
+        yaml_path,
+        card / "baselines" / "align-only",
+        stages=["stage2-align"],
+        cache_dir=cache,
+        resume=True,
+        command=["medvlp", "demo"],
+        progress=lambda _, d, t: bar.update("baseline (align only)", d, t),
+    )
+    bar.finish("stage2-align from the generic towers")
 
 
 def main() -> None:

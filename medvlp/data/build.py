@@ -15,6 +15,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,7 +141,11 @@ def _setup_log(out: Path) -> logging.Handler:
 
 
 def build_cohort(
-    cohort: str | Path | Cohort, out: str | Path, workers: int | None = None, progress: bool | None = None
+    cohort: str | Path | Cohort,
+    out: str | Path,
+    workers: int | None = None,
+    progress: bool | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> BuildSummary:
     """Build (or bring up to date) the cache of a cohort.
 
@@ -148,7 +153,9 @@ def build_cohort(
         cohort: the cohort YAML, or an already loaded :class:`Cohort`.
         out: the cache folder; created if needed.
         workers: processes to decode with; default ``min(cpu_count, 8)``, 0 decodes in this process.
-        progress: show a progress bar; default when stderr is a terminal.
+        progress: show a progress bar; default when stderr is a terminal (never when nothing is left to do).
+        on_progress: ``on_progress(done, total)`` after each processed study (and once before the first); when
+            given, no progress bar is drawn (the caller shows its own display).
 
     Raises:
         CohortError: when the cohort definition itself is wrong (nothing is built then).
@@ -160,10 +167,17 @@ def build_cohort(
     (out / "items").mkdir(parents=True, exist_ok=True)
     with exclusive_build(out):
         remove_stale_temporaries(out)
-        return _build_locked(cohort, out, workers, progress, t0)
+        return _build_locked(cohort, out, workers, progress, t0, on_progress)
 
 
-def _build_locked(cohort: Cohort, out: Path, workers: int | None, progress: bool | None, t0: float) -> BuildSummary:
+def _build_locked(
+    cohort: Cohort,
+    out: Path,
+    workers: int | None,
+    progress: bool | None,
+    t0: float,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> BuildSummary:
     spec, df = cohort.spec, cohort.manifest
     handler = _setup_log(out)
     try:
@@ -198,10 +212,12 @@ def _build_locked(cohort: Cohort, out: Path, workers: int | None, progress: bool
         reused = len(items)
         logger.info("build %s: %d records, %d reused, %d to process", spec.name, len(df), reused, len(tasks))
 
-        show = sys.stderr.isatty() if progress is None else progress
+        show = (sys.stderr.isatty() if progress is None else progress) and bool(tasks) and on_progress is None
         bar = tqdm(total=len(tasks), desc=f"cohort {spec.name}", unit="study", disable=not show)
         n_workers = min(os.cpu_count() or 1, 8) if workers is None else workers
-        results = _run(tasks, n_workers, bar)
+        if on_progress is not None:
+            on_progress(0, len(tasks))
+        results = _run(tasks, n_workers, bar, on_progress)
         bar.close()
         for res in results:
             if "error" in res:
@@ -247,12 +263,20 @@ def _build_locked(cohort: Cohort, out: Path, workers: int | None, progress: bool
         handler.close()
 
 
-def _run(tasks: list[_Task], workers: int, bar: tqdm) -> list[dict[str, Any]]:
-    results = []
+def _run(
+    tasks: list[_Task], workers: int, bar: tqdm, on_progress: Callable[[int, int], None] | None = None
+) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+
+    def done() -> None:
+        bar.update()
+        if on_progress is not None:
+            on_progress(len(results), len(tasks))
+
     if workers <= 1 or len(tasks) <= 1:
         for t in tasks:
             results.append(_process(t))
-            bar.update()
+            done()
         return results
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
@@ -262,7 +286,7 @@ def _run(tasks: list[_Task], workers: int, bar: tqdm) -> list[dict[str, Any]]:
                 results.append(fut.result())
             except Exception as exc:
                 results.append({"study": futures[fut].study, "error": f"worker failed: {type(exc).__name__}: {exc}"})
-            bar.update()
+            done()
     return results
 
 

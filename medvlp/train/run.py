@@ -12,11 +12,13 @@ A run folder holds everything needed to repeat it::
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +128,12 @@ def train(
     resume: bool = False,
     cache_dir: str | Path | None = None,
     command: list[str] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Run the enabled stages (all three by default) in order; under torchrun every rank calls this.
+
+    ``progress(phase, done, total)``, when given, receives the cache build (phase ``"build"``) and every stage's
+    steps (phase = stage name) instead of their own progress bars.
 
     Returns:
         Per stage, ``{"steps", "loss", "resumed_from"}``.
@@ -143,7 +149,8 @@ def train(
     try:
         cache_path = Path(cache_dir) if cache_dir else default_cache_dir(cohort_yaml)
         if rt.is_main:
-            summary = build_cohort(cohort_yaml, cache_path)
+            on_build = None if progress is None else (lambda done, total: progress("build", done, total))
+            summary = build_cohort(cohort_yaml, cache_path, on_progress=on_build)
             logger.info(
                 "cohort cache %s: %d studies, %d quarantined", cache_path, summary.ingested, summary.quarantined
             )
@@ -164,7 +171,10 @@ def train(
         for name in wanted:
             seed_everything(cfg.seed)
             stage = _stage(name, cfg, cache, run, wanted)
-            results[name] = run_stage(stage, run / name, rt, cfg.seed, resume=resume, num_workers=cfg.data.num_workers)
+            on_step = None if progress is None else functools.partial(progress, name)
+            results[name] = run_stage(
+                stage, run / name, rt, cfg.seed, resume=resume, num_workers=cfg.data.num_workers, on_step=on_step
+            )
             logger.info("%s done: %s", name, results[name])
         return results
     finally:
