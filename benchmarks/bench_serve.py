@@ -1,0 +1,240 @@
+"""Latency and throughput of `medvlp serve` over real HTTP, with and without micro-batching.
+
+    python benchmarks/bench_serve.py [--model RUN] [--requests 400] [--rounds 4] [--concurrency 1,8,32]
+        [--max-batch 16] [--batch-wait-ms 5] [--heatmaps] [--out benchmarks/results/serve.json]
+
+Two real `medvlp serve` processes (uvicorn, one model, one model thread each) on free loopback ports serve the same
+model: one with micro-batching (`--max-batch`, `--batch-wait-ms`), one with `--no-batching` (one request per
+forward pass, the same single model thread). The client is an asyncio loop of httpx requests in this process: `C`
+workers each send `POST /v1/diagnose` (a synthetic radiograph DICOM upload, the model's 4 findings) back to back.
+Per concurrency level each mode answers `--requests` requests (a quarter of them, at least 40, at concurrency 1),
+split into `--rounds` rounds that alternate between the two servers (A B B A ...), so a change in the machine's
+load while the benchmark runs hits both modes alike. Latency is per request as the client sees it (upload, decode,
+preprocessing, the forward pass, the answer); throughput is answers per second of summed wall time. 8 warm-up
+requests per server are not counted.
+
+Without `--model`, the model is the demo's 2D architecture (configs/demo-2d.yaml: timm resnet10t at 128 x 128, the
+first 3 layers of MiniLM, 128-d embeddings) with untrained weights, which cost exactly what trained ones do.
+Client and servers share the machine's cores, as they would on a single-host deployment; the load average before
+and after is recorded. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "bench-key-" + "5f1e2d3c4b5a6978"
+WARMUP = 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _demo_model(folder: Path) -> Path:
+    """The demo-2d architecture, untrained, saved as a model folder with its cohort record."""
+    import torch
+
+    from medvlp.data.cohort import default_preprocess
+    from medvlp.models import MedVLP, ModelConfig
+    from medvlp.serve.context import COHORT_RECORD
+
+    torch.manual_seed(0)
+    spec = default_preprocess(2)
+    cfg = ModelConfig(
+        image_encoder="timm/resnet10t",
+        spatial_dims=2,
+        image_size=spec.size,
+        text_num_layers=3,
+        text_max_length=96,
+        embed_dim=128,
+    )
+    out = MedVLP(cfg).save_pretrained(folder)
+    findings = ["cardiomegaly", "pleural_effusion", "lung_nodule", "pneumothorax"]
+    record = {"cohort": "synthetic-cxr", "modality": "CR", "spatial_dims": 2, "findings": findings}
+    (out / COHORT_RECORD).write_text(json.dumps(record | {"preprocess": spec.model_dump(mode="json")}))
+    return out
+
+
+def _start(model: Path, log: Path, extra: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+    import httpx
+
+    port = _free_port()
+    env = {**os.environ, "MEDVLP_API_KEYS": KEY, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "medvlp", "serve", "--model", str(model), "--port", str(port), *extra]
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"server did not start:\n{log.read_text()}")
+
+
+async def _load(url: str, payloads: list[bytes], concurrency: int, n: int, heatmaps: bool) -> dict[str, Any]:
+    import httpx
+
+    latencies: list[float] = []
+    batch_sizes: list[int] = []
+    errors: dict[str, int] = {}
+    issued = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    data = {"heatmaps": "true" if heatmaps else "false"}
+
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300, limits=limits) as client:
+
+        async def worker() -> None:
+            nonlocal issued
+            while issued < n:
+                k = issued
+                issued += 1
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post("/v1/diagnose", files={"file": ("u", payloads[k % len(payloads)])}, data=data)
+                except httpx.HTTPError as exc:
+                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                    continue
+                dt = time.perf_counter() - t0
+                if r.status_code != 200:
+                    errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
+                    continue
+                latencies.append(dt)
+                batch_sizes.append(int(r.json()["batch_size"]))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return {"latencies": latencies, "batch_sizes": batch_sizes, "errors": errors, "seconds": wall, "requests": n}
+
+
+def _summary(concurrency: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Latencies pooled over the rounds; throughput = answers / summed wall time."""
+    lat = np.asarray([x for r in runs for x in r["latencies"]]) * 1000.0
+    sizes = [x for r in runs for x in r["batch_sizes"]]
+    errors: dict[str, int] = {}
+    for r in runs:
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    wall = sum(r["seconds"] for r in runs)
+    return {
+        "concurrency": concurrency,
+        "requests": sum(r["requests"] for r in runs),
+        "ok": len(lat),
+        "errors": errors,
+        "seconds": round(wall, 3),
+        "throughput_rps": round(len(lat) / wall, 2),
+        "latency_ms": {
+            "p50": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
+            "p99": round(float(np.percentile(lat, 99)), 1) if len(lat) else None,
+            "mean": round(float(lat.mean()), 1) if len(lat) else None,
+        },
+        "mean_batch_size": round(float(np.mean(sizes)), 2) if sizes else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=None, help="a run or model folder (default: demo-2d, untrained)")
+    parser.add_argument("--requests", type=int, default=400, help="answers per concurrency level and mode")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds the requests are split into")
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0)
+    parser.add_argument("--heatmaps", action="store_true", help="ask for a heatmap per finding as well")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    t_all = time.perf_counter()
+    from medvlp.data.synthetic import synthesize
+
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        tmp_path = Path(tmp)
+        model = args.model or _demo_model(tmp_path / "model")
+        cohort = synthesize("cxr", 16, tmp_path / "cxr", seed=0)
+        payloads = [p.read_bytes() for p in sorted((cohort.parent / "images").glob("*.dcm"))]
+        modes = {
+            "batching": ["--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms)],
+            "no_batching": ["--no-batching"],
+        }
+        load_before = os.getloadavg()
+        servers = {mode: _start(model, tmp_path / f"{mode}.log", extra) for mode, extra in modes.items()}
+        runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        try:
+            for _, url in servers.values():
+                asyncio.run(_load(url, payloads, 1, WARMUP, args.heatmaps))
+            for c in levels:
+                n = max(40, args.requests // 4) if c == 1 else args.requests
+                # both servers are up; rounds alternate A B B A so a change in the machine's load hits both modes
+                for k in range(args.rounds):
+                    order = list(modes) if k % 2 == 0 else list(modes)[::-1]
+                    for mode in order:
+                        r = asyncio.run(_load(servers[mode][1], payloads, c, n // args.rounds, args.heatmaps))
+                        runs.setdefault((mode, c), []).append(r)
+        finally:
+            for proc, _ in servers.values():
+                proc.terminate()
+                proc.wait(timeout=30)
+    results: dict[str, list[dict[str, Any]]] = {}
+    for mode in modes:
+        for c in levels:
+            r = _summary(c, runs[(mode, c)])
+            results.setdefault(mode, []).append(r)
+            lat = r["latency_ms"]
+            print(
+                f"{mode:<12} c={c:<3} {r['throughput_rps']:>7.1f} req/s  p50 {lat['p50']:>7.1f} ms"
+                f"  p99 {lat['p99']:>7.1f} ms  batch {r['mean_batch_size']:>5}  errors {r['errors']}",
+                flush=True,
+            )
+    import torch
+
+    out = {
+        "benchmark": "serve",
+        "command": " ".join(["python", "benchmarks/bench_serve.py", *sys.argv[1:]]),
+        "model": str(args.model) if args.model else "demo-2d architecture (timm/resnet10t 128x128, MiniLM 3 layers)",
+        "endpoint": "POST /v1/diagnose, multipart DICOM upload, 4 findings" + (", heatmaps" if args.heatmaps else ""),
+        "max_batch": args.max_batch,
+        "batch_wait_ms": args.batch_wait_ms,
+        "rounds": args.rounds,
+        "results": results,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        },
+        "total_seconds": round(time.perf_counter() - t_all, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"load average before {out['machine']['load_average_before']}, after {out['machine']['load_average_after']}")
+    print(f"total {out['total_seconds']:.0f} s; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

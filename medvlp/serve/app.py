@@ -1,0 +1,278 @@
+"""The FastAPI application: versioned JSON endpoints under ``/v1``, the viewer at ``/``, OpenAPI at ``/openapi.json``.
+
+Routes are thin: they check the key, turn the request into a job (an upload saved under a temporary folder, or a
+series pulled over DICOMweb) and await its result from the micro-batcher, which runs the model in one thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from medvlp import __version__
+from medvlp.serve.auth import KeyRing
+from medvlp.serve.batching import MicroBatcher
+from medvlp.serve.dicomweb import DicomWebConfig, fetch_series
+from medvlp.serve.errors import ERROR_RESPONSES, ApiError, install_error_handlers
+from medvlp.serve.middleware import BodyLimit, RequestLog
+from medvlp.serve.schemas import (
+    DiagnoseJSON,
+    DiagnoseOptions,
+    DiagnoseResponse,
+    EmbedResponse,
+    EmbedText,
+    HealthResponse,
+    ModelResponse,
+    RetrieveRequest,
+    RetrieveResponse,
+)
+from medvlp.serve.service import DiagnosisService, ImageJob, TextJob
+from medvlp.serve.uploads import UploadLimits, cleanup, save_upload
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ServeSettings", "create_app"]
+
+STATIC = Path(__file__).resolve().parent / "static"
+FORM_SLACK = 1 << 20  # room for the form's other fields and multipart framing beyond the file itself
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How the server behaves. ``api_keys`` empty means no authentication (``--no-auth``, loopback only)."""
+
+    api_keys: tuple[str, ...] = ()
+    limits: UploadLimits = field(default_factory=UploadLimits)
+    max_batch: int = 16
+    batch_wait_ms: float = 5.0
+    max_queue: int = 256
+    dicomweb: DicomWebConfig = field(default_factory=DicomWebConfig)
+
+
+def _multipart_schema(options: bool) -> dict[str, Any]:
+    props: dict[str, Any] = {"file": {"type": "string", "format": "binary", "description": "DICOM, zip, NIfTI, PNG"}}
+    if options:
+        props |= {
+            "findings": {"type": "string", "description": "comma-separated; omitted: the model's own findings"},
+            "heatmaps": {"type": "boolean", "default": False},
+            "top_k": {"type": "integer", "minimum": 0, "maximum": 50, "default": 0},
+        }
+    return {"type": "object", "required": ["file"], "properties": props}
+
+
+def _body(multipart: dict[str, Any], json_model: type[BaseModel]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {"schema": multipart},
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{json_model.__name__}"}},
+            },
+        }
+    }
+
+
+def _invalid(exc: ValidationError, where: str) -> ApiError:
+    e = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid"}
+    loc = ".".join(str(p) for p in (where, *e["loc"]) if p != "")
+    return ApiError(422, "validation_error", f"{loc}: {e['msg']}")
+
+
+async def _read_form(request: Request) -> tuple[UploadFile, dict[str, Any]]:
+    form = await request.form(max_files=1, max_fields=8, max_part_size=64 << 10)
+    fields = {k: v for k, v in form.multi_items() if k != "file"}
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise ApiError(422, "validation_error", "file: a multipart 'file' upload is required")
+    if any(not isinstance(v, str) for v in fields.values()):
+        raise ApiError(422, "validation_error", "only 'file' may be a file")
+    return upload, fields
+
+
+def create_app(service: DiagnosisService, settings: ServeSettings) -> FastAPI:
+    """The application around a loaded :class:`DiagnosisService`."""
+    keys = KeyRing(settings.api_keys)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medvlp-model")
+    batch = dict(executor=executor, max_batch=settings.max_batch, max_wait_ms=settings.batch_wait_ms)
+    images = MicroBatcher(service.run_images, max_queue=settings.max_queue, name="images", **batch)
+    texts = MicroBatcher(service.run_texts, max_queue=settings.max_queue, name="texts", **batch)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        images.start()
+        texts.start()
+        yield
+        await images.stop()
+        await texts.stop()
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="medvlp",
+        version=__version__,
+        summary="Zero-shot diagnosis, grounding, embedding and retrieval with a medvlp model.",
+        lifespan=lifespan,
+        docs_url=None,  # Swagger UI would load its scripts from a CDN; the spec is at /openapi.json
+        redoc_url=None,
+    )
+    app.state.service, app.state.images, app.state.texts, app.state.keys = service, images, texts, keys
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_bytes + FORM_SLACK)
+    app.add_middleware(RequestLog)
+    auth = [Depends(keys.require)]
+    limits = settings.limits
+
+    async def run_image(job: ImageJob) -> tuple[dict[str, Any], int]:
+        try:
+            return await images.submit(job)
+        finally:
+            await run_in_threadpool(cleanup, job.workdir)
+
+    @app.get("/", include_in_schema=False)
+    async def viewer() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": _CSP})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/v1/health", response_model=HealthResponse, tags=["meta"])
+    async def health() -> dict[str, Any]:
+        """Liveness: no key needed."""
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/v1/model", response_model=ModelResponse, dependencies=auth, responses=ERROR_RESPONSES, tags=["meta"])
+    async def model_info() -> dict[str, Any]:
+        """The model card summary (cohort, findings, headline metrics) and the model's configuration."""
+        info = service.describe()
+        info["serving"] = {
+            "micro_batching": images.enabled,
+            "max_batch": settings.max_batch,
+            "batch_wait_ms": settings.batch_wait_ms,
+            "max_upload_mb": round(limits.max_bytes / (1 << 20), 3),
+            "authentication": keys.enabled,
+            "dicomweb": bool(settings.dicomweb.allow),
+            "prompt_cache": service.prompt_cache_info(),
+        }
+        return info
+
+    @app.post(
+        "/v1/diagnose",
+        response_model=DiagnoseResponse,
+        response_model_exclude_none=True,
+        dependencies=auth,
+        responses=ERROR_RESPONSES,
+        openapi_extra=_body(_multipart_schema(options=True), DiagnoseJSON),
+        tags=["diagnosis"],
+    )
+    async def diagnose(request: Request) -> dict[str, Any]:
+        """Zero-shot finding probabilities for one image: an upload (multipart ``file``) or a DICOMweb series
+        (JSON ``{"dicomweb": {"url", "study", "series"}}``); optional heatmaps and similar training reports."""
+        workdir = Path(tempfile.mkdtemp(prefix="medvlp-serve-"))
+        try:
+            ctype = request.headers.get("content-type", "").lower()
+            if ctype.startswith("multipart/form-data"):
+                upload, fields = await _read_form(request)
+                try:
+                    opts = DiagnoseOptions.model_validate(fields)
+                except ValidationError as exc:
+                    raise _invalid(exc, "") from exc
+                path = await run_in_threadpool(save_upload, upload.file, workdir, limits)
+            elif ctype.startswith("application/json"):
+                try:
+                    opts = DiagnoseJSON.model_validate_json(await request.body())
+                except ValidationError as exc:
+                    raise _invalid(exc, "body") from exc
+                src = opts.dicomweb
+                path = await fetch_series(src.url, src.study, src.series, workdir / "series", settings.dicomweb, limits)
+            else:
+                raise ApiError(415, "unsupported_media_type", "send multipart/form-data (file) or application/json")
+        except BaseException:
+            await run_in_threadpool(cleanup, workdir)
+            raise
+        job = ImageJob(path, workdir, opts.findings, opts.heatmaps, opts.top_k)
+        answer, size = await run_image(job)
+        return {**answer, "batch_size": size}
+
+    @app.post(
+        "/v1/embed",
+        response_model=EmbedResponse,
+        dependencies=auth,
+        responses=ERROR_RESPONSES,
+        openapi_extra=_body(_multipart_schema(options=False), EmbedText),
+        tags=["embedding"],
+    )
+    async def embed(request: Request) -> dict[str, Any]:
+        """An image (multipart ``file``) or texts (JSON ``{"texts": [...]}``) -> L2-normalized embeddings."""
+        ctype = request.headers.get("content-type", "").lower()
+        if ctype.startswith("application/json"):
+            try:
+                body = EmbedText.model_validate_json(await request.body())
+            except ValidationError as exc:
+                raise _invalid(exc, "body") from exc
+            out, size = await texts.submit(TextJob(body.texts))
+            return {"kind": "text", **out, "batch_size": size}
+        if not ctype.startswith("multipart/form-data"):
+            raise ApiError(415, "unsupported_media_type", "send multipart/form-data (file) or application/json")
+        workdir = Path(tempfile.mkdtemp(prefix="medvlp-serve-"))
+        try:
+            upload, fields = await _read_form(request)
+            if fields:
+                raise ApiError(422, "validation_error", f"unexpected field(s): {', '.join(sorted(fields))}")
+            path = await run_in_threadpool(save_upload, upload.file, workdir, limits)
+        except BaseException:
+            await run_in_threadpool(cleanup, workdir)
+            raise
+        out, size = await run_image(ImageJob(path, workdir, embed_only=True))
+        return {"kind": "image", **out, "batch_size": size}
+
+    @app.post(
+        "/v1/retrieve",
+        response_model=RetrieveResponse,
+        dependencies=auth,
+        responses=ERROR_RESPONSES,
+        tags=["retrieval"],
+    )
+    async def retrieve(body: RetrieveRequest) -> dict[str, Any]:
+        """The training studies closest to a text: by their images (``against: images``) or their reports.
+        Studies are named by their pseudonymous ids (``st-...``)."""
+        if service.corpus is None:
+            raise ApiError(409, "retrieval_unavailable", "this server has no report corpus (start it with --cohort)")
+        out, _ = await texts.submit(TextJob([body.text], k=body.k, against=body.against))
+        return {"against": body.against, **out}
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+            for model in (DiagnoseJSON, EmbedText):
+                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(js.pop("$defs", {}))
+                schemas[model.__name__] = js
+            spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for path, ops in spec["paths"].items():
+                for op in ops.values():
+                    if path != "/v1/health":
+                        op["security"] = [{"bearer": []}]
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+_CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)

@@ -1,0 +1,319 @@
+"""The model side of the server: loaded once, used from one thread, fed batches by :mod:`medvlp.serve.batching`.
+
+Prompt embeddings are computed once per finding name and kept (the model's own findings at start, free-text
+findings on first use, in a bounded LRU). The retrieval corpus, the training split of the cohort cache, is embedded
+once at start: its reports (for "similar reports") and its images (for text -> study search).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from medvlp.data.image import MedicalImage
+from medvlp.data.preprocess import preprocess_image
+from medvlp.models.vlm import CONFIG_FILE, FORMAT, MedVLP
+from medvlp.serve import render
+from medvlp.serve.context import ServingContext
+from medvlp.serve.errors import ApiError
+from medvlp.serve.uploads import read_upload
+from medvlp.tasks import zeroshot
+from medvlp.tasks.grounding import similarity_map
+from medvlp.tasks.retrieval import EmbeddingIndex
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Corpus", "DiagnosisService", "ImageJob", "TextJob", "find_model_dir"]
+
+# technical facts about an uploaded image that may be answered; nothing else from a header ever is
+SAFE_META = ("modality", "photometric_interpretation", "n_files")
+MIN_SIDE = 8  # pixels along each in-plane axis; a 1 x 1 "image" decodes but there is nothing to diagnose
+
+
+def find_model_dir(path: Path) -> Path:
+    """The model folder of a run folder (as :func:`medvlp.load_model` searches) or ``path`` itself."""
+    others = sorted(path.glob("*/model"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for folder in (path, path / "stage2-align" / "model", path / "model", *others):
+        try:
+            meta = json.loads((folder / CONFIG_FILE).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(meta, dict) and meta.get("format") == FORMAT:
+            return folder
+    raise FileNotFoundError(f"no medvlp model under {path} (looked in it, stage2-align/model, model, */model)")
+
+
+@dataclass
+class ImageJob:
+    """One image request. ``findings`` None means the model's own; ``embed_only`` answers the embedding alone."""
+
+    path: Path
+    workdir: Path
+    findings: list[str] | None = None
+    heatmaps: bool = False
+    top_k: int = 0
+    embed_only: bool = False
+
+
+@dataclass
+class TextJob:
+    """Texts to embed; with ``k`` > 0, the first text is searched in the corpus (``against`` images or reports)."""
+
+    texts: list[str]
+    k: int = 0
+    against: str = "images"
+
+
+@dataclass
+class Corpus:
+    """The training split's pseudonymous study ids, reports and their two indexes."""
+
+    studies: list[str]
+    reports: list[str]
+    report_index: EmbeddingIndex
+    image_index: EmbeddingIndex
+
+    def hits(self, query: Tensor, k: int, against: str) -> list[dict[str, Any]]:
+        index = self.image_index if against == "images" else self.report_index
+        scores, ids = index.search(query.reshape(1, -1).numpy(), k)
+        return [
+            {"study": self.studies[int(i)], "report": self.reports[int(i)], "score": round(float(s), 6)}
+            for s, i in zip(scores[0], ids[0], strict=True)
+        ]
+
+
+class DiagnosisService:
+    """Zero-shot diagnosis, grounding, embedding and retrieval with one model; not thread-safe by design.
+
+    Args:
+        model: the loaded model, in eval mode, on its device.
+        context: the training cohort's record (preprocessing, findings, corpus, card).
+        prompt_cache_size: most finding names whose prompt embeddings are kept.
+    """
+
+    def __init__(self, model: MedVLP, context: ServingContext, prompt_cache_size: int = 4096) -> None:
+        self.model = model.eval()
+        self.context = context
+        self.spec = context.preprocess
+        self.spatial_dims = int(model.config.spatial_dims)
+        self.size = tuple(int(s) for s in model.config.image_size)
+        if tuple(self.spec.size) != self.size:
+            raise ValueError(
+                f"the training preprocessing gives {list(self.spec.size)} images but the model reads {list(self.size)}"
+            )
+        self.logit_scale = zeroshot.model_logit_scale(model)
+        self._prompts: OrderedDict[str, Tensor] = OrderedDict()
+        self._prompt_cache_size = int(prompt_cache_size)
+        self.prompt_computations = 0  # finding names whose prompts were embedded (tests read it)
+        self.corpus: Corpus | None = None
+        if context.findings:
+            self.prompt_embeddings(context.findings)
+
+    @property
+    def findings(self) -> list[str]:
+        return list(self.context.findings)
+
+    def prompt_cache_info(self) -> dict[str, int]:
+        """Finding names held in the prompt cache and how many were ever embedded."""
+        return {"size": len(self._prompts), "computed": self.prompt_computations}
+
+    def describe(self) -> dict[str, Any]:
+        """The model card summary, the cohort record and the model's configuration, without paths or identifiers."""
+        from medvlp.card import summary
+
+        cfg = self.model.config.model_copy(update={"text_encoder": "text", "image_checkpoint": None})
+        metrics = None
+        if self.context.metrics_path is not None:
+            try:
+                metrics = summary(self.context.metrics_path)
+            except (OSError, ValueError, KeyError, TypeError):
+                logger.warning("the evaluation card's metrics.json cannot be read; answering without metrics")
+        return {
+            "model": {
+                "format": FORMAT,
+                "config": cfg.model_dump(mode="json"),
+                "source": self.model.source_info,
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+            },
+            "cohort": dict(self.context.cohort),
+            "findings": self.findings,
+            "metrics": metrics,
+            "retrieval": {
+                "available": self.corpus is not None,
+                "studies": len(self.corpus.studies) if self.corpus else 0,
+            },
+        }
+
+    # --------------------------------------------------------------------------------------------------- text
+    @torch.inference_mode()
+    def prompt_embeddings(self, findings: list[str]) -> Tensor:
+        """``[F, 2, E]`` positive/negative prompt embeddings, from the cache or computed once."""
+        missing = [f for f in dict.fromkeys(findings) if f not in self._prompts]
+        if missing:
+            emb = zeroshot.build_prompt_embeddings(self.model, missing)  # [M, 2, E]
+            self.prompt_computations += len(missing)
+            for f, e in zip(missing, emb, strict=True):
+                self._prompts[f] = e
+        out = []
+        for f in findings:
+            self._prompts.move_to_end(f)
+            out.append(self._prompts[f])
+        while len(self._prompts) > self._prompt_cache_size:
+            self._prompts.popitem(last=False)
+        return torch.stack(out)
+
+    @torch.inference_mode()
+    def run_texts(self, jobs: list[TextJob]) -> list[dict[str, Any] | BaseException]:
+        """Embed every job's texts in one text-tower call; search the corpus for retrieval jobs."""
+        flat = [t for job in jobs for t in job.texts]
+        emb = self.model.encode_text(flat).float().cpu()  # [T, E]
+        out: list[dict[str, Any] | BaseException] = []
+        start = 0
+        for job in jobs:
+            part = emb[start : start + len(job.texts)]
+            start += len(job.texts)
+            if job.k > 0:
+                if self.corpus is None:
+                    out.append(ApiError(409, "retrieval_unavailable", "this server has no report corpus"))
+                else:
+                    out.append({"results": self.corpus.hits(part[0], job.k, job.against)})
+            else:
+                out.append({"embeddings": part.tolist(), "dim": int(part.shape[1])})
+        return out
+
+    # -------------------------------------------------------------------------------------------------- images
+    def _prepare(self, job: ImageJob) -> tuple[MedicalImage, Any, list[str]]:
+        image = read_upload(job.path, job.workdir)
+        warnings: list[str] = []
+        if image.spatial_dims == 3 and self.spatial_dims == 2 and image.array.shape[2] == 1:
+            image = MedicalImage(image.array[:, :, 0], image.spacing[:2], image.affine, image.meta)
+        if image.spatial_dims != self.spatial_dims:
+            raise ApiError(
+                422,
+                "wrong_dimensionality",
+                f"this model reads {self.spatial_dims}D images; the upload is a {image.spatial_dims}D image of shape "
+                f"{list(image.array.shape)}"
+                + (" (send one radiograph, not a series or a multi-frame file)" if self.spatial_dims == 2 else ""),
+            )
+        if min(image.array.shape[:2]) < MIN_SIDE:
+            raise ApiError(
+                422,
+                "unreadable_image",
+                f"the image is {' x '.join(map(str, image.array.shape))} pixels: "
+                f"too small to diagnose (at least {MIN_SIDE} a side)",
+            )
+        try:
+            pre = preprocess_image(image, self.spec)
+        except (ValueError, RuntimeError) as exc:
+            raise ApiError(422, "unreadable_image", f"the image cannot be preprocessed ({type(exc).__name__})") from exc
+        if not np.isfinite(pre.array).all():
+            raise ApiError(422, "unreadable_image", "the image has no finite pixel values after preprocessing")
+        want = self.context.cohort.get("modality")
+        got = image.meta.get("modality")
+        if want and got and str(got) != str(want):
+            warnings.append(f"the model was trained on {want} images; this is a {got} image")
+        return image, pre, warnings
+
+    @torch.inference_mode()
+    def run_images(self, jobs: list[ImageJob]) -> list[dict[str, Any] | BaseException]:
+        """Read, preprocess and encode a batch of images in one forward pass; a bad item fails alone."""
+        results: list[dict[str, Any] | BaseException | None] = [None] * len(jobs)
+        ready: list[tuple[int, MedicalImage, Any, list[str]]] = []
+        for i, job in enumerate(jobs):
+            try:
+                if not job.embed_only and job.findings is None and not self.findings:
+                    raise ApiError(422, "validation_error", "this model has no findings of its own: name some")
+                if job.top_k and self.corpus is None:
+                    raise ApiError(409, "retrieval_unavailable", "this server has no report corpus for top_k")
+                ready.append((i, *self._prepare(job)))
+            except ApiError as exc:
+                results[i] = exc
+            except Exception as exc:  # a decoder failing in a way the reader does not foresee: this upload alone
+                logger.warning("upload could not be decoded: %s", type(exc).__name__)
+                results[i] = ApiError(422, "unreadable_image", f"the image cannot be decoded ({type(exc).__name__})")
+        if ready:
+            x = torch.stack([torch.from_numpy(pre.array.astype(np.float32)) for _, _, pre, _ in ready])  # [B, 1, *S]
+            out = self.model.forward_image(x.to(self.model.device))
+            emb, tokens = out.embedding.float().cpu(), out.tokens.float().cpu()  # [B, E], [B, N, E]
+            for j, (i, image, pre, warnings) in enumerate(ready):
+                job = jobs[i]
+                if job.embed_only:
+                    results[i] = {"embeddings": [emb[j].tolist()], "dim": int(emb.shape[1])}
+                    continue
+                results[i] = self._answer(job, image, pre, warnings, emb[j], tokens[j], out.grid)
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+    def _answer(
+        self, job: ImageJob, image: MedicalImage, pre: Any, warnings: list[str], emb: Tensor, tokens: Tensor, grid: Any
+    ) -> dict[str, Any]:
+        findings = job.findings if job.findings is not None else self.findings
+        prompts = self.prompt_embeddings(findings)  # [F, 2, E]
+        probs = zeroshot.zero_shot_probabilities(emb[None], prompts, self.logit_scale)[0]  # [F]
+        predictions: list[dict[str, Any]] = [
+            {"finding": f, "probability": round(float(p), 6)} for f, p in zip(findings, probs, strict=True)
+        ]
+        meta = {k: image.meta[k] for k in SAFE_META if isinstance(image.meta.get(k), str | int)}
+        answer: dict[str, Any] = {
+            "predictions": predictions,
+            "image": {
+                "spatial_dims": image.spatial_dims,
+                "shape": [int(s) for s in image.array.shape],
+                "spacing": [round(float(s), 6) for s in image.spacing],
+                **meta,
+            },
+            "warnings": warnings,
+        }
+        if job.heatmaps:
+            volume = pre.array[0].astype(np.float32)  # [*size]
+            n = len(findings)
+            maps = similarity_map(tokens.expand(n, *tokens.shape), grid, prompts[:, 0], self.size)  # [F, *size]
+            answer["image_png"] = render.image_png(render.display_plane(volume, pre.affine, None))
+            for pred, m in zip(predictions, maps.numpy(), strict=True):
+                k = render.peak_slice(m)
+                pred["heatmap_png"] = render.heatmap_png(render.display_plane(m, pre.affine, k))
+                if k is not None:
+                    pred["slice"] = k
+                    pred["slice_png"] = render.image_png(render.display_plane(volume, pre.affine, k))
+        if job.top_k:
+            assert self.corpus is not None
+            answer["similar_reports"] = self.corpus.hits(emb, job.top_k, "reports")
+        return answer
+
+    # -------------------------------------------------------------------------------------------------- corpus
+    @torch.inference_mode()
+    def build_corpus(self, cache_dir: Path, batch_size: int = 32) -> Corpus | None:
+        """Embed the training split of a cohort cache (reports and images) into two exact indexes."""
+        from medvlp.data.cache import CachedCohort
+        from medvlp.data.reports import report_text
+
+        cache = CachedCohort.open(cache_dir)
+        if cache.spatial_dims != self.spatial_dims or tuple(cache.summary["preprocess"]["size"]) != self.size:
+            logger.warning("the cache at %s does not match the model's input; no retrieval corpus", cache_dir)
+            return None
+        rec = cache.split("train")
+        if rec.empty:
+            logger.warning("the cache at %s has no training split; no retrieval corpus", cache_dir)
+            return None
+        studies, reports = list(rec["study"]), [str(r) for r in rec["report"]]
+        dim = int(self.model.config.embed_dim)
+        report_index, image_index = EmbeddingIndex(dim), EmbeddingIndex(dim)
+        sections = self.context.report_sections
+        for s in range(0, len(rec), batch_size):
+            part = slice(s, s + batch_size)
+            txt = self.model.encode_text([report_text(r, sections) for r in reports[part]]).float().cpu()
+            arrays = [np.asarray(cache.load_image(st), dtype=np.float32) for st in studies[part]]
+            img = self.model.encode_image(torch.from_numpy(np.stack(arrays)).to(self.model.device)).float().cpu()
+            report_index.add(txt, range(s, s + len(txt)))
+            image_index.add(img, range(s, s + len(img)))
+        self.corpus = Corpus(studies, reports, report_index, image_index)
+        logger.info("retrieval corpus: %d training studies", len(studies))
+        return self.corpus

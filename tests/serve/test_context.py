@@ -1,0 +1,62 @@
+"""Where a served model's training preprocessing, findings, corpus and card come from; never guessed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from medvlp.data.cohort import PreprocessSpec, load_spec
+from medvlp.models import MedVLP
+from medvlp.serve.context import COHORT_RECORD, ServingContext, cohort_record, find_card, resolve_context
+from medvlp.serve.service import DiagnosisService, find_model_dir
+
+from .conftest import TinyRun
+
+
+def test_a_run_folder_names_its_cache(tiny_run: TinyRun) -> None:
+    run = tiny_run.run
+    model_dir = find_model_dir(run)
+    assert model_dir == run / "stage2-align" / "model"
+    ctx = resolve_context(run, model_dir)
+    summary = json.loads((tiny_run.cache / "summary.json").read_text())
+    assert ctx.preprocess == PreprocessSpec.model_validate(summary["preprocess"])
+    assert ctx.findings == summary["findings"] and ctx.cohort == cohort_record(summary)
+    assert ctx.cache_dir == tiny_run.cache and ctx.metrics_path == run / "card" / "metrics.json"
+    assert ctx.report_sections == ["findings", "impression"]
+
+
+def test_a_copied_model_folder_needs_its_record_or_the_cohort(tiny_run: TinyRun, tmp_path: Path) -> None:
+    model_dir = shutil.copytree(find_model_dir(tiny_run.run), tmp_path / "model")
+    with pytest.raises(ValueError, match="--cohort"):
+        resolve_context(model_dir, model_dir)
+    from_yaml = resolve_context(model_dir, model_dir, cohort_yaml=tiny_run.cohort, build=False)
+    spec = load_spec(tiny_run.cohort)
+    assert from_yaml.preprocess == spec.preprocessing and from_yaml.findings == spec.findings
+    assert from_yaml.cache_dir == tiny_run.cache  # the corpus, found beside the cohort
+    record = cohort_record(json.loads((tiny_run.cache / "summary.json").read_text())) | {"findings": ["ascites"]}
+    (model_dir / COHORT_RECORD).write_text(json.dumps(record))
+    assert resolve_context(model_dir, model_dir, cohort_yaml=tiny_run.cohort, build=False).findings == ["ascites"]
+    assert resolve_context(model_dir, model_dir).cache_dir is None  # no corpus without a cohort
+
+
+def test_cards_and_bad_paths(tiny_run: TinyRun, tmp_path: Path) -> None:
+    card = tiny_run.run / "card"
+    assert find_card(tmp_path, card) == card / "metrics.json"
+    assert find_card(tmp_path, card / "metrics.json") == card / "metrics.json"
+    assert find_card(tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="no evaluation card"):
+        find_card(tmp_path, tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="not a built cohort cache"):
+        resolve_context(tiny_run.run, find_model_dir(tiny_run.run), cache_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="no medvlp model"):
+        find_model_dir(tmp_path)
+
+
+def test_a_preprocessing_that_does_not_fit_the_model_is_refused(tiny_run: TinyRun) -> None:
+    model = MedVLP.from_pretrained(find_model_dir(tiny_run.run))
+    ctx = ServingContext(cohort={}, preprocess=PreprocessSpec(size=(96, 96)), findings=[])
+    with pytest.raises(ValueError, match=r"\[96, 96\] images but the model reads \[128, 128\]"):
+        DiagnosisService(model, ctx)
