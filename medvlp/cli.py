@@ -109,10 +109,6 @@ def cohort_build(
         console.print(f"  reasons in {out / 'quarantine.csv'}")
 
 
-def _not_yet(what: str, issue: str) -> None:
-    _fail(f"`medvlp {what}` is not available yet ({issue}).", code=3)
-
-
 @app.command()
 def train(
     cohort: Annotated[Path, typer.Option(help="The cohort YAML.")],
