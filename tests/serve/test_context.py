@@ -30,6 +30,9 @@ def test_a_run_folder_names_its_cache(tiny_run: TinyRun) -> None:
 
 def test_a_copied_model_folder_needs_its_record_or_the_cohort(tiny_run: TinyRun, tmp_path: Path) -> None:
     model_dir = shutil.copytree(find_model_dir(tiny_run.run), tmp_path / "model")
+    own = resolve_context(model_dir, model_dir)  # training left cohort.json in the model folder: enough alone
+    assert own.preprocess == load_spec(tiny_run.cohort).preprocessing and own.cache_dir is None
+    (model_dir / COHORT_RECORD).unlink()
     with pytest.raises(ValueError, match="--cohort"):
         resolve_context(model_dir, model_dir)
     from_yaml = resolve_context(model_dir, model_dir, cohort_yaml=tiny_run.cohort, build=False)
