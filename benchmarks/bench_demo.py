@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from medvlp.card import get
+
 TASKS = {
     "zero_shot_auroc": ("zero_shot", "mean_auroc"),
     "retrieval_i2r_R@10": ("retrieval", "image_to_report", "R@10"),
@@ -28,14 +30,6 @@ TASKS = {
     "survival_c_index": ("survival", "c_index"),
     "linear_probe_auroc": ("linear_probe", "mean_auroc"),
 }
-
-
-def _get(d: dict, path: tuple[str, ...]) -> float | None:
-    for k in path:
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return d if isinstance(d, int | float) else None
 
 
 def main() -> None:
@@ -65,9 +59,9 @@ def main() -> None:
         }
     rows, failures = {}, []
     for name, path in TASKS.items():
-        vals = {"model": _get(metrics, path)}
+        vals = {"model": get(metrics, path)}
         for b, m in (metrics.get("baselines") or {}).items():
-            vals[b] = _get(m, path)
+            vals[b] = get(m, path)
         rows[name] = vals
         if vals["model"] is None or vals.get("untrained") is None or vals["model"] <= vals["untrained"]:
             failures.append(f"{name}: model {vals['model']} not above untrained {vals.get('untrained')}")

@@ -29,14 +29,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TASKS = {
-    "zero_shot_auroc": ("zero_shot", "mean_auroc"),
-    "retrieval_i2r_R@10": ("retrieval", "image_to_report", "R@10"),
-    "retrieval_r2i_R@10": ("retrieval", "report_to_image", "R@10"),
-    "grounding_cnr": ("grounding", "mean_cnr"),
-    "survival_c_index": ("survival", "c_index"),
-    "linear_probe_auroc": ("linear_probe", "mean_auroc"),
-}
+from bench_demo import TASKS  # noqa: E402  (the same tasks as the demo benchmark; benchmarks/ is on sys.path)
+
+from medvlp.card import get  # noqa: E402
+
 VARIANTS = {
     "two-stage": ("stage1-text", "stage1-image"),
     "align-only": (),
@@ -44,14 +40,6 @@ VARIANTS = {
     "image+align": ("stage1-image",),
     "untrained": None,
 }
-
-
-def _get(d: dict, path: tuple[str, ...]) -> float | None:
-    for k in path:
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return d if isinstance(d, int | float) else None
 
 
 def main() -> None:
@@ -96,7 +84,7 @@ def main() -> None:
             keep = VARIANTS[variant]
             t0 = time.perf_counter()
             if keep is None:
-                model = _untrained(load_model_like(cfg, yaml_path, work))
+                model = _untrained(generic_model(cfg, cache))
             else:
                 run = work / "runs" / variant
                 run.mkdir(parents=True, exist_ok=True)
@@ -110,7 +98,7 @@ def main() -> None:
             metrics = evaluate_model(model, cache, sections)
             timings[variant] = round(time.perf_counter() - t0, 1)
             for name, path in TASKS.items():
-                rows[name][variant] = _get(metrics, path)
+                rows[name][variant] = get(metrics, path)
             print(variant, {k: None if v[variant] is None else round(v[variant], 3) for k, v in rows.items()})
 
     result = {
@@ -125,14 +113,12 @@ def main() -> None:
     print(json.dumps(result, indent=2))
 
 
-def load_model_like(cfg, yaml_path: Path, work: Path):
+def generic_model(cfg, cache):
     """The demo architecture with generic towers (its weights are then re-initialized by ``_untrained``)."""
-    from medvlp.data.cache import CachedCohort
     from medvlp.models import MedVLP, ModelConfig
     from medvlp.train.run import model_config
 
-    cache = CachedCohort.open(work / "cache")
-    return MedVLP(ModelConfig.model_validate(model_config(cfg, cache, work / "none", ["stage2-align"])))
+    return MedVLP(ModelConfig.model_validate(model_config(cfg, cache, Path("/nonexistent"), ["stage2-align"])))
 
 
 if __name__ == "__main__":

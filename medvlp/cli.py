@@ -364,7 +364,11 @@ def demo(
             loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
             console.print(f"      {name}: {r['steps']} steps, final loss {loss}", highlight=False)
         if ablation:
-            _train_align_only(bar, cfg, yaml_path, card, cache)
+            from medvlp.evaluate import train_align_only
+
+            bar.start("baseline (align only)")
+            train_align_only(cfg, yaml_path, cache, card, progress=lambda _, d, t: bar.update(bar.current, d, t))
+            bar.finish("stage2-align from the generic towers")
         bar.start("evaluation")
         baselines = ["untrained", "align_only"] if ablation else ["untrained"]
         metrics = run_evaluate(run, yaml_path, card, baselines=baselines, cache_dir=cache)
@@ -378,25 +382,6 @@ def demo(
     console.print(f"card:  [bold]{card / 'model_card.md'}[/] with its plots in {card}", soft_wrap=True)
     serve_cmd = f"medvlp serve --model {run} --cohort {yaml_path} --cache {cache} --no-auth"
     console.print(f"serve: [bold]{serve_cmd}[/]  (then open http://127.0.0.1:8000)", soft_wrap=True)
-
-
-def _train_align_only(bar: _PipelineProgress, cfg, yaml_path: Path, card: Path, cache: Path) -> None:
-    """Stage 2 alone, trained where ``medvlp evaluate --baseline`` keeps its align-only run: evaluation then finds
-    it finished (resume) instead of training it again under a bar of its own."""
-    from medvlp.train.run import train as run_train
-
-    bar.start("baseline (align only)")
-    run_train(
-        cfg,
-        yaml_path,
-        card / "baselines" / "align-only",
-        stages=["stage2-align"],
-        cache_dir=cache,
-        resume=True,
-        command=["medvlp", "demo"],
-        progress=lambda _, d, t: bar.update("baseline (align only)", d, t),
-    )
-    bar.finish("stage2-align from the generic towers")
 
 
 def main() -> None:

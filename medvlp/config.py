@@ -63,6 +63,15 @@ class TextStageConfig(OptimConfig):
         default=10, ge=0, description="steps in which only the new MLM head learns, before the encoder moves"
     )
 
+    @model_validator(mode="after")
+    def _encoder_gets_to_learn(self) -> TextStageConfig:
+        if self.enabled and self.body_lr_scale > 0 and self.head_only_steps >= self.steps:
+            raise ValueError(
+                f"head_only_steps ({self.head_only_steps}) must be fewer than steps ({self.steps}): "
+                "otherwise the encoder never learns and the stage adapts nothing"
+            )
+        return self
+
 
 class ImageStageConfig(OptimConfig):
     """Stage 1, images: self-supervised pretraining of the image tower."""

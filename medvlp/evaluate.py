@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from medvlp.tasks import grounding, plots, probe, retrieval, survival, zeroshot
 logger = logging.getLogger(__name__)
 PCA_COMPONENTS = 8
 BASELINES = ("untrained", "align_only")
+ALIGN_ONLY_DIR = Path("baselines") / "align-only"  # inside the card folder
 
 
 @dataclass
@@ -224,7 +225,7 @@ def evaluate(
             metrics["baselines"]["untrained"] = evaluate_model(_untrained(model), cache, sections)
         if "align_only" in wanted and run_cfg is not None:
             metrics["baselines"]["align_only"] = evaluate_model(
-                _align_only(run_cfg, cohort_yaml, cache_path, out / "baselines" / "align-only"), cache, sections
+                load_model(train_align_only(run_cfg, cohort_yaml, cache_path, out)), cache, sections
             )
         curves = {"model": metrics["linear_probe"]["curve"]}
         curves |= {k: v["linear_probe"]["curve"] for k, v in metrics["baselines"].items()}
@@ -247,12 +248,19 @@ def _run_config(path: Path):
     return None
 
 
-def _align_only(cfg, cohort_yaml: str | Path, cache_path: Path, run: Path) -> MedVLP:
-    """Stage 2 alone from the generic towers, with the run's own stage-2 settings (resumable)."""
+def train_align_only(
+    cfg, cohort_yaml: str | Path, cache_path: Path, out: Path, progress: Callable[[str, int, int], None] | None = None
+) -> Path:
+    """Stage 2 alone from the generic towers, with the run's own stage-2 settings, into ``out/baselines/align-only``.
+
+    Resumable: a card folder whose align-only run is already trained (``medvlp demo`` trains it under its own
+    progress display) is evaluated without training again. Returns the run folder.
+    """
     from medvlp.train.run import train
 
-    train(cfg, cohort_yaml, run, stages=["stage2-align"], cache_dir=cache_path, resume=True)
-    return load_model(run)
+    run = out / ALIGN_ONLY_DIR
+    train(cfg, cohort_yaml, run, stages=["stage2-align"], cache_dir=cache_path, resume=True, progress=progress)
+    return run
 
 
 def _jsonable(x: Any) -> Any:

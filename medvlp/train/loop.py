@@ -89,8 +89,11 @@ def lr_lambda(cfg: OptimConfig, delay: int = 0):
 
 def param_groups(
     module: nn.Module, cfg: OptimConfig, plan: Callable[[str], LrPlan] | None = None
-) -> tuple[list[dict[str, Any]], list[LrPlan]]:
-    """Groups by (weight decay, learning-rate plan): no decay on biases, norms, temperatures (1-D parameters)."""
+) -> list[dict[str, Any]]:
+    """Groups by (weight decay, learning-rate plan): no decay on biases, norms, temperatures (1-D parameters).
+
+    Each group carries its plan's ``delay`` beside its ``lr``, so the scheduler can be built from the optimizer.
+    """
     groups: dict[tuple[bool, LrPlan], list[nn.Parameter]] = {}
     for name, p in module.named_parameters():
         if p.requires_grad:
@@ -98,19 +101,22 @@ def param_groups(
             groups.setdefault(key, []).append(p)
     if not groups:
         raise ValueError("the stage has no trainable parameters (is every tower locked?)")
-    keys = sorted(groups, key=lambda k: (not k[0], k[1].scale, k[1].delay))
-    out = [
-        {"params": groups[k], "weight_decay": cfg.weight_decay if k[0] else 0.0, "lr": cfg.lr * k[1].scale}
-        for k in keys
+    return [
+        {
+            "params": groups[(decay, lp)],
+            "weight_decay": cfg.weight_decay if decay else 0.0,
+            "lr": cfg.lr * lp.scale,
+            "delay": lp.delay,
+        }
+        for decay, lp in sorted(groups, key=lambda k: (not k[0], k[1].scale, k[1].delay))
     ]
-    return out, [k[1] for k in keys]
 
 
 def make_optimizer(
     module: nn.Module, cfg: OptimConfig, plan: Callable[[str], LrPlan] | None = None
 ) -> torch.optim.Optimizer:
     """AdamW or Lion over :func:`param_groups`."""
-    groups, _ = param_groups(module, cfg, plan)
+    groups = param_groups(module, cfg, plan)
     if cfg.optimizer == "lion":
         from timm.optim import Lion
 
@@ -179,10 +185,8 @@ def run_stage(
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = out_dir / CHECKPOINT, out_dir / "log.jsonl"
     module = stage.module().to(rt.device)
-    plan = getattr(stage, "lr_plan", None)
-    opt = make_optimizer(module, cfg, plan)
-    plans = param_groups(module, cfg, plan)[1]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lr_lambda(cfg, p.delay) for p in plans])
+    opt = make_optimizer(module, cfg, getattr(stage, "lr_plan", None))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lr_lambda(cfg, g["delay"]) for g in opt.param_groups])
     amp_dtype = resolve_precision(cfg.precision, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=amp_dtype == torch.float16)
 

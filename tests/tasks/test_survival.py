@@ -8,10 +8,6 @@ from itertools import product
 import numpy as np
 import pandas as pd
 import pytest
-
-pytest.importorskip("lifelines")
-pytest.importorskip("sksurv")
-
 from lifelines import CoxPHFitter, KaplanMeierFitter
 from lifelines.datasets import load_gbsg2, load_lung, load_rossi
 from lifelines.statistics import logrank_test as ll_logrank_test

@@ -228,6 +228,8 @@ def test_config_overrides_and_errors(tmp_path: Path) -> None:
         load_config(None, ["device=tpu"])
     with pytest.raises(ConfigError, match=r"stages\.stage2-align\.lrr"):
         load_config(None, ["stages.stage2-align.lrr=1"])
+    with pytest.raises(ConfigError, match="the encoder never learns"):
+        load_config(None, ["stages.stage1-text.steps=5", "stages.stage1-text.head_only_steps=5"])
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
