@@ -16,6 +16,7 @@ HEADLINE = (
     ("report->image R@10", ("retrieval", "report_to_image", "R@10")),
     ("grounding mean CNR", ("grounding", "mean_cnr")),
     ("grounding mean IoU", ("grounding", "mean_iou")),
+    ("grounding mean mIoU (cosine 0.1-0.5)", ("grounding", "mean_miou")),
     ("survival C-index (image + covariates)", ("survival", "c_index")),
     ("linear probe mean AUROC (100% labels)", ("linear_probe", "mean_auroc")),
 )
@@ -74,23 +75,46 @@ def write_model_card(out: Path, metrics: dict[str, Any], model_path: Path) -> Pa
                 f"| {f} | {_fmt(m.get('auroc'))} | {_fmt(m.get('auprc'))} | {_fmt(m.get('f1'))} | "
                 f"{_fmt(m.get('ece'))} | {m.get('n_pos')} / {m.get('n_neg')} |"
             )
+    op = (metrics.get("zero_shot") or {}).get("operating_point")
+    if op:
+        lines += [
+            "",
+            f"## Operating point: {op['target_sensitivity']:.0%} sensitivity, threshold fitted on {op['fitted_on']}, "
+            "scored on test",
+            "",
+            "| finding | threshold | sensitivity | specificity | PPV | NPV |",
+            "|---|---|---|---|---|---|",
+        ]
+        for f, m in op["per_finding"].items():
+            cells = [_fmt(m.get(k)) for k in ("threshold", "sensitivity", "specificity", "ppv", "npv")]
+            lines.append(f"| {f} | " + " | ".join(cells) + " |")
     s = metrics.get("survival")
-    if s:
+    if s and "error" in s:
+        lines += ["", f"Survival was not evaluated: {s['error']}"]
+    elif s:
         lines += [
             "",
             "## Survival (Cox on image-embedding components + covariates)",
             "",
-            "| features | Harrell C | Uno C | mean td-AUC | integrated Brier | log-rank p (2 risk groups) |",
+            "| features | Harrell C (95% CI, by subject) | Uno C | mean td-AUC | integrated Brier | "
+            "log-rank p (cut at the training median) |",
             "|---|---|---|---|---|---|",
         ]
-        for name in ("image+covariates", "covariates", "image"):
+        for name in ("image+covariates", "covariates", "image", "gain_from_image"):
             if name in s:
                 m = s[name]
+                ci = f" ({_fmt(m.get('ci_low'))}-{_fmt(m.get('ci_high'))})" if m.get("ci_low") is not None else ""
+                p = m.get("logrank_p")
                 lines.append(
-                    f"| {name} | {_fmt(m.get('c_index'))} | {_fmt(m.get('uno_c_index'))} | "
+                    f"| {name.replace('_', ' ')} | {_fmt(m.get('c_index'))}{ci} | {_fmt(m.get('uno_c_index'))} | "
                     f"{_fmt(m.get('td_auc_mean'))} | {_fmt(m.get('integrated_brier'))} | "
-                    f"{m.get('logrank_p', float('nan')):.3g} |"
+                    f"{'–' if p is None else f'{p:.3g}'} |"
                 )
+        errors = {
+            f"{k}: {m}": r for k, v in s.items() if isinstance(v, dict) for m, r in (v.get("errors") or {}).items()
+        }
+        if errors:
+            lines += ["", "Not computed: " + "; ".join(f"{k} ({r})" for k, r in errors.items())]
     lines += ["", "## Plots", ""]
     for png in sorted(out.glob("*.png")):
         lines.append(f"![{png.stem}]({png.name})")

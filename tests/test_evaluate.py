@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,33 @@ def test_baselines_can_be_chosen(tiny_run: tuple[Path, Path], tmp_path: Path) ->
     assert not (tmp_path / "card" / "baselines").exists()  # no align-only training
     text = (tmp_path / "card" / "model_card.md").read_text()
     assert "untrained" in text and "align only" not in text
+
+
+def test_a_cohort_with_its_own_column_names_gets_a_complete_card(tiny_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """What a hospital export looks like: ``followup_days``/``deceased``/``age_years``, not time/event/age."""
+    from medvlp.artifacts import default_cache_dir
+    from medvlp.data.build import build_cohort
+    from medvlp.evaluate import evaluate
+
+    yaml_path, run = tiny_run
+    folder = Path(shutil.copytree(yaml_path.parent, tmp_path / "export", ignore=shutil.ignore_patterns(".medvlp-*")))
+    manifest = pd.read_csv(folder / "manifest.csv", dtype=str)
+    names = {"time": "followup_days", "event": "deceased", "age": "age_years"}
+    manifest.rename(columns=names).to_csv(folder / "manifest.csv", index=False)
+    text = (folder / "cohort.yaml").read_text().replace("survival: {time: time, event: event}", "")
+    text = text.replace("covariates: [age, sex]", "covariates: [age_years, sex]")
+    text += "survival: {time: followup_days, event: deceased}\n"
+    (folder / "cohort.yaml").write_text(text.replace("name: synthetic-cxr", "name: hospital-export"))
+    cohort = folder / "cohort.yaml"
+    with pytest.raises(FileNotFoundError, match="medvlp cohort build"):  # evaluation finds a cache, never builds one
+        evaluate(run, cohort, tmp_path / "nothing")
+    build_cohort(cohort, default_cache_dir(cohort), workers=0)
+    metrics = evaluate(run, cohort, tmp_path / "card")
+    s = metrics["survival"]
+    assert s["columns"] == {"time": "followup_days", "event": "deceased", "covariates": ["age_years", "sex"]}
+    for model in ("image+covariates", "covariates", "image"):
+        for key in ("c_index", "ci_low", "ci_high", "uno_c_index", "uno_tau", "logrank_p"):
+            assert isinstance(s[model][key], float), (model, key)
+    assert isinstance(s["c_index"], float) and (tmp_path / "card" / "kaplan_meier.png").is_file()
+    card = (tmp_path / "card" / "model_card.md").read_text()
+    assert "Harrell C" in card and "Survival was not evaluated" not in card

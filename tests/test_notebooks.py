@@ -12,6 +12,8 @@ module, and the tests check the results.
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,14 +38,17 @@ GROUNDING_3D = "02_phrase_grounding.ipynb[3d]"
 KERNELS_AT_ONCE = 2
 
 
-def client(name: str, parameters: dict[str, Any], timeout: int = 300) -> NotebookClient:
-    """A client for a notebook of ``notebooks/`` with ``parameters`` injected after its ``parameters`` cell."""
+def client(name: str, parameters: dict[str, Any], timeout: int = 300, last: str | None = None) -> NotebookClient:
+    """A client for a notebook of ``notebooks/`` with ``parameters`` injected after its ``parameters`` cell (and
+    ``last``, when given, appended as a final cell)."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1, f"{name}: needs exactly one cell tagged 'parameters'"
     cell = new_code_cell("\n".join(f"{k} = {v!r}" for k, v in parameters.items()))
     cell.metadata["tags"] = ["injected-parameters"]
     nb.cells.insert(tagged[0] + 1, cell)
+    if last is not None:
+        nb.cells.append(new_code_cell("import json\n" + last))
     return NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}})
 
 
@@ -89,7 +94,7 @@ def executed(
     clients = {GROUNDING_3D: client("02_phrase_grounding.ipynb", params_3d | extra_3d)}
     if tiny_demo.returncode == 0:  # otherwise the 2D tests report the demo's failure
         run = {"run": str(tiny_demo.run), "cohort": str(tiny_demo.cohort)}
-        clients |= {name: client(name, run) for name in FIGURES}
+        clients |= {name: client(name, run, last=NUMBERS[name]) for name in FIGURES}
     return execute_all(clients)
 
 
@@ -137,35 +142,34 @@ def test_phrase_grounding_in_3d(executed: dict[str, Any]) -> None:
     assert "tiny_resnet, 3D" in text  # the setup cell names the model's spatial dims
 
 
-# ------------------------------------------------------------------------- the notebooks' library helpers, fast
-def test_operating_points_reach_the_target_sensitivity() -> None:
-    import numpy as np
-
-    from medvlp.notebook_utils import operating_points
-
-    labels = np.array([[1, 0], [1, 0], [1, 0], [0, 0], [0, 0], [-1, np.nan]], dtype=float)
-    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.3], [0.5, 0.4], [0.1, 0.5], [0.99, 0.6]])
-    pts = operating_points(labels, probs, ["a", "b"], target=0.6)
-    a = pts.loc["a"]  # 2 of 3 positives needed: threshold 0.8 -> TP 2, FN 1, FP 0 (0.5 < 0.8), TN 2
-    assert a["threshold"] == 0.8 and a["sensitivity"] == 2 / 3 and a["specificity"] == 1.0
-    assert a["ppv"] == 1.0 and a["npv"] == 2 / 3 and (a["n_pos"], a["n_neg"]) == (3, 2)
-    assert np.isnan(pts.loc["b", "threshold"]) and np.isnan(pts.loc["b", "specificity"])  # no positives
+# ------------------------------------------------ one truth per number: the notebooks' numbers are the card's
+NUMBERS = {  # notebook -> a last cell printing the numbers it computed, as the card stores them
+    "01_zero_shot_diagnosis.ipynb": 'print("NUMBERS", json.dumps({"zero_shot/mean_auroc": zs["mean_auroc"]}))',
+    "02_phrase_grounding.ipynb": 'print("NUMBERS", json.dumps({"grounding/mean_cnr": summary["mean_cnr"], '
+    '"grounding/mean_miou": summary["mean_miou"]}))',
+    "03_survival.ipynb": 'print("NUMBERS", json.dumps({"survival/c_index": metrics["c_index"]}))',
+    "04_retrieval_and_embeddings.ipynb": 'print("NUMBERS", json.dumps({"retrieval/image_to_report/R@10": '
+    'metrics["image_to_report"]["R@10"], "retrieval/report_to_image/R@10": metrics["report_to_image"]["R@10"]}))',
+}
 
 
-def test_grounding_figure_in_3d_cuts_through_the_peak() -> None:
-    import numpy as np
+def printed_numbers(nb: nbformat.NotebookNode) -> dict[str, float]:
+    text = "".join(o.get("text", "") for o in outputs(nb) if o.output_type == "stream")
+    line = next(ln for ln in text.splitlines() if ln.startswith("NUMBERS "))
+    return json.loads(line.removeprefix("NUMBERS "))
 
-    from medvlp.notebook_utils import _planes, grounding_figure
 
-    sim = np.zeros((8, 6, 4), dtype=np.float32)
-    sim[5, 2, 3] = 1.0
-    box = np.array([[4.0, 1.0, 0.0, 2.0, 2.0, 2.0]])  # (x, y, z, w, h, d): z covers slices 0-1, not 3
-    planes = _planes(np.ones_like(sim), sim, box)
-    assert [p[0] for p in planes] == ["axial Z=3", "coronal Y=2", "sagittal X=5"]
-    assert [p[1].shape for p in planes] == [(8, 6), (8, 4), (6, 4)]
-    assert [solid for _, _, _, [(_, solid)] in planes] == [False, True, True]  # dotted where the slice misses it
-    fig = grounding_figure(np.ones((2, 1, 8, 6, 4)), np.stack([sim, sim]), ["a phrase", "another"], [box, box])
-    assert len([ax for ax in fig.axes if ax.images]) == 6  # two rows of three planes (+ the colour bar)
+def test_the_notebooks_numbers_are_the_cards(tiny_demo: TinyDemo, executed: dict[str, Any]) -> None:
+    card = json.loads((tiny_demo.check().out / "card" / "metrics.json").read_text())
+    seen = {}
+    for name in NUMBERS:
+        seen |= printed_numbers(check_executed(executed[name], FIGURES[name]))
+    assert len(seen) == 6
+    for path, value in seen.items():
+        node = card
+        for key in path.split("/"):
+            node = node[key]
+        assert isinstance(value, float) and math.isclose(value, node, rel_tol=1e-9, abs_tol=1e-12), (path, value, node)
 
 
 def test_modality_gap_and_nearest_reports() -> None:
@@ -200,7 +204,8 @@ def test_compare_models_reports_the_gain_from_the_image() -> None:
     records.loc[3, "age"] = np.nan  # left out
     data = survival_data(image[:100], records[:100], image[100:], records[100:].reset_index(drop=True), ["age"], 3)
     assert len(data.x_train) == 99 and list(data.x_train.columns) == ["pc1", "pc2", "pc3", "age"]
-    table, risks, _ = compare_models(data, n_boot=100)
+    result = compare_models(data, n_boot=100)
+    table, risks = result.table, result.risks
     assert list(table.index) == ["image+covariates", "covariates", "image", "gain from image"]
     gain = table.loc["gain from image"]
     assert np.isclose(gain["c_index"], table.at["image+covariates", "c_index"] - table.at["covariates", "c_index"])

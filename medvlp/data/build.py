@@ -243,6 +243,7 @@ def _build_locked(
             "findings": spec.findings,
             "covariates": spec.covariates,
             "survival": spec.survival is not None,
+            "survival_columns": spec.survival.model_dump() if spec.survival else None,
             "preprocess": pp.model_dump(mode="json"),
             "records": len(df),
             "ingested": len(items),

@@ -145,6 +145,11 @@ class CachedCohort:
     def image_path(self, study: str) -> Path:
         return self.root / "images" / f"{study}.npy"
 
+    def affine(self, study: str) -> np.ndarray:
+        """``[4, 4]`` voxel -> RAS+ mm affine of one study's cached array (from its item file)."""
+        item = json.loads((self.root / "items" / f"{study}.json").read_text())
+        return np.asarray(item["affine"], dtype=np.float64)
+
     def load_image(self, study: str, mmap: bool = True) -> np.ndarray:
         """The cached float16 array ``[1, *size]`` of one study (memory-mapped by default)."""
         return np.load(self.image_path(study), mmap_mode="r" if mmap else None)

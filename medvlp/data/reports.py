@@ -50,3 +50,9 @@ def report_text(report: str, sections: list[str]) -> str:
 def normalize_report(text: str) -> str:
     """Lower case, punctuation and extra spaces removed: near-identical normal reports compare equal."""
     return " ".join(re.sub(r"[^a-z0-9 ]+", " ", text.lower()).split())
+
+
+def report_sentences(report: str, sections: list[str] | tuple[str, ...] = ("findings", "impression")) -> list[str]:
+    """The sentences of a report's chosen sections (what a user might ask the model to ground)."""
+    text = report_text(report, list(sections))
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if len(s.strip()) > 3]

@@ -269,25 +269,13 @@ def _read_meta(folder: Path) -> dict[str, Any] | None:
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> MedVLP:
-    """Load a model folder, or the model of a run folder.
-
-    In a run folder, looks for ``stage2-align/model``, then ``model``, then the newest ``*/model``.
+    """Load a model folder, or the model of a run folder (see :func:`medvlp.artifacts.find_model_dir`).
 
     Raises:
         FileNotFoundError: nothing found; the message lists the places looked at.
     """
-    root = Path(path)
-    others = sorted(
-        (p for p in root.glob("*/model") if (p / CONFIG_FILE).is_file()),
-        key=lambda p: (p / CONFIG_FILE).stat().st_mtime,
-        reverse=True,
-    )
-    candidates = [root, root / "stage2-align" / "model", root / "model", *others]
-    for folder in candidates:
-        if _read_meta(folder) is not None:
-            logger.info("loading model from %s", folder)
-            return MedVLP.from_pretrained(folder, map_location=map_location)
-    raise FileNotFoundError(
-        f"no medvlp model under {root}: looked for {CONFIG_FILE} (format {FORMAT!r}) in {root}, "
-        f"{root / 'stage2-align' / 'model'}, {root / 'model'} and {root}/*/model"
-    )
+    from medvlp.artifacts import find_model_dir
+
+    folder = find_model_dir(path)
+    logger.info("loading model from %s", folder)
+    return MedVLP.from_pretrained(folder, map_location=map_location)

@@ -5,7 +5,7 @@ The served preprocessing must be the training one, so it is never guessed. It is
 1. ``cohort.json`` in the run folder or the model folder (``{"cohort", "modality", "spatial_dims", "findings",
    "preprocess"}``: the subset of the cache's ``summary.json`` a model needs; see :func:`cohort_record`),
 2. the ``summary.json`` of the cache named in the run folder's ``run.json`` (written by ``medvlp train``),
-3. the ``summary.json`` of the cache given with ``--cache`` or built from ``--cohort``,
+3. the ``summary.json`` of the cache given with ``--cache`` or found for ``--cohort`` (never built here),
 4. the preprocessing of the ``--cohort`` YAML itself,
 
 and a server with none of them refuses to start. The report corpus for retrieval is the training split of the
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medvlp.artifacts import RunDir, find_card
 from medvlp.data.cache import COHORT_RECORD, cohort_record
 from medvlp.data.cohort import PreprocessSpec
 
@@ -51,64 +52,17 @@ class ServingContext:
     source: str = ""
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _run_cache(run: Path) -> Path | None:
-    info = _read_json(run / "run.json")
-    cache = Path(info["cache"]) if info and isinstance(info.get("cache"), str) else None
-    return cache if cache is not None and (cache / "summary.json").is_file() else None
-
-
-def find_card(run: Path, card: Path | None = None) -> Path | None:
-    """The ``metrics.json`` of the run's evaluation card: ``card`` (a folder or the file itself), else
-    ``RUN/card/metrics.json``, ``RUN/metrics.json`` or ``RUN/../card/metrics.json`` (the demo's layout)."""
-    if card is not None:
-        path = card / "metrics.json" if card.is_dir() else card
-        if not path.is_file():
-            raise FileNotFoundError(f"no evaluation card at {card} (expected metrics.json)")
-        return path
-    for cand in (run / "card" / "metrics.json", run / "metrics.json", run.parent / "card" / "metrics.json"):
-        if cand.is_file():
-            return cand
-    return None
-
-
-def _sections(run: Path) -> list[str]:
-    from medvlp.config import ConfigError, load_config
-
-    for cand in (run / "config.yaml", run.parent.parent / "config.yaml"):
-        if cand.is_file():
-            try:
-                return list(load_config(cand).data.report_sections)
-            except ConfigError:
-                logger.warning("%s is not a valid training config; using the default report sections", cand)
-    return ["findings", "impression"]
-
-
 def resolve_context(
-    run: Path,
-    model_dir: Path,
-    *,
-    cohort_yaml: Path | None = None,
-    cache_dir: Path | None = None,
-    card: Path | None = None,
-    build: bool = True,
+    run: RunDir, *, cohort_yaml: Path | None = None, cache_dir: Path | None = None, card: Path | None = None
 ) -> ServingContext:
     """Find the training cohort's record, corpus and card for a run folder (or a bare model folder).
 
     Args:
-        run: what ``--model`` named (a run folder or a model folder).
-        model_dir: the model folder inside it.
-        cohort_yaml: the training cohort; its cache is built (or brought up to date) when ``build``.
+        run: the opened run (or model) folder.
+        cohort_yaml: the training cohort; its cache (built by ``medvlp cohort build`` or ``medvlp train``) is the
+            retrieval corpus, and its YAML the preprocessing when no record is found.
         cache_dir: the training cohort's cache folder.
         card: an evaluation card folder or its ``metrics.json``.
-        build: build the cohort's cache when ``cohort_yaml`` is given.
 
     Raises:
         ValueError: no record of the training preprocessing anywhere.
@@ -116,32 +70,23 @@ def resolve_context(
     """
     from medvlp.data.cohort import load_spec
 
-    if cache_dir is not None and not (cache_dir / "summary.json").is_file():
-        raise FileNotFoundError(f"{cache_dir} is not a built cohort cache (no summary.json)")
-    if cache_dir is None and cohort_yaml is not None:
-        from medvlp.train.run import default_cache_dir
-
-        cache_dir = default_cache_dir(cohort_yaml)
-        if build:
-            from medvlp.data.build import build_cohort
-
-            build_cohort(cohort_yaml, cache_dir)
-        if not (cache_dir / "summary.json").is_file():
+    if cache_dir is not None or cohort_yaml is not None:
+        try:
+            cache_dir = run.find_cache(cohort_yaml, cache_dir)
+        except FileNotFoundError:
+            if cache_dir is not None:
+                raise
+            logger.warning("no cache for the cohort: retrieval is unavailable (`medvlp cohort build` makes one)")
             cache_dir = None
-    run_cache = _run_cache(run)
+    run_cache = run.recorded_cache()
     if cache_dir is None:
         cache_dir = run_cache
 
-    record: dict[str, Any] | None = None
-    source = ""
-    for folder in (run, model_dir):
-        record = _read_json(folder / COHORT_RECORD)
-        if record is not None:
-            source = str(folder / COHORT_RECORD)
-            break
+    record, source = run.cohort_record(), "cohort.json"
     for cache in (run_cache, cache_dir):
         if record is None and cache is not None:
-            record, source = cohort_record(_read_json(cache / "summary.json") or {}), str(cache / "summary.json")
+            summary = json.loads((cache / "summary.json").read_text())
+            record, source = cohort_record(summary), str(cache / "summary.json")
     if record is None and cohort_yaml is not None:
         spec = load_spec(cohort_yaml)
         record = {
@@ -154,16 +99,15 @@ def resolve_context(
         source = str(cohort_yaml)
     if not record or "preprocess" not in record:
         raise ValueError(
-            f"{run}: no record of the training preprocessing ({COHORT_RECORD} in the run or model folder, or the "
-            "cohort cache named in run.json); give the training cohort with --cohort COHORT.yaml or --cache DIR"
+            f"{run.root}: no record of the training preprocessing ({COHORT_RECORD} in the run or model folder, or "
+            "the cohort cache named in run.json); give the training cohort with --cohort COHORT.yaml or --cache DIR"
         )
-    preprocess = PreprocessSpec.model_validate(record["preprocess"])
     return ServingContext(
         cohort=record,
-        preprocess=preprocess,
+        preprocess=PreprocessSpec.model_validate(record["preprocess"]),
         findings=[str(f) for f in record.get("findings") or []],
-        report_sections=_sections(run),
+        report_sections=run.report_sections,
         cache_dir=cache_dir,
-        metrics_path=find_card(run, card),
+        metrics_path=run.card(card),
         source=source,
     )

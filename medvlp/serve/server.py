@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from medvlp.models.vlm import MedVLP
+from medvlp.artifacts import RunDir
 from medvlp.serve.app import ServeSettings, create_app
 from medvlp.serve.context import resolve_context
-from medvlp.serve.service import DiagnosisService, find_model_dir
+from medvlp.serve.service import DiagnosisService
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +40,9 @@ def load_service(
         ValueError: no record of the training preprocessing, or one that does not fit the model.
     """
     t0 = time.perf_counter()
-    model_dir = find_model_dir(Path(model))
-    context = resolve_context(Path(model), model_dir, cohort_yaml=cohort_yaml, cache_dir=cache_dir, card=card)
-    vlm = MedVLP.from_pretrained(model_dir, map_location=_device(device))
+    run = RunDir.open(model)
+    context = resolve_context(run, cohort_yaml=cohort_yaml, cache_dir=cache_dir, card=card)
+    vlm = run.load_model(map_location=_device(device))
     service = DiagnosisService(vlm, context)
     if corpus and context.cache_dir is not None:
         service.build_corpus(context.cache_dir)

@@ -7,7 +7,6 @@ once at start: its reports (for "similar reports") and its images (for text -> s
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -20,35 +19,23 @@ from torch import Tensor
 
 from medvlp.data.image import MedicalImage
 from medvlp.data.preprocess import preprocess_image
-from medvlp.models.vlm import CONFIG_FILE, FORMAT, MedVLP
-from medvlp.serve import render
+from medvlp.models.vlm import FORMAT, MedVLP
 from medvlp.serve.context import ServingContext
 from medvlp.serve.errors import ApiError
 from medvlp.serve.uploads import read_upload
 from medvlp.tasks import zeroshot
 from medvlp.tasks.grounding import similarity_map
 from medvlp.tasks.retrieval import EmbeddingIndex
+from medvlp.viz.orient import planes
+from medvlp.viz.png import heatmap_png, image_png
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Corpus", "DiagnosisService", "ImageJob", "TextJob", "find_model_dir"]
+__all__ = ["Corpus", "DiagnosisService", "ImageJob", "TextJob"]
 
 # technical facts about an uploaded image that may be answered; nothing else from a header ever is
 SAFE_META = ("modality", "photometric_interpretation", "n_files")
 MIN_SIDE = 8  # pixels along each in-plane axis; a 1 x 1 "image" decodes but there is nothing to diagnose
-
-
-def find_model_dir(path: Path) -> Path:
-    """The model folder of a run folder (as :func:`medvlp.load_model` searches) or ``path`` itself."""
-    others = sorted(path.glob("*/model"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for folder in (path, path / "stage2-align" / "model", path / "model", *others):
-        try:
-            meta = json.loads((folder / CONFIG_FILE).read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if isinstance(meta, dict) and meta.get("format") == FORMAT:
-            return folder
-    raise FileNotFoundError(f"no medvlp model under {path} (looked in it, stage2-align/model, model, */model)")
 
 
 @dataclass
@@ -276,13 +263,13 @@ class DiagnosisService:
             volume = pre.array[0].astype(np.float32)  # [*size]
             n = len(findings)
             maps = similarity_map(tokens.expand(n, *tokens.shape), grid, prompts[:, 0], self.size)  # [F, *size]
-            answer["image_png"] = render.image_png(render.display_plane(volume, pre.affine, None))
+            answer["image_png"] = image_png(planes(volume, affine=pre.affine, views=("axial",))[0].image)
             for pred, m in zip(predictions, maps.numpy(), strict=True):
-                k = render.peak_slice(m)
-                pred["heatmap_png"] = render.heatmap_png(render.display_plane(m, pre.affine, k))
-                if k is not None:
-                    pred["slice"] = k
-                    pred["slice_png"] = render.image_png(render.display_plane(volume, pre.affine, k))
+                plane = planes(volume, m, affine=pre.affine, views=("axial",))[0]  # through the map's peak
+                pred["heatmap_png"] = heatmap_png(plane.overlay)
+                if plane.index is not None:
+                    pred["slice"] = plane.index
+                    pred["slice_png"] = image_png(plane.image)
         if job.top_k:
             assert self.corpus is not None
             answer["similar_reports"] = self.corpus.hits(emb, job.top_k, "reports")
@@ -293,27 +280,21 @@ class DiagnosisService:
     def build_corpus(self, cache_dir: Path, batch_size: int = 32) -> Corpus | None:
         """Embed the training split of a cohort cache (reports and images) into two exact indexes."""
         from medvlp.data.cache import CachedCohort
-        from medvlp.data.reports import report_text
+        from medvlp.tasks.embed import embed_split
 
         cache = CachedCohort.open(cache_dir)
         if cache.spatial_dims != self.spatial_dims or tuple(cache.summary["preprocess"]["size"]) != self.size:
             logger.warning("the cache at %s does not match the model's input; no retrieval corpus", cache_dir)
             return None
-        rec = cache.split("train")
-        if rec.empty:
+        if cache.split("train").empty:
             logger.warning("the cache at %s has no training split; no retrieval corpus", cache_dir)
             return None
-        studies, reports = list(rec["study"]), [str(r) for r in rec["report"]]
+        emb = embed_split(self.model, cache, "train", self.context.report_sections, batch_size)
         dim = int(self.model.config.embed_dim)
         report_index, image_index = EmbeddingIndex(dim), EmbeddingIndex(dim)
-        sections = self.context.report_sections
-        for s in range(0, len(rec), batch_size):
-            part = slice(s, s + batch_size)
-            txt = self.model.encode_text([report_text(r, sections) for r in reports[part]]).float().cpu()
-            arrays = [np.asarray(cache.load_image(st), dtype=np.float32) for st in studies[part]]
-            img = self.model.encode_image(torch.from_numpy(np.stack(arrays)).to(self.model.device)).float().cpu()
-            report_index.add(txt, range(s, s + len(txt)))
-            image_index.add(img, range(s, s + len(img)))
+        report_index.add(emb.text, range(len(emb.text)))
+        image_index.add(emb.image, range(len(emb.image)))
+        studies, reports = list(emb.records["study"]), [str(r) for r in emb.records["report"]]
         self.corpus = Corpus(studies, reports, report_index, image_index)
         logger.info("retrieval corpus: %d training studies", len(studies))
         return self.corpus

@@ -1,10 +1,9 @@
 """Image <-> report retrieval metrics in bounded memory, and an exact inner-product embedding index.
 
 :func:`retrieval_metrics` never holds the ``N x N`` similarity matrix ``S = images @ reports.T``: it computes a
-block of image rows against all reports at a time (at most ``max_block_elements`` similarities) and serves both
-directions from it: image -> report ranks count ``(S[i] > S[i, i]).sum()`` along the rows, report -> image ranks
-accumulate ``(S[:, j] > s_j).sum()`` down the columns block by block (``s_j`` the true-pair similarity), and the
-label-aware top-K lists are a row top-k and a running column top-k.
+block of image rows against all reports at a time (at most ``max_block_elements`` similarities), twice: the first
+pass finds each report's true-pair score down the columns, the second ranks both directions (ties against the model,
+identical reports as one answer) and keeps the label-aware top-K lists (a row top-k and a running column top-k).
 
 :class:`EmbeddingIndex` uses faiss ``IndexFlatIP`` when faiss is installed and otherwise an exact torch
 block-wise top-k; both return the same neighbours (up to ties).
@@ -27,7 +26,7 @@ try:  # optional accelerator; everything works without it
 except ImportError:  # pragma: no cover - depends on the environment
     faiss = None
 
-__all__ = ["HAVE_FAISS", "EmbeddingIndex", "label_groups", "retrieval_metrics"]
+__all__ = ["HAVE_FAISS", "EmbeddingIndex", "answer_groups", "label_groups", "normalize_report", "retrieval_metrics"]
 
 HAVE_FAISS = faiss is not None
 INDEX_FORMAT = "medvlp-index/1"
@@ -91,38 +90,65 @@ def _summary(ranks: Tensor, ks: Sequence[int], top: Tensor | None, groups: Tenso
     return out
 
 
+def normalize_report(text: str) -> str:
+    """The form in which two reports count as the same answer: lower case, single spaces, no final full stop."""
+    return " ".join(str(text).lower().split()).rstrip(". ")
+
+
+def answer_groups(texts: Sequence[str] | None, n: int) -> np.ndarray:
+    """Answer group per pair: pairs whose reports are identical once normalized (:func:`normalize_report`) share
+    one; without texts every pair is its own answer."""
+    if texts is None:
+        return np.arange(n)
+    if len(texts) != n:
+        raise ValueError(f"{len(texts)} report texts for {n} pairs")
+    _, inverse = np.unique(np.array([normalize_report(t) for t in texts], dtype=object), return_inverse=True)
+    return inverse.reshape(-1)
+
+
 def _scan(
-    img: Tensor, txt: Tensor, ks: Sequence[int], groups: Tensor | None, rows_per_block: int
+    img: Tensor, txt: Tensor, ks: Sequence[int], groups: Tensor | None, answers: Tensor, rows_per_block: int
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """One blocked pass over ``S = img @ txt.T``: rows give image -> report, columns report -> image."""
+    """Two blocked passes over ``S = img @ txt.T``: rows give image -> report, columns report -> image.
+
+    Pairs sharing an answer group (identical reports) are one answer, and ties count against the model: image ->
+    report ranks the groups by their best report, ``1 + #(other groups scoring >= the true group)``; report ->
+    image ranks images, ``1 + #(images of other groups scoring >= the best image of the query's group)``. A
+    collapsed model (all similarities equal) therefore ranks last, not first.
+    """
     n = img.shape[0]
+    n_groups = int(answers.max()) + 1 if n else 0
     kmax = min(max(ks), n)
-    diag = (img * txt).sum(dim=1)  # [N] true-pair similarity, for the column side
+    col_true = torch.full((n,), float("-inf"))  # [N] best similarity of report j with an image of its group
+    for start in range(0, n, rows_per_block):  # pass 1: the column side's true-pair scores
+        stop = min(start + rows_per_block, n)
+        sim = img[start:stop] @ txt.T  # [b, N]
+        same = answers[start:stop, None] == answers[None, :]  # [b, N]
+        col_true = torch.maximum(col_true, sim.masked_fill(~same, float("-inf")).amax(dim=0))
     row_rank = torch.empty(n, dtype=torch.long)
-    col_greater = torch.zeros(n, dtype=torch.long)
+    col_beaten = torch.zeros(n, dtype=torch.long)
     row_top = torch.empty(n, kmax, dtype=torch.long) if groups is not None else None
     col_val = torch.full((kmax, n), float("-inf")) if groups is not None else None
     col_idx = torch.zeros((kmax, n), dtype=torch.long) if groups is not None else None
-    buf = torch.empty(min(rows_per_block, n), n)  # [b, N] scratch: comparisons as 0/1 floats
-    acc = torch.float32 if n < 2**24 else torch.float64  # row counts stay exact integers
-    for start in range(0, n, rows_per_block):
+    buf = torch.empty(min(rows_per_block, n), n)  # [b, N] scratch
+    for start in range(0, n, rows_per_block):  # pass 2: ranks, same blocks, same numbers
         stop = min(start + rows_per_block, n)
         sim = img[start:stop] @ txt.T  # [b, N]
-        rows, idx = torch.arange(stop - start), torch.arange(start, stop)
-        scratch = buf[: stop - start]
-        true = sim[rows, idx]  # [b] the very numbers the comparison sees
-        # (a - b > 0) == (a > b) for finite floats; counting 0/1 floats is faster than summing bools
-        above = torch.sub(sim, true[:, None], out=scratch).gt_(0)  # [b, N] 1.0 where a report outranks
-        row_rank[start:stop] = above.sum(dim=1, dtype=acc).long() + 1
-        greater = torch.sub(sim, diag[None, :], out=scratch).gt_(0)  # [b, N]
-        greater[rows, idx] = 0.0  # the true pair never outranks itself
-        col_greater += greater.sum(dim=0).long()
+        b, own = stop - start, answers[start:stop]
+        best = torch.full((b, n_groups), float("-inf")).scatter_reduce_(
+            1, answers.expand(b, n), sim, reduce="amax"
+        )  # [b, G] best report of each group
+        true = best.gather(1, own[:, None])  # [b, 1]
+        best.scatter_(1, own[:, None], float("-inf"))
+        row_rank[start:stop] = (best >= true).sum(dim=1) + 1
+        same = own[:, None] == answers[None, :]  # [b, N]
+        col_beaten += ((sim >= col_true[None, :]) & ~same).sum(dim=0)
         if row_top is not None:
             row_top[start:stop] = sim.topk(kmax, dim=1).indices
-            _merge_column_topk(sim, start, col_val, col_idx, scratch)
-        del sim, greater
+            _merge_column_topk(sim, start, col_val, col_idx, buf[:b])
+        del sim, best, same
     col_top = col_idx.T.contiguous() if col_idx is not None else None
-    return _summary(row_rank, ks, row_top, groups), _summary(col_greater + 1, ks, col_top, groups)
+    return _summary(row_rank, ks, row_top, groups), _summary(col_beaten + 1, ks, col_top, groups)
 
 
 @torch.no_grad()
@@ -131,16 +157,16 @@ def retrieval_metrics(
     text_emb: Tensor | np.ndarray,
     ks: Sequence[int] = (1, 5, 10),
     labels: np.ndarray | None = None,
+    texts: Sequence[str] | None = None,
     block_size: int = 4096,
     max_block_elements: int = MAX_BLOCK_ELEMENTS,
     normalize: bool = True,
 ) -> dict[str, Any]:
     """Recall@K, median/mean rank and label-aware precision@K for image -> report and report -> image retrieval.
 
-    Row ``i`` of ``image_emb`` and ``text_emb`` is a true pair. The rank of the true pair is
-    ``1 + #(other candidates with a strictly higher similarity)`` (ties resolved in its favour; for report ->
-    image the true-pair similarity is ``sum(img_j * txt_j)``, which may differ from the matmul's ``S[j, j]`` in
-    the last float bit, so candidates within that rounding of it may count either way).
+    Row ``i`` of ``image_emb`` and ``text_emb`` is a true pair. Ties count against the model, and with ``texts``
+    identical reports (after :func:`normalize_report`) form one answer: retrieving any of them is a hit, and they
+    are ranked as one candidate (see :func:`_scan`).
 
     Args:
         image_emb: ``[N, E]``.
@@ -149,13 +175,14 @@ def retrieval_metrics(
         labels: optional ``[N, F]`` finding labels (1/0/-1/NaN). A retrieved item is relevant for precision@K when
             its label vector equals the query's (-1 and NaN treated as 0), which includes the true pair;
             precision@K is the mean over queries of ``#relevant in the top K / K``.
+        texts: the ``N`` report texts, to group identical reports; None treats every report as distinct.
         block_size: most image rows per similarity block.
         max_block_elements: most similarities held at once; blocks shrink to ``max_block_elements // N`` rows.
         normalize: L2-normalize the embeddings first (cosine similarity).
 
     Returns:
-        ``{"n": N, "image_to_report": {...}, "report_to_image": {...}}`` with ``R@K``, ``median_rank``,
-        ``mean_rank`` and, with labels, ``precision@K``.
+        ``{"n": N, "answers": distinct answers, "image_to_report": {...}, "report_to_image": {...}}`` with ``R@K``,
+        ``median_rank``, ``mean_rank`` and, with labels, ``precision@K``.
     """
     img, txt = _as_tensor(image_emb), _as_tensor(text_emb)  # [N, E]
     if img.shape != txt.shape or img.ndim != 2:
@@ -168,9 +195,15 @@ def retrieval_metrics(
         if len(labels) != n:
             raise ValueError(f"labels have {len(labels)} rows for {n} pairs")
         groups = torch.from_numpy(label_groups(labels))
+    answers = torch.from_numpy(answer_groups(texts, n)).long()
     rows = max(1, min(block_size, max_block_elements // max(n, 1)))
-    image_to_report, report_to_image = _scan(img, txt, ks, groups, rows)
-    return {"n": n, "image_to_report": image_to_report, "report_to_image": report_to_image}
+    image_to_report, report_to_image = _scan(img, txt, ks, groups, answers, rows)
+    return {
+        "n": n,
+        "answers": int(answers.max()) + 1 if n else 0,
+        "image_to_report": image_to_report,
+        "report_to_image": report_to_image,
+    }
 
 
 class EmbeddingIndex:

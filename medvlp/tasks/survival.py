@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 from scipy import linalg, stats
 
+from medvlp.tasks.bootstrap import bootstrap_ci
 from medvlp.tasks.survival_metrics import (
-    bootstrap_ci,
     check_survival_data,
     concordance_index,
     integrated_brier_score,

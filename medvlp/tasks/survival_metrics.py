@@ -16,9 +16,6 @@ pass per bit of the number of distinct times), never with an O(n^2) pair loop, s
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -26,7 +23,6 @@ import pandas as pd
 from scipy import stats
 
 __all__ = [
-    "bootstrap_ci",
     "check_survival_data",
     "concordance_index",
     "integrated_brier_score",
@@ -460,56 +456,3 @@ def logrank_test(time: Any, event: Any, groups: Any) -> dict[str, float]:
     stat = float(z[:-1] @ np.linalg.pinv(v[:-1, :-1]) @ z[:-1])
     df = k - 1
     return {"statistic": stat, "p_value": float(stats.chi2.sf(stat, df)), "df": df}
-
-
-# ----------------------------------------------------------------------------------------------- bootstrap
-def bootstrap_ci(
-    metric_fn: Callable[..., float],
-    *arrays: Any,
-    n_boot: int = 1000,
-    alpha: float = 0.05,
-    seed: int = 0,
-) -> tuple[float, float, float]:
-    """Percentile bootstrap confidence interval of ``metric_fn(*arrays)`` resampling subjects (rows).
-
-    All resample indices are drawn at once (in blocks, to bound memory) from ``np.random.default_rng(seed)``; every
-    array is indexed along its first axis with the same indices. A resample on which ``metric_fn`` raises
-    ``ValueError`` (e.g. no events, no comparable pairs) or returns NaN is dropped with a warning.
-
-    Args:
-        metric_fn: ``metric_fn(*resampled_arrays) -> float``, e.g. :func:`concordance_index` (time, risk, event).
-        *arrays: Arrays of equal length n (numpy arrays, or anything ``np.asarray`` accepts).
-        n_boot: Number of bootstrap resamples.
-        alpha: Two-sided level: the interval is the ``alpha/2`` and ``1 - alpha/2`` percentiles.
-        seed: Seed for the resampling generator.
-
-    Returns:
-        ``(estimate, lo, hi)``: the metric on the full data and the percentile interval.
-    """
-    if not arrays:
-        raise ValueError("bootstrap_ci needs at least one array")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    arrs = [np.asarray(a) for a in arrays]
-    n = arrs[0].shape[0] if arrs[0].ndim else 0
-    for i, a in enumerate(arrs):
-        if a.ndim == 0 or a.shape[0] != n:
-            raise ValueError(f"array {i} has length {a.shape[0] if a.ndim else 0}, expected {n} (arrays must align)")
-    estimate = float(metric_fn(*arrs))
-    rng = np.random.default_rng(seed)
-    boot = np.full(n_boot, np.nan)
-    block = max(1, min(n_boot, 2**24 // max(n, 1)))
-    for b0 in range(0, n_boot, block):
-        idx = rng.integers(0, n, size=(min(block, n_boot - b0), n))
-        for k, ix in enumerate(idx):
-            with contextlib.suppress(ValueError):
-                boot[b0 + k] = metric_fn(*(a[ix] for a in arrs))
-    ok = np.isfinite(boot)
-    if not ok.any():
-        raise ValueError("metric_fn failed on every bootstrap resample")
-    if not ok.all():
-        warnings.warn(f"{int((~ok).sum())} of {n_boot} bootstrap resamples were dropped", RuntimeWarning, stacklevel=2)
-    lo, hi = np.quantile(boot[ok], [alpha / 2, 1 - alpha / 2])
-    return estimate, float(lo), float(hi)

@@ -25,9 +25,14 @@ __all__ = [
     "expected_calibration_error",
     "finding_text",
     "model_logit_scale",
+    "operating_points",
+    "prompt_sensitivity",
     "render_prompts",
+    "template_variants",
     "threshold_at_sensitivity",
+    "zero_shot_metrics",
     "zero_shot_probabilities",
+    "zero_shot_scores",
 ]
 
 DEFAULT_TEMPLATES: dict[str, list[str]] = {
@@ -162,6 +167,18 @@ def zero_shot_probabilities(
     return logits.double().softmax(dim=-1)[..., 0].numpy()
 
 
+def zero_shot_scores(
+    model: Any,
+    image_features: Tensor | np.ndarray,
+    findings: Sequence[str],
+    templates: Mapping[str, Sequence[str]] | None = None,
+    synonyms: Mapping[str, Sequence[str]] | None = None,
+) -> np.ndarray:
+    """``[N, F]`` zero-shot probabilities of images given as embeddings: prompt ensembles, the model's own scale."""
+    prompts = build_prompt_embeddings(model, findings, templates, synonyms)
+    return zero_shot_probabilities(image_features, prompts, model_logit_scale(model))
+
+
 # ------------------------------------------------------------------------------------------------------ metrics
 def _valid(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows labelled 0 or 1 (uncertain -1 and unknown NaN dropped), as int labels and float probabilities."""
@@ -279,3 +296,87 @@ def threshold_at_sensitivity(labels: np.ndarray, probs: np.ndarray, target: floa
         return float("nan")
     need = max(1, math.ceil(target * len(pos) - 1e-9))  # positives that must score >= t
     return float(pos[need - 1])
+
+
+def _ratio(a: int, b: int) -> float:
+    return a / b if b else float("nan")
+
+
+def operating_points(
+    labels: np.ndarray, probs: np.ndarray, findings: Sequence[str], thresholds: Sequence[float] | np.ndarray
+) -> dict[str, dict[str, float | int]]:
+    """Sensitivity, specificity, PPV and NPV of ``probs >= threshold`` per finding, on these labels.
+
+    The thresholds must come from another split (:func:`zero_shot_metrics` fits them on ``val``): chosen and scored
+    on the same labels, an operating point flatters the model.
+    """
+    thresholds = np.atleast_1d(np.asarray(thresholds, dtype=float))
+    if len(thresholds) != len(findings):
+        raise ValueError(f"{len(thresholds)} thresholds for {len(findings)} findings")
+    out: dict[str, dict[str, float | int]] = {}
+    for j, name in enumerate(findings):
+        y, p = _valid(np.asarray(labels, float)[:, j], np.asarray(probs, float)[:, j])
+        t = float(thresholds[j])
+        row: dict[str, float | int] = {"threshold": t, "n_pos": int((y == 1).sum()), "n_neg": int((y == 0).sum())}
+        if np.isfinite(t):
+            pred = p >= t
+            tp, fp = int((pred & (y == 1)).sum()), int((pred & (y == 0)).sum())
+            fn, tn = int((~pred & (y == 1)).sum()), int((~pred & (y == 0)).sum())
+            row |= {"sensitivity": _ratio(tp, tp + fn), "specificity": _ratio(tn, tn + fp)}
+            row |= {"ppv": _ratio(tp, tp + fp), "npv": _ratio(tn, tn + fn)}
+        out[name] = row
+    return out
+
+
+def zero_shot_metrics(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    findings: Sequence[str],
+    val_labels: np.ndarray | None = None,
+    val_probs: np.ndarray | None = None,
+    target_sensitivity: float = 0.9,
+) -> dict[str, Any]:
+    """The zero-shot task's numbers: :func:`classification_metrics` on the scored split and, with a validation
+    split, ``operating_point``: per finding the threshold reaching ``target_sensitivity`` on ``val``
+    (:func:`threshold_at_sensitivity`) and what it gives on the scored split (:func:`operating_points`)."""
+    out = classification_metrics(labels, probs, findings)
+    if val_labels is not None and val_probs is not None:
+        thresholds = np.atleast_1d(threshold_at_sensitivity(val_labels, val_probs, target_sensitivity))
+        out["operating_point"] = {
+            "target_sensitivity": float(target_sensitivity),
+            "fitted_on": "val",
+            "per_finding": operating_points(labels, probs, findings, thresholds),
+        }
+    return out
+
+
+def template_variants(
+    templates: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, dict[str, list[str]]]:
+    """Every single positive/negative template pair (by position), plus the full ensemble as ``"ensemble"``."""
+    t = DEFAULT_TEMPLATES if templates is None else templates
+    pos, neg = list(t["positive"]), list(t["negative"])
+    out = {f"{p} | {n}": {"positive": [p], "negative": [n]} for p, n in zip(pos, neg, strict=False)}
+    out["ensemble"] = {"positive": pos, "negative": neg}
+    return out
+
+
+def prompt_sensitivity(
+    model: Any,
+    image_features: np.ndarray,
+    labels: np.ndarray,
+    findings: Sequence[str],
+    variants: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+) -> Any:
+    """AUROC per finding (columns, plus ``mean``) for each template set (rows, see :func:`template_variants`).
+
+    Run it on ``val``: choosing templates by their test AUROC flatters the model.
+    """
+    import pandas as pd
+
+    variants = template_variants() if variants is None else variants
+    rows = {}
+    for name, templates in variants.items():
+        m = classification_metrics(labels, zero_shot_scores(model, image_features, findings, templates), findings)
+        rows[name] = {f: v["auroc"] for f, v in m["per_finding"].items()} | {"mean": m["mean_auroc"]}
+    return pd.DataFrame(rows).T.rename_axis("templates")

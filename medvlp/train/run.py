@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
+from medvlp.artifacts import RUN_CONFIG, RUN_INFO, default_cache_dir
 from medvlp.config import STAGES, TrainConfig, dump_config
 from medvlp.data.build import build_cohort
 from medvlp.data.cache import CachedCohort
-from medvlp.data.cohort import load_spec
 from medvlp.train.loop import run_stage
 from medvlp.train.runtime import Runtime, barrier, init_runtime, seed_everything, shutdown_runtime
 
@@ -58,11 +58,6 @@ def code_version() -> dict[str, Any]:
     except (OSError, subprocess.CalledProcessError):
         info["git_commit"] = None
     return info
-
-
-def default_cache_dir(cohort_yaml: Path) -> Path:
-    spec = load_spec(cohort_yaml)
-    return cohort_yaml.resolve().parent / ".medvlp-cache" / spec.name
 
 
 def model_config(cfg: TrainConfig, cache: CachedCohort, run: Path, stages: list[str]) -> dict[str, Any]:
@@ -154,7 +149,7 @@ def train(
             logger.info(
                 "cohort cache %s: %d studies, %d quarantined", cache_path, summary.ingested, summary.quarantined
             )
-            (run / "config.yaml").write_text(dump_config(cfg))
+            (run / RUN_CONFIG).write_text(dump_config(cfg))
             info = {
                 "code": code_version(),
                 "command": command or sys.argv,
@@ -164,7 +159,7 @@ def train(
                 "device": str(rt.device),
                 "stages": wanted,
             }
-            (run / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+            (run / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
         barrier(rt)
         cache = CachedCohort.open(cache_path)
         results: dict[str, Any] = {}

@@ -27,10 +27,11 @@ class TinyRun:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
     """tiny-2d trained on 40 synthetic radiographs (~35 s on 2 cores), evaluated into ``run/card``."""
+    from medvlp.artifacts import default_cache_dir
     from medvlp.config import load_config
     from medvlp.data.synthetic import synthesize
     from medvlp.evaluate import evaluate
-    from medvlp.train.run import default_cache_dir, train
+    from medvlp.train.run import train
 
     root = tmp_path_factory.mktemp("serve-run")
     cohort = synthesize("cxr", 40, root / "cxr", seed=11)

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from medvlp.artifacts import RunDir, find_card, find_model_dir
 from medvlp.data.cohort import PreprocessSpec, load_spec
 from medvlp.models import MedVLP
-from medvlp.serve.context import COHORT_RECORD, ServingContext, cohort_record, find_card, resolve_context
-from medvlp.serve.service import DiagnosisService, find_model_dir
+from medvlp.serve.context import COHORT_RECORD, ServingContext, cohort_record, resolve_context
+from medvlp.serve.service import DiagnosisService
 
 from .conftest import TinyRun
 
@@ -20,7 +21,7 @@ def test_a_run_folder_names_its_cache(tiny_run: TinyRun) -> None:
     run = tiny_run.run
     model_dir = find_model_dir(run)
     assert model_dir == run / "stage2-align" / "model"
-    ctx = resolve_context(run, model_dir)
+    ctx = resolve_context(RunDir.open(run))
     summary = json.loads((tiny_run.cache / "summary.json").read_text())
     assert ctx.preprocess == PreprocessSpec.model_validate(summary["preprocess"])
     assert ctx.findings == summary["findings"] and ctx.cohort == cohort_record(summary)
@@ -30,19 +31,19 @@ def test_a_run_folder_names_its_cache(tiny_run: TinyRun) -> None:
 
 def test_a_copied_model_folder_needs_its_record_or_the_cohort(tiny_run: TinyRun, tmp_path: Path) -> None:
     model_dir = shutil.copytree(find_model_dir(tiny_run.run), tmp_path / "model")
-    own = resolve_context(model_dir, model_dir)  # training left cohort.json in the model folder: enough alone
+    own = resolve_context(RunDir.open(model_dir))  # training left cohort.json in the model folder: enough alone
     assert own.preprocess == load_spec(tiny_run.cohort).preprocessing and own.cache_dir is None
     (model_dir / COHORT_RECORD).unlink()
     with pytest.raises(ValueError, match="--cohort"):
-        resolve_context(model_dir, model_dir)
-    from_yaml = resolve_context(model_dir, model_dir, cohort_yaml=tiny_run.cohort, build=False)
+        resolve_context(RunDir.open(model_dir))
+    from_yaml = resolve_context(RunDir.open(model_dir), cohort_yaml=tiny_run.cohort)
     spec = load_spec(tiny_run.cohort)
     assert from_yaml.preprocess == spec.preprocessing and from_yaml.findings == spec.findings
     assert from_yaml.cache_dir == tiny_run.cache  # the corpus, found beside the cohort
     record = cohort_record(json.loads((tiny_run.cache / "summary.json").read_text())) | {"findings": ["ascites"]}
     (model_dir / COHORT_RECORD).write_text(json.dumps(record))
-    assert resolve_context(model_dir, model_dir, cohort_yaml=tiny_run.cohort, build=False).findings == ["ascites"]
-    assert resolve_context(model_dir, model_dir).cache_dir is None  # no corpus without a cohort
+    assert resolve_context(RunDir.open(model_dir), cohort_yaml=tiny_run.cohort).findings == ["ascites"]
+    assert resolve_context(RunDir.open(model_dir)).cache_dir is None  # no corpus without a cohort
 
 
 def test_cards_and_bad_paths(tiny_run: TinyRun, tmp_path: Path) -> None:
@@ -53,7 +54,7 @@ def test_cards_and_bad_paths(tiny_run: TinyRun, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no evaluation card"):
         find_card(tmp_path, tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="not a built cohort cache"):
-        resolve_context(tiny_run.run, find_model_dir(tiny_run.run), cache_dir=tmp_path)
+        resolve_context(RunDir.open(tiny_run.run), cache_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="no medvlp model"):
         find_model_dir(tmp_path)
 

@@ -129,7 +129,7 @@ def test_grounding_metrics_model(dims: int, size: tuple[int, ...], boxes: list) 
         ["effusion", "pneumothorax"],
         batch_size=1,
     )
-    assert isinstance(frame, pd.DataFrame) and list(frame.columns) == ["phrase", "category", "cnr", "iou"]
+    assert isinstance(frame, pd.DataFrame) and list(frame.columns) == ["phrase", "category", "cnr", "iou", "miou"]
     assert frame["category"].tolist() == ["effusion", "pneumothorax"]
     assert np.isfinite(frame["cnr"]).all() and (frame["cnr"] >= 0).all()
     assert ((frame["iou"] >= 0) & (frame["iou"] <= 1)).all()
@@ -148,3 +148,36 @@ def test_boxes_from_frame() -> None:
     frame = pd.DataFrame({"study": ["a"], "x": [1.0], "y": [2.0], "z": [3.0], "w": [4.0], "h": [5.0], "d": [6.0]})
     assert boxes_from_frame(frame, 3) == [(1.0, 2.0, 3.0, 4.0, 5.0, 6.0)]
     assert boxes_from_frame(frame, 2) == [(1.0, 2.0, 4.0, 5.0)]
+
+
+def test_a_phrase_with_two_boxes_is_scored_once_against_their_union() -> None:
+    from types import SimpleNamespace
+
+    from medvlp.tasks.grounding import grounding_pairs, grounding_summary, miou
+
+    left, right = (4.0, 10.0, 6.0, 8.0), (22.0, 10.0, 6.0, 8.0)  # a bilateral effusion: one phrase, two boxes
+    rows = [("st-1", "pleural_effusion", "Bilateral effusions.", *b) for b in (left, right)]
+    rows.append(("st-1", "cardiomegaly", "The heart is enlarged.", 12.0, 4.0, 8.0, 8.0))
+    rows.append(("st-2", "pleural_effusion", "Bilateral effusions.", *left))  # another study, same words
+    frame = pd.DataFrame(rows, columns=["study", "category_name", "label_text", "x", "y", "w", "h"])
+    cache = SimpleNamespace(
+        grounding=frame,
+        spatial_dims=2,
+        split=lambda _: pd.DataFrame({"study": ["st-1", "st-2"]}),
+    )
+    pairs = grounding_pairs(cache, "test")
+    assert len(pairs) == 3
+    both = pairs[(pairs["study"] == "st-1") & (pairs["finding"] == "pleural_effusion")].iloc[0]
+    assert both["boxes"] == [list(left), list(right)]
+    sim = np.zeros((32, 32))
+    for x, y, w, h in (left, right):  # high in both boxes
+        sim[int(x) : int(x + w), int(y) : int(y + h)] = 1.0
+    union, one = box_mask(both["boxes"], (32, 32)), box_mask(left, (32, 32))
+    assert iou(sim, union) == 1.0 and iou(sim, one) == 0.5  # per box, the other side counted as outside
+    assert cnr(sim, union) > cnr(sim, one)
+    assert miou(sim, union) == 1.0 and math.isclose(miou(sim, one), 0.5)
+    assert miou(np.full((32, 32), 0.25), union) == pytest.approx(2 / 5 * union.sum() / union.size)
+    scores = pairs.assign(cnr=[1.0, 2.0, np.inf], iou=[0.5, 0.5, 0.5], miou=[0.2, 0.4, 0.6])
+    summary = grounding_summary(scores)
+    assert summary["n"] == 3 and summary["n_unscored"] == 1 and summary["mean_cnr"] == 1.5
+    assert summary["per_category"]["pleural_effusion"]["n"] == 2

@@ -75,9 +75,9 @@ def test_block_rows_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[int] = []
     original = retrieval._scan
 
-    def spy(img, txt, ks, groups, rows):  # type: ignore[no-untyped-def]
+    def spy(img, txt, ks, groups, answers, rows):  # type: ignore[no-untyped-def]
         seen.append(rows)
-        return original(img, txt, ks, groups, rows)
+        return original(img, txt, ks, groups, answers, rows)
 
     monkeypatch.setattr(retrieval, "_scan", spy)
     img, txt = _pairs(500)
@@ -155,3 +155,30 @@ def test_index_requires_faiss_when_asked(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(ImportError):
         EmbeddingIndex(4, use_faiss=True)
     assert EmbeddingIndex(4).use_faiss is False
+
+
+def test_a_collapsed_model_scores_no_better_than_chance() -> None:
+    same = np.ones((50, 8), dtype=np.float32)  # every image and report embedded at one point: all ties
+    out = retrieval_metrics(same, same.copy())
+    for direction in ("image_to_report", "report_to_image"):
+        assert out[direction]["R@1"] == 0.0 and out[direction]["R@10"] == 0.0  # ties count against the model
+        assert out[direction]["median_rank"] == 50.0
+
+
+def test_identical_reports_are_one_answer() -> None:
+    from medvlp.tasks.retrieval import answer_groups, normalize_report
+
+    texts = ["No acute abnormality.", "no acute  abnormality", "Small left effusion.", "Right pneumothorax."]
+    assert normalize_report(texts[0]) == normalize_report(texts[1])
+    g = answer_groups(texts, 4)
+    assert g[0] == g[1] and len(set(g)) == 3
+    img = np.eye(4, dtype=np.float32)
+    txt = np.eye(4, dtype=np.float32)
+    txt[0], txt[1] = img[1], img[0]  # the two normal reports swapped: each image's best report is the other one
+    plain = retrieval_metrics(img, txt, ks=(1,))
+    grouped = retrieval_metrics(img, txt, ks=(1,), texts=texts)
+    assert plain["image_to_report"]["R@1"] == 0.5 and grouped["image_to_report"]["R@1"] == 1.0
+    assert plain["report_to_image"]["R@1"] == 0.5 and grouped["report_to_image"]["R@1"] == 1.0
+    assert grouped["answers"] == 3
+    with pytest.raises(ValueError, match="report texts"):
+        retrieval_metrics(img, txt, texts=texts[:3])

@@ -157,3 +157,34 @@ def test_threshold_at_sensitivity() -> None:
     assert math.isnan(threshold_at_sensitivity(np.zeros(4), np.ones(4)))
     with pytest.raises(ValueError):
         threshold_at_sensitivity(np.ones(3), np.ones(3), target=0.0)
+
+
+def test_operating_points_reach_the_target_sensitivity() -> None:
+    from medvlp.tasks.zeroshot import operating_points
+
+    labels = np.array([[1, 0], [1, 0], [1, 0], [0, 0], [0, 0], [-1, np.nan]], dtype=float)
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.3], [0.5, 0.4], [0.1, 0.5], [0.99, 0.6]])
+    thresholds = threshold_at_sensitivity(labels, probs, 0.6)
+    pts = operating_points(labels, probs, ["a", "b"], thresholds)
+    a = pts["a"]  # 2 of 3 positives needed: threshold 0.8 -> TP 2, FN 1, FP 0 (0.5 < 0.8), TN 2
+    assert a["threshold"] == 0.8 and a["sensitivity"] == 2 / 3 and a["specificity"] == 1.0
+    assert a["ppv"] == 1.0 and a["npv"] == 2 / 3 and (a["n_pos"], a["n_neg"]) == (3, 2)
+    assert math.isnan(pts["b"]["threshold"]) and "specificity" not in pts["b"]  # no positives, no threshold
+
+
+def test_the_operating_point_is_fitted_on_val_and_scored_on_test() -> None:
+    from medvlp.tasks.zeroshot import zero_shot_metrics
+
+    val_labels, val_probs = _labels_probs(seed=1)
+    labels, probs = _labels_probs(seed=2)
+    out = zero_shot_metrics(labels, probs, FINDINGS, val_labels, val_probs, target_sensitivity=0.9)
+    fitted_on_val = threshold_at_sensitivity(val_labels, val_probs, 0.9)
+    fitted_on_test = threshold_at_sensitivity(labels, probs, 0.9)
+    per = out["operating_point"]["per_finding"]
+    assert [per[f]["threshold"] for f in FINDINGS] == list(fitted_on_val)
+    assert list(fitted_on_val) != list(fitted_on_test)  # a real difference, so the test can tell them apart
+    assert (
+        out["operating_point"]["fitted_on"] == "val"
+        and out["mean_auroc"] == classification_metrics(labels, probs, FINDINGS)["mean_auroc"]
+    )
+    assert "operating_point" not in zero_shot_metrics(labels, probs, FINDINGS)  # no val, no tuned threshold

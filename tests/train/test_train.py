@@ -57,7 +57,7 @@ def test_tiny_run_end_to_end(cohort: Path, tmp_path: Path) -> None:
 
     # the model folder carries what using it on new images needs: the preprocessing and the findings
     record = json.loads((run / "stage2-align" / "model" / "cohort.json").read_text())
-    from medvlp.train.run import default_cache_dir
+    from medvlp.artifacts import default_cache_dir
 
     summary = json.loads((default_cache_dir(cohort) / "summary.json").read_text())
     assert record["preprocess"] == summary["preprocess"] and record["findings"] == summary["findings"]
