@@ -78,8 +78,11 @@ def roc_figure(
     """One ROC panel per finding (rows labelled 1/0), AUROC in the title, an operating point marked when given
     (``points[finding]`` with ``threshold, sensitivity, specificity``, e.g. from
     :func:`medvlp.tasks.zeroshot.zero_shot_metrics`)."""
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_curve
 
+    from medvlp.tasks.zeroshot import classification_metrics
+
+    auroc = {f: m["auroc"] for f, m in classification_metrics(labels, probs, findings)["per_finding"].items()}
     fig, axs = _grid(len(findings))
     for j, (ax, name) in enumerate(zip(axs, findings, strict=False)):
         y, p = _valid(labels, probs, j)
@@ -87,7 +90,7 @@ def roc_figure(
         if len(np.unique(y)) == 2:
             fpr, tpr, _ = roc_curve(y, p)
             ax.plot(fpr, tpr, lw=1.5)
-            ax.set_title(f"{name}\nAUROC {roc_auc_score(y, p):.3f} (n={len(y)})", fontsize="small")
+            ax.set_title(f"{name}\nAUROC {auroc[name]:.3f} (n={len(y)})", fontsize="small")
         else:
             ax.set_title(f"{name}\none class only (n={len(y)})", fontsize="small")
         pt = (points or {}).get(name) or {}
