@@ -17,6 +17,7 @@ HEADLINE = (
     ("grounding mean CNR", ("grounding", "mean_cnr")),
     ("grounding mean IoU", ("grounding", "mean_iou")),
     ("grounding mean mIoU (cosine 0.1-0.5)", ("grounding", "mean_miou")),
+    ("negation/laterality robustness accuracy", ("robustness", "mean_accuracy")),
     ("survival C-index (image + covariates)", ("survival", "c_index")),
     ("linear probe mean AUROC (100% labels)", ("linear_probe", "mean_auroc")),
 )
@@ -75,6 +76,25 @@ def write_model_card(out: Path, metrics: dict[str, Any], model_path: Path) -> Pa
                 f"| {f} | {_fmt(m.get('auroc'))} | {_fmt(m.get('auprc'))} | {_fmt(m.get('f1'))} | "
                 f"{_fmt(m.get('ece'))} | {m.get('n_pos')} / {m.get('n_neg')} |"
             )
+    rob = metrics.get("robustness") or {}
+    if rob.get("per_finding"):
+        perts = sorted(rob["per_perturbation"])
+        lines += [
+            "",
+            "## Robustness: the true finding sentence ranked above its negated and side-swapped twins",
+            "",
+            "| finding | " + " | ".join(perts) + " |",
+            "|---|" + "---|" * len(perts),
+        ]
+        for f, accs in rob["per_finding"].items():
+            lines.append(f"| {f} | " + " | ".join(_fmt(accs.get(k)) for k in perts) + " |")
+        lines.append(
+            "| all | "
+            + " | ".join(
+                f"{_fmt(rob['per_perturbation'][k]['accuracy'])} (n={rob['per_perturbation'][k]['n']})" for k in perts
+            )
+            + " |"
+        )
     op = (metrics.get("zero_shot") or {}).get("operating_point")
     if op:
         lines += [

@@ -23,7 +23,7 @@ import torch
 from medvlp.artifacts import ALIGN_ONLY_RUN, CARD_METRICS, RunDir
 from medvlp.data.cache import CachedCohort
 from medvlp.models import MedVLP
-from medvlp.tasks import grounding, probe, retrieval, survival_compare, zeroshot
+from medvlp.tasks import grounding, probe, retrieval, robustness, survival_compare, zeroshot
 from medvlp.tasks.embed import SplitEmbeddings, embed_split, load_images
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ PROTOCOL = {
     "retrieval": "ties count against the model; identical normalized reports are one answer",
     "grounding": "one score per (study, phrase) against the union of its boxes; mIoU at cosine 0.1-0.5",
     "survival": "Cox fitted on train; risk groups cut at the training median; bootstrap by subject",
+    "robustness": "true finding sentence vs its negated and laterality-swapped twins; ties count as misses",
 }
 
 __all__ = ["BASELINES", "SplitEmbeddings", "embed_split", "evaluate", "evaluate_model", "train_align_only"]
@@ -96,6 +97,7 @@ def evaluate_model(
         "zero_shot": zs,
         "retrieval": retrieval.retrieval_metrics(test.image, test.text, labels=test.labels, texts=test.reports),
         "grounding": grounding.grounding_summary(scores),
+        "robustness": robustness.robustness_suite(model, cache, test.image, list(test.records["study"])),
         "survival": surv,
         "linear_probe": {
             "mean_auroc": pr["curve"].get(1.0),

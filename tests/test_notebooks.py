@@ -144,7 +144,8 @@ def test_phrase_grounding_in_3d(executed: dict[str, Any]) -> None:
 
 # ------------------------------------------------ one truth per number: the notebooks' numbers are the card's
 NUMBERS = {  # notebook -> a last cell printing the numbers it computed, as the card stores them
-    "01_zero_shot_diagnosis.ipynb": 'print("NUMBERS", json.dumps({"zero_shot/mean_auroc": zs["mean_auroc"]}))',
+    "01_zero_shot_diagnosis.ipynb": 'print("NUMBERS", json.dumps({"zero_shot/mean_auroc": zs["mean_auroc"], '
+    '"robustness/mean_accuracy": rob["mean_accuracy"]}))',
     "02_phrase_grounding.ipynb": 'print("NUMBERS", json.dumps({"grounding/mean_cnr": summary["mean_cnr"], '
     '"grounding/mean_miou": summary["mean_miou"]}))',
     "03_survival.ipynb": 'print("NUMBERS", json.dumps({"survival/c_index": metrics["c_index"]}))',
@@ -164,7 +165,7 @@ def test_the_notebooks_numbers_are_the_cards(tiny_demo: TinyDemo, executed: dict
     seen = {}
     for name in NUMBERS:
         seen |= printed_numbers(check_executed(executed[name], FIGURES[name]))
-    assert len(seen) == 6
+    assert len(seen) == 7
     for path, value in seen.items():
         node = card
         for key in path.split("/"):

@@ -1,0 +1,66 @@
+"""Rule-based perturbations of report sentences: a negated twin and a laterality-swapped twin.
+
+They are hard negatives that differ from the true sentence in one clinically decisive way ("small left effusion"
+against "no effusion" or "small right effusion"), the idea behind text-side hard negatives made by perturbing the
+description. The rules read grammar, not a list of findings, so they work on any finding vocabulary:
+
+- :func:`negate` turns an affirmative finding sentence into its negation ("There is a 2 cm renal mass." -> "There is
+  no renal mass."; "The heart is enlarged." -> "The heart is not enlarged."; "Large left pneumothorax." -> "No
+  left pneumothorax."); a sentence that is already negated or uncertain has no twin (None);
+- :func:`swap_laterality` swaps left and right ("left" <-> "right", keeping case); a sentence without a side, or
+  with both, has no twin (None).
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["negate", "swap_laterality"]
+
+_NEGATED = re.compile(
+    r"\b(no|not|without|negative for|absent|free of|resolved|cannot be excluded|possible|possibly|may|"
+    r"questionable|suspicious for|unremarkable|normal)\b",
+    re.I,
+)
+_SIDE = re.compile(r"\b(left|right)\b", re.I)
+_SIZE = r"(?:(?:\d+(?:\.\d+)?\s*(?:mm|cm)|small|tiny|trace|mild|moderate|large|severe|massive)[\s,]+)*"
+_THERE = re.compile(r"^there (is|are) (?:an? |some )?" + _SIZE + r"(.*)$", re.I)
+_SEEN = re.compile(r"^(an? |the )?(.*?) (is|are) (seen|noted|present|identified|demonstrated|visible)\b(.*)$", re.I)
+_IS_ADJ = re.compile(r"^(.*?) (is|are) (?!not\b)(\w+)(.*)$", re.I)
+_LEAD = re.compile(r"^(?:an? |the )?" + _SIZE, re.I)
+
+
+def _sentence(text: str) -> tuple[str, str]:
+    body = " ".join(text.split())
+    end = body[-1] if body and body[-1] in ".!?" else "."
+    return body.rstrip(".!? "), end
+
+
+def negate(sentence: str) -> str | None:
+    """The negated twin of an affirmative finding sentence, or None when it is negated or uncertain already."""
+    body, end = _sentence(sentence)
+    if not body or _NEGATED.search(body):
+        return None
+    if m := _THERE.match(body):
+        return f"There {m.group(1).lower()} no {m.group(2)}{end}"
+    if m := _SEEN.match(body):
+        subject = _LEAD.sub("", m.group(2))
+        return f"No {subject} {m.group(3).lower()} {m.group(4).lower()}{m.group(5)}{end}"
+    if m := _IS_ADJ.match(body):
+        return f"{m.group(1)} {m.group(2)} not {m.group(3)}{m.group(4)}{end}"
+    rest = _LEAD.sub("", body)
+    return f"No {rest[:1].lower()}{rest[1:]}{end}" if rest else None
+
+
+def swap_laterality(sentence: str) -> str | None:
+    """The sentence with left and right swapped (case kept), or None without exactly one side named."""
+    sides = {m.group(1).lower() for m in _SIDE.finditer(sentence)}
+    if len(sides) != 1:
+        return None
+
+    def swap(m: re.Match[str]) -> str:
+        word = m.group(1)
+        other = "right" if word.lower() == "left" else "left"
+        return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+
+    return _SIDE.sub(swap, sentence)

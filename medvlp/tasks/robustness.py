@@ -1,0 +1,81 @@
+"""Does "left" mean left, and does "no" mean no? The negation and laterality robustness suite.
+
+For every annotated finding phrase of the split (the sentence a radiologist wrote about a finding that is there,
+from the cohort's grounding file) the model must rank the true sentence above its negated twin and above its
+laterality-swapped twin (:mod:`medvlp.data.perturb`), by the cosine similarity of the image with each text. Ties
+count against the model. Accuracy is reported per perturbation and per finding; 0.5 is what a model that cannot tell
+the twins apart scores on average.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medvlp.data.perturb import negate, swap_laterality
+from medvlp.tasks.grounding import grounding_pairs
+
+__all__ = ["PERTURBATIONS", "robustness_cases", "robustness_suite"]
+
+PERTURBATIONS = {"negation": negate, "laterality": swap_laterality}
+
+
+def robustness_cases(cache: Any, split: str = "test") -> pd.DataFrame:
+    """One row per (study, phrase, perturbation) that has a twin: ``study, finding, phrase, perturbation, twin``."""
+    rows = []
+    for p in grounding_pairs(cache, split).itertuples(index=False):
+        for name, rule in PERTURBATIONS.items():
+            twin = rule(p.phrase)
+            if twin is not None and twin != p.phrase:
+                rows.append(
+                    {"study": p.study, "finding": p.finding, "phrase": p.phrase, "perturbation": name, "twin": twin}
+                )
+    return pd.DataFrame(rows, columns=["study", "finding", "phrase", "perturbation", "twin"])
+
+
+@torch.no_grad()
+def robustness_suite(model: Any, cache: Any, image_emb: np.ndarray, studies: list[str], split: str = "test") -> dict:
+    """Accuracy of ranking each true finding sentence above its perturbed twins.
+
+    Args:
+        model: a :class:`~medvlp.models.MedVLP` (its text tower embeds the sentences).
+        cache: the cohort cache (its grounding phrases are the true sentences).
+        image_emb: ``[N, E]`` image embeddings of the split (:func:`medvlp.tasks.embed.embed_split`).
+        studies: the ``N`` study pseudonyms of ``image_emb``'s rows.
+        split: the split.
+
+    Returns:
+        ``{"n", "mean_accuracy", "per_perturbation": {name: {"accuracy", "n"}}, "per_finding": {finding: {name:
+        accuracy}}}``; ``mean_accuracy`` None when the split has no annotated phrase with a twin.
+    """
+    cases = robustness_cases(cache, split)
+    if cases.empty:
+        return {"n": 0, "mean_accuracy": None, "per_perturbation": {}, "per_finding": {}}
+    row = {s: i for i, s in enumerate(studies)}
+    img = torch.nn.functional.normalize(torch.as_tensor(image_emb[[row[s] for s in cases["study"]]]).float(), dim=-1)
+    texts = list(dict.fromkeys([*cases["phrase"], *cases["twin"]]))
+    was_training = model.training
+    model.eval()
+    try:
+        emb = torch.cat([model.encode_text(texts[i : i + 64]).float().cpu() for i in range(0, len(texts), 64)])
+    finally:
+        model.train(was_training)
+    emb = torch.nn.functional.normalize(emb, dim=-1)
+    index = {t: i for i, t in enumerate(texts)}
+    true = (img * emb[[index[t] for t in cases["phrase"]]]).sum(-1)
+    twin = (img * emb[[index[t] for t in cases["twin"]]]).sum(-1)
+    cases = cases.assign(correct=(true > twin).numpy())  # a tie is a miss
+    per_pert = {str(k): {"accuracy": float(g["correct"].mean()), "n": len(g)} for k, g in cases.groupby("perturbation")}
+    per_finding = {
+        str(f): {str(k): float(g2["correct"].mean()) for k, g2 in g.groupby("perturbation")}
+        for f, g in cases.groupby("finding")
+    }
+    return {
+        "n": len(cases),
+        "mean_accuracy": float(cases["correct"].mean()),
+        "per_perturbation": per_pert,
+        "per_finding": per_finding,
+    }

@@ -1,0 +1,43 @@
+"""The negation and laterality rules: grammar, not a finding list."""
+
+from __future__ import annotations
+
+import pytest
+
+from medvlp.data.perturb import negate, swap_laterality
+
+
+@pytest.mark.parametrize(
+    ("sentence", "negated"),
+    [
+        ("There is a large left pneumothorax.", "There is no left pneumothorax."),
+        ("There are multiple pulmonary nodules.", "There are no multiple pulmonary nodules."),
+        ("Large right pleural effusion.", "No right pleural effusion."),
+        ("The cardiac silhouette is enlarged.", "The cardiac silhouette is not enlarged."),
+        ("A 2.5 cm lesion is seen in the right hepatic lobe.", "No lesion is seen in the right hepatic lobe."),
+        ("Enhancing renal mass measuring 1.5 cm.", "No enhancing renal mass measuring 1.5 cm."),
+        ("Blunting of the left costophrenic angle", "No blunting of the left costophrenic angle."),
+        ("Cardiomegaly.", "No cardiomegaly."),
+        ("No pneumothorax.", None),
+        ("The lungs are clear without effusion.", None),
+        ("A trace right pleural effusion cannot be excluded.", None),
+        ("Possible small right pleural effusion.", None),
+    ],
+)
+def test_negate(sentence: str, negated: str | None) -> None:
+    assert negate(sentence) == negated
+
+
+@pytest.mark.parametrize(
+    ("sentence", "swapped"),
+    [
+        ("Large left pneumothorax.", "Large right pneumothorax."),
+        ("RIGHT lower lobe nodule; Right hilum normal.", "LEFT lower lobe nodule; Left hilum normal."),
+        ("Moderate bilateral pleural effusions.", None),
+        ("Left effusion, right pneumothorax.", None),  # both sides named: a swap says the same thing
+        ("The heart is enlarged.", None),
+        ("Leftover contrast in the bowel.", None),  # whole words only
+    ],
+)
+def test_swap_laterality(sentence: str, swapped: str | None) -> None:
+    assert swap_laterality(sentence) == swapped

@@ -1,0 +1,65 @@
+"""The robustness suite counts a true sentence ranked above its twin; a model that cannot tell them apart scores 0."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medvlp.tasks.robustness import robustness_cases, robustness_suite
+
+
+class WordModel:
+    """A text tower that embeds a sentence by its words (bag of words over a fixed vocabulary)."""
+
+    training = False
+    vocab = ("left", "right", "no", "pneumothorax", "effusion", "heart", "enlarged", "not")
+
+    def __init__(self, blind: bool = False) -> None:
+        self.blind = blind
+
+    def eval(self) -> None:
+        pass
+
+    def train(self, mode: bool = True) -> None:
+        pass
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        if self.blind:
+            return torch.ones(len(texts), len(self.vocab))
+        words = [set(t.lower().replace(".", "").split()) for t in texts]
+        return torch.tensor([[float(w in ws) for w in self.vocab] for ws in words]) + 0.01
+
+
+def _cache() -> SimpleNamespace:
+    rows = [
+        ("st-1", "pneumothorax", "Large left pneumothorax.", 1.0, 1.0, 4.0, 4.0),
+        ("st-2", "pleural_effusion", "Right effusion.", 1.0, 1.0, 4.0, 4.0),
+        ("st-3", "cardiomegaly", "The heart is enlarged.", 1.0, 1.0, 4.0, 4.0),
+    ]
+    frame = pd.DataFrame(rows, columns=["study", "category_name", "label_text", "x", "y", "w", "h"])
+    return SimpleNamespace(
+        grounding=frame, spatial_dims=2, split=lambda _: pd.DataFrame({"study": ["st-1", "st-2", "st-3"]})
+    )
+
+
+def test_cases_have_twins_only_where_the_rules_apply() -> None:
+    cases = robustness_cases(_cache())
+    assert sorted(cases["perturbation"]) == ["laterality", "laterality", "negation", "negation", "negation"]
+    assert set(cases.loc[cases["finding"] == "cardiomegaly", "twin"]) == {"The heart is not enlarged."}
+
+
+def test_a_model_that_reads_the_words_passes_and_a_blind_one_fails() -> None:
+    cache = _cache()
+    studies = ["st-1", "st-2", "st-3"]
+    texts = ["Large left pneumothorax.", "Right effusion.", "The heart is enlarged."]
+    image = WordModel().encode_text(texts).numpy()  # each image sits exactly on its true sentence
+    good = robustness_suite(WordModel(), cache, image, studies)
+    assert good["n"] == 5 and good["mean_accuracy"] == 1.0
+    assert good["per_finding"]["pneumothorax"] == {"laterality": 1.0, "negation": 1.0}
+    blind = robustness_suite(WordModel(blind=True), cache, np.ones((3, 8), np.float32), studies)
+    assert blind["mean_accuracy"] == 0.0  # every comparison a tie: ties count against the model
+    swapped = robustness_suite(WordModel(), cache, WordModel().encode_text(["right", "left", "x"]).numpy(), studies)
+    assert swapped["per_perturbation"]["laterality"]["accuracy"] == 0.0
