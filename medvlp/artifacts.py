@@ -9,7 +9,7 @@ Four layouts, each written by one owner and opened here (the README has one tabl
 - **run folder** (written by ``medvlp train``, :func:`medvlp.train.run.train`): ``config.yaml``, ``run.json``,
   ``train.log`` and one folder per stage, the aligned model in ``stage2-align/model``.
 - **model folder** (written by :meth:`medvlp.models.MedVLP.save_pretrained` and stage 2): ``config.json``,
-  ``model.safetensors``, ``text/``, ``cohort.json``.
+  ``model.safetensors``, ``text/``, ``cohort.json``, ``calibration.json`` (fitted on ``val`` after training).
 - **card folder** (written by ``medvlp evaluate``): ``metrics.json``, ``model_card.md``, ``*.png`` and, with the
   align-only baseline, ``baselines/align-only/`` (a run folder).
 
@@ -229,6 +229,12 @@ class RunDir:
         from medvlp.models import MedVLP
 
         return MedVLP.from_pretrained(self.model_dir, map_location=map_location).eval()
+
+    def calibration(self) -> dict[str, Any] | None:
+        """The model's zero-shot calibration (``calibration.json``, fitted on ``val``), or None."""
+        from medvlp.tasks.calibration import load_calibration
+
+        return load_calibration(self.model_dir)
 
     def card(self, card: Path | None = None) -> Path | None:
         """The evaluation card's ``metrics.json`` (see :func:`find_card`)."""

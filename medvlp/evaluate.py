@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 BASELINES = ("untrained", "align_only")
 ALIGN_ONLY_DIR = ALIGN_ONLY_RUN  # inside the card folder
 PROTOCOL = {
-    "split": "test; every tuned choice (operating points) fitted on val",
+    "split": "test; every tuned choice (calibration, operating points) fitted on val",
     "retrieval": "ties count against the model; identical normalized reports are one answer",
     "grounding": "one score per (study, phrase) against the union of its boxes; mIoU at cosine 0.1-0.5",
     "survival": "Cox fitted on train; risk groups cut at the training median; bootstrap by subject",
@@ -38,16 +38,6 @@ PROTOCOL = {
 }
 
 __all__ = ["BASELINES", "SplitEmbeddings", "embed_split", "evaluate", "evaluate_model", "train_align_only"]
-
-
-def _zero_shot(model: MedVLP, findings: list[str], val: SplitEmbeddings, test: SplitEmbeddings) -> tuple[Any, ...]:
-    probs = zeroshot.zero_shot_scores(model, np.concatenate([val.image, test.image]), findings)
-    val_probs, test_probs = probs[: len(val.image)], probs[len(val.image) :]
-    has_val = len(val.image) > 0
-    metrics = zeroshot.zero_shot_metrics(
-        test.labels, test_probs, findings, val.labels if has_val else None, val_probs if has_val else None
-    )
-    return metrics, test_probs
 
 
 def _survival(cache: CachedCohort, train: SplitEmbeddings, test: SplitEmbeddings) -> tuple[Any, ...]:
@@ -83,13 +73,18 @@ def _plots(model: MedVLP, cache: CachedCohort, plot_dir: Path, found: dict[str, 
 
 
 def evaluate_model(
-    model: MedVLP, cache: CachedCohort, sections: list[str], plot_dir: Path | None = None
+    model: MedVLP,
+    cache: CachedCohort,
+    sections: list[str],
+    plot_dir: Path | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """All tasks for one model on the test split (tuned choices on val); plots go to ``plot_dir`` when given."""
+    """All tasks for one model on the test split (tuned choices, the calibration included, on val); plots go to
+    ``plot_dir`` when given."""
     if plot_dir is not None:
         plot_dir.mkdir(parents=True, exist_ok=True)
     train, val, test = (embed_split(model, cache, s, sections) for s in ("train", "val", "test"))
-    zs, probs = _zero_shot(model, cache.findings, val, test)
+    zs, probs = zeroshot.zero_shot_task(model, val, test, cache.findings, calibration)
     scores = grounding.grounding_scores(model, cache, grounding.grounding_pairs(cache, "test"))
     surv, sdata, sresult = _survival(cache, train, test)
     pr = probe.linear_probe(train.image, train.labels, test.image, test.labels, cache.findings)
@@ -147,7 +142,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     model = run.load_model()
     sections = run.report_sections
-    metrics = evaluate_model(model, cache, sections, out)
+    metrics = evaluate_model(model, cache, sections, out, run.calibration())
     metrics["cohort"] = {
         "name": cache.summary["cohort"],
         "test_studies": len(cache.split("test")),
@@ -161,7 +156,10 @@ def evaluate(
             metrics["baselines"]["untrained"] = evaluate_model(_untrained(model), cache, sections)
         if "align_only" in wanted and run.config is not None:
             align_run = train_align_only(run.config, cohort_yaml, cache.root, out)
-            metrics["baselines"]["align_only"] = evaluate_model(RunDir.open(align_run).load_model(), cache, sections)
+            baseline = RunDir.open(align_run)
+            metrics["baselines"]["align_only"] = evaluate_model(
+                baseline.load_model(), cache, sections, calibration=baseline.calibration()
+            )
         curves |= {k: v["linear_probe"]["curve"] for k, v in metrics["baselines"].items()}
     figures.save_png(figures.data_efficiency_figure(curves), out / "data_efficiency.png")
     (out / CARD_METRICS).write_text(json.dumps(_jsonable(metrics), indent=2) + "\n")

@@ -77,6 +77,11 @@ def test_tiny_run_gives_a_complete_card(tiny_run: tuple[Path, Path], tmp_path: P
         assert 0.0 <= v <= 1.0 or path[0] == "grounding", (path, v)
     for f in findings:
         assert "auroc" in metrics["zero_shot"]["per_finding"][f]
+    zs = metrics["zero_shot"]  # training fitted a calibration on val; the card answers calibrated probabilities
+    assert zs["calibrated"] is True and isinstance(zs["mean_ece_uncalibrated"], float)
+    assert (run / "stage2-align" / "model" / "calibration.json").is_file()
+    assert set(zs["operating_point"]["per_finding"]) == set(findings)
+    assert isinstance(metrics["robustness"]["mean_accuracy"], float)
     assert set(metrics["baselines"]) == {"untrained", "align_only"}
     for b in metrics["baselines"].values():
         for path in REQUIRED:

@@ -33,6 +33,7 @@ __all__ = [
     "zero_shot_metrics",
     "zero_shot_probabilities",
     "zero_shot_scores",
+    "zero_shot_task",
 ]
 
 DEFAULT_TEMPLATES: dict[str, list[str]] = {
@@ -335,11 +336,22 @@ def zero_shot_metrics(
     val_labels: np.ndarray | None = None,
     val_probs: np.ndarray | None = None,
     target_sensitivity: float = 0.9,
+    uncalibrated: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The zero-shot task's numbers: :func:`classification_metrics` on the scored split and, with a validation
     split, ``operating_point``: per finding the threshold reaching ``target_sensitivity`` on ``val``
-    (:func:`threshold_at_sensitivity`) and what it gives on the scored split (:func:`operating_points`)."""
+    (:func:`threshold_at_sensitivity`) and what it gives on the scored split (:func:`operating_points`).
+
+    With ``uncalibrated`` (the probabilities before calibration; ``probs`` are then the calibrated ones), the ECE
+    before calibration is kept beside as ``mean_ece_uncalibrated`` and, per finding, ``ece_uncalibrated``.
+    """
     out = classification_metrics(labels, probs, findings)
+    out["calibrated"] = uncalibrated is not None
+    if uncalibrated is not None:
+        before = classification_metrics(labels, uncalibrated, findings)
+        out["mean_ece_uncalibrated"] = before["mean_ece"]
+        for name, m in before["per_finding"].items():
+            out["per_finding"][name]["ece_uncalibrated"] = m["ece"]
     if val_labels is not None and val_probs is not None:
         thresholds = np.atleast_1d(threshold_at_sensitivity(val_labels, val_probs, target_sensitivity))
         out["operating_point"] = {
@@ -380,3 +392,36 @@ def prompt_sensitivity(
         m = classification_metrics(labels, zero_shot_scores(model, image_features, findings, templates), findings)
         rows[name] = {f: v["auroc"] for f, v in m["per_finding"].items()} | {"mean": m["mean_auroc"]}
     return pd.DataFrame(rows).T.rename_axis("templates")
+
+
+def zero_shot_task(
+    model: Any,
+    val: Any,
+    test: Any,
+    findings: Sequence[str],
+    calibration: Mapping[str, Any] | None = None,
+    target_sensitivity: float = 0.9,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """The zero-shot task on split embeddings (:class:`medvlp.tasks.embed.SplitEmbeddings`): probabilities of the
+    test images (calibrated when the model has a calibration, :mod:`medvlp.tasks.calibration`) and
+    :func:`zero_shot_metrics`, the operating point fitted on ``val``.
+
+    Returns:
+        ``(metrics, probabilities [N, F])``.
+    """
+    from medvlp.tasks.calibration import apply_calibration
+
+    raw = zero_shot_scores(model, np.concatenate([val.image, test.image]), findings)
+    probs = apply_calibration(raw, findings, calibration)[0] if calibration else raw
+    n_val = len(val.image)
+    has_val = n_val > 0
+    metrics = zero_shot_metrics(
+        test.labels,
+        probs[n_val:],
+        findings,
+        val.labels if has_val else None,
+        probs[:n_val] if has_val else None,
+        target_sensitivity,
+        uncalibrated=raw[n_val:] if calibration else None,
+    )
+    return metrics, probs[n_val:]

@@ -171,6 +171,11 @@ def train(
                 stage, run / name, rt, cfg.seed, resume=resume, num_workers=cfg.data.num_workers, on_step=on_step
             )
             logger.info("%s done: %s", name, results[name])
+        if "stage2-align" in wanted and rt.is_main:
+            from medvlp.tasks.calibration import calibrate_model_dir
+
+            calibrate_model_dir(run / "stage2-align" / "model", cache, list(cfg.data.report_sections))
+        barrier(rt)
         return results
     finally:
         if handler is not None:

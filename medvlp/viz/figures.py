@@ -104,25 +104,23 @@ def roc_figure(
 
 
 def calibration_figure(
-    labels: np.ndarray, probs: np.ndarray, findings: Sequence[str], n_bins: int = 15, title: str = "Calibration"
+    labels: np.ndarray, probs: np.ndarray, findings: Sequence[str], n_bins: int = 10, title: str = "Calibration"
 ) -> Figure:
-    """Reliability diagram (fraction positive vs mean probability, equal-width bins as the ECE uses) and the
-    probability histogram per finding."""
+    """Reliability diagram with bins of equal count (each point: the mean probability and the fraction positive of
+    ``n_bins`` equally many studies, so no point rests on a handful) and the probability histogram per finding."""
     fig = _figure(6.0, 7.0, dpi=100)
     ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
-    edges = np.linspace(0, 1, n_bins + 1)
     for j, name in enumerate(findings):
         y, p = _valid(labels, probs, j)
         if len(y) == 0:
             continue
-        idx = np.minimum((p * n_bins).astype(int), n_bins - 1)
-        counts = np.bincount(idx, minlength=n_bins)
-        nz = counts > 0
-        frac = np.bincount(idx, weights=y, minlength=n_bins)[nz] / counts[nz]
-        conf = np.bincount(idx, weights=p, minlength=n_bins)[nz] / counts[nz]
-        (line,) = ax.plot(conf, frac, marker="o", ms=3, lw=1.2, label=name)
-        hist.hist(p, bins=edges, histtype="step", color=line.get_color())
+        order = np.argsort(p, kind="stable")
+        parts = [part for part in np.array_split(order, min(n_bins, len(p))) if len(part)]
+        conf = [float(p[part].mean()) for part in parts]
+        frac = [float(y[part].mean()) for part in parts]
+        (line,) = ax.plot(conf, frac, marker="o", ms=3, lw=1.2, label=f"{name} ({len(p) // len(parts)} per bin)")
+        hist.hist(p, bins=np.linspace(0, 1, 21), histtype="step", color=line.get_color())
     ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="fraction positive", title=title)
     hist.set(xlabel="predicted probability", ylabel="count")
     if ax.get_legend_handles_labels()[0]:

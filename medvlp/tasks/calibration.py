@@ -1,0 +1,127 @@
+"""Calibration of zero-shot probabilities: a temperature and a bias per finding, fitted on ``val``.
+
+The zero-shot probability of a finding is ``sigmoid(z)`` with ``z = scale * (cos(image, positive prompt) -
+cos(image, negative prompt))``; calibration replaces it by ``sigmoid(a * z + b)`` with ``a > 0`` (a temperature, so
+the ranking and the AUROC are unchanged) and ``b`` fitted per finding by minimising the log-loss on the validation
+split (Platt scaling). It is stored in the model folder as ``calibration.json`` and applied by the evaluation card,
+the notebooks and the server alike; a finding without both classes on ``val`` keeps ``a = 1, b = 0``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.optimize import minimize
+
+__all__ = [
+    "CALIBRATION_FILE",
+    "apply_calibration",
+    "calibrate_model_dir",
+    "fit_calibration",
+    "load_calibration",
+    "save_calibration",
+]
+
+CALIBRATION_FILE = "calibration.json"  # in the model folder
+_EPS = 1e-12
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def _fit_one(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        a, b = np.exp(theta[0]), theta[1]
+        s = a * z + b
+        p = 1.0 / (1.0 + np.exp(-s))
+        nll = float(np.mean(np.logaddexp(0.0, s) - y * s))
+        g = p - y  # d nll / d s
+        return nll, np.array([float(np.mean(g * z)) * a, float(np.mean(g))])
+
+    res = minimize(loss, np.zeros(2), jac=True, method="L-BFGS-B", bounds=[(-10.0, 10.0), (-50.0, 50.0)])
+    return float(np.exp(res.x[0])), float(res.x[1])
+
+
+def fit_calibration(labels: np.ndarray, probs: np.ndarray, findings: Sequence[str]) -> dict[str, Any]:
+    """Per finding ``a`` and ``b`` from validation labels ``[N, F]`` (1/0; -1 and NaN left out) and probabilities.
+
+    Returns:
+        ``{"fitted_on": "val", "findings": {name: {"a", "b", "n"}}}``; a finding without both classes is not listed.
+    """
+    labels = np.asarray(labels, dtype=np.float64).reshape(len(labels), -1)
+    probs = np.asarray(probs, dtype=np.float64).reshape(len(probs), -1)
+    if labels.shape != probs.shape or labels.shape[1] != len(findings):
+        raise ValueError(f"labels {labels.shape}, probs {probs.shape} and {len(findings)} findings do not agree")
+    out: dict[str, Any] = {"fitted_on": "val", "findings": {}}
+    for j, name in enumerate(findings):
+        keep = np.isin(labels[:, j], (0.0, 1.0)) & np.isfinite(probs[:, j])
+        y, z = labels[keep, j], _logit(probs[keep, j])
+        if len(np.unique(y)) < 2:
+            continue
+        a, b = _fit_one(z, y)
+        out["findings"][str(name)] = {"a": a, "b": b, "n": int(keep.sum())}
+    return out
+
+
+def apply_calibration(
+    probs: np.ndarray, findings: Sequence[str], calibration: Mapping[str, Any] | None
+) -> tuple[np.ndarray, list[bool]]:
+    """Calibrated ``[N, F]`` probabilities, and per finding whether a calibration was applied."""
+    probs = np.asarray(probs, dtype=np.float64)
+    fitted = (calibration or {}).get("findings") or {}
+    out = probs.copy()
+    applied = []
+    for j, name in enumerate(findings):
+        c = fitted.get(name)
+        applied.append(c is not None)
+        if c is not None:
+            out[..., j] = 1.0 / (1.0 + np.exp(-(float(c["a"]) * _logit(probs[..., j]) + float(c["b"]))))
+    return out, applied
+
+
+def save_calibration(model_dir: str | Path, calibration: Mapping[str, Any]) -> Path:
+    """Write ``calibration.json`` into a model folder (atomically)."""
+    from medvlp.data.cache import atomic_write_json
+
+    path = Path(model_dir) / CALIBRATION_FILE
+    atomic_write_json(path, dict(calibration))
+    return path
+
+
+def load_calibration(model_dir: str | Path) -> dict[str, Any] | None:
+    """The model folder's calibration, or None when it has none."""
+    path = Path(model_dir) / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("findings"), dict):
+        raise ValueError(f"{path} is not a calibration file (expected a 'findings' mapping)")
+    return data
+
+
+def calibrate_model_dir(model_dir: str | Path, cache: Any, sections: Sequence[str]) -> dict[str, Any] | None:
+    """Fit the calibration of a model folder on its cohort's ``val`` split and write it there.
+
+    Returns:
+        The calibration, or None when the cohort has no validation studies (nothing is written then).
+    """
+    import logging
+
+    from medvlp.models import MedVLP
+    from medvlp.tasks.embed import embed_split
+    from medvlp.tasks.zeroshot import zero_shot_scores
+
+    if cache.split("val").empty or not cache.findings:
+        logging.getLogger(__name__).warning("no validation studies (or no findings): the model stays uncalibrated")
+        return None
+    model = MedVLP.from_pretrained(model_dir).eval()
+    val = embed_split(model, cache, "val", sections)
+    calibration = fit_calibration(val.labels, zero_shot_scores(model, val.image, cache.findings), cache.findings)
+    save_calibration(model_dir, calibration)
+    return calibration
