@@ -60,6 +60,8 @@ class Stage(Protocol):
 
     # Optional: ``lr_plan(name) -> LrPlan`` gives a parameter (by its name in ``module()``) its own share of the
     # stage's learning rate and a number of steps to hold still (a new head learns before the pretrained body).
+    # Optional: ``after_step()`` runs after every optimizer step (e.g. clamping a temperature into its range, as
+    # open_clip clamps ``logit_scale`` after the step, never inside the forward).
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,7 @@ def run_stage(
         ddp = DistributedDataParallel(
             module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, find_unused_parameters=True
         )
+    after_step = getattr(stage, "after_step", None)
     ds = stage.dataset()
     schedule = StepSchedule(len(ds), cfg.batch_size, seed, rt.rank, rt.world_size)
     accum = cfg.grad_accum
@@ -259,6 +262,8 @@ def run_stage(
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.clip_grad))
             scaler.step(opt)
             scaler.update()
+            if after_step is not None:
+                after_step()
             opt.zero_grad(set_to_none=True)
             sched.step()
             step += 1

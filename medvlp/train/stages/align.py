@@ -6,6 +6,7 @@ vectors are the same, are not pushed apart as negatives: they share the target m
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from medvlp.models import MedVLP, ModelConfig
 from medvlp.train.data import CachedImages, collate
 from medvlp.train.loop import LrPlan
 
-MAX_LOG_SCALE = 4.6052  # log(100), as open_clip clamps the temperature
+MAX_LOG_SCALE = math.log(100.0)  # open_clip's bound: the logit scale stays in [1, 100]
 
 
 def set_dropout(module: nn.Module, p: float) -> None:
@@ -128,8 +129,6 @@ class AlignStage:
     def training_forward(self, module: nn.Module, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         tokens = {k: v.to(batch["image"].device) for k, v in batch["tokens"].items()}
         out = module(batch["image"], tokens)
-        with torch.no_grad():
-            self.model.logit_scale.clamp_(max=MAX_LOG_SCALE)
         terms = self.loss(
             out["image_features"],
             out["text_features"],
@@ -142,6 +141,11 @@ class AlignStage:
         )
         terms["logit_scale"] = out["logit_scale"].detach()
         return terms
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Keep the log logit scale in ``[0, ln 100]`` after each optimizer step (the forward never changes it)."""
+        self.model.logit_scale.clamp_(0.0, MAX_LOG_SCALE)
 
     def save_final(self, out_dir: Path) -> None:
         """The model folder, with the cohort's preprocessing and findings (``cohort.json``) beside the weights."""
