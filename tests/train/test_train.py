@@ -151,30 +151,36 @@ def test_killed_run_resumes_exactly(cohort: Path, tmp_path: Path) -> None:
     assert [r["loss"] for r in log_cut] == [r["loss"] for r in log_full]
 
 
+def _per_stage(**values: object) -> list[str]:
+    return [
+        arg
+        for stage in ("stage1-text", "stage1-image", "stage2-align")
+        for key, value in values.items()
+        for arg in ("--set", f"stages.{stage}.{key}={value}")
+    ]
+
+
 def test_torchrun_two_ranks_equal_one_process_on_the_global_batch(cohort: Path, tmp_path: Path) -> None:
-    """2 gloo ranks x batch 4 == 1 process x batch 8: same losses, same parameters after 3 steps."""
+    """2 gloo ranks x batch 4 == 1 process x batch 8, every stage: same losses, same weights after 3 steps each.
+
+    Stage 1 masks each report and image by its own dataset index, and normalizes by the global count of masked
+    tokens/voxels, so the split of the global batch over ranks changes nothing.
+    """
     common = [
         "--config",
         str(TINY_2D),
         "--cohort",
         str(cohort),
-        "--stages",
-        "stage2-align",
         "--set",
         "model.image_encoder=tiny_vit",  # LayerNorm: no per-rank batch statistics
         "--set",
         "model.text_dropout=0.0",
-        "--set",
-        "stages.stage2-align.steps=3",
-        "--set",
-        "stages.stage2-align.log_every=1",
-        "--set",
-        "stages.stage2-align.clip_grad=null",
+        *_per_stage(steps=3, log_every=1, clip_grad="null"),
         "--cache",
         str(tmp_path / "cache"),
     ]
     one = subprocess.run(
-        [*_cmd(*common, "--out", str(tmp_path / "one")), "--set", "stages.stage2-align.batch_size=8"],
+        [*_cmd(*common, "--out", str(tmp_path / "one")), *_per_stage(batch_size=8)],
         capture_output=True,
         text=True,
         check=False,
@@ -195,8 +201,7 @@ def test_torchrun_two_ranks_equal_one_process_on_the_global_batch(cohort: Path, 
             *common,
             "--out",
             str(tmp_path / "two"),
-            "--set",
-            "stages.stage2-align.batch_size=4",
+            *_per_stage(batch_size=4),
         ],
         capture_output=True,
         text=True,
@@ -205,16 +210,20 @@ def test_torchrun_two_ranks_equal_one_process_on_the_global_batch(cohort: Path, 
     )
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
-    l1, l2 = (
-        _log(tmp_path / "one" / "stage2-align" / "log.jsonl"),
-        _log(tmp_path / "two" / "stage2-align" / "log.jsonl"),
-    )
-    assert [r["step"] for r in l2] == [1, 2, 3]
-    for a, b in zip(l1, l2, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
-    p1, p2 = _params(tmp_path / "one" / "stage2-align" / "model"), _params(tmp_path / "two" / "stage2-align" / "model")
-    for k in p1:
-        torch.testing.assert_close(p1[k], p2[k], rtol=1e-4, atol=1e-5, msg=k)
+    outputs = {
+        "stage1-text": "text/model.safetensors",
+        "stage1-image": "image_encoder.safetensors",
+        "stage2-align": "model/model.safetensors",
+    }
+    for stage, weights in outputs.items():
+        l1, l2 = _log(tmp_path / "one" / stage / "log.jsonl"), _log(tmp_path / "two" / stage / "log.jsonl")
+        assert [r["step"] for r in l2] == [1, 2, 3], stage
+        for a, b in zip(l1, l2, strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5), stage
+        p1, p2 = load_file(str(tmp_path / "one" / stage / weights)), load_file(str(tmp_path / "two" / stage / weights))
+        assert p1.keys() == p2.keys()
+        for k in p1:
+            torch.testing.assert_close(p1[k], p2[k], rtol=1e-4, atol=1e-5, msg=f"{stage}: {k}")
 
 
 def test_config_overrides_and_errors(tmp_path: Path) -> None:
