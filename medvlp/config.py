@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 STAGES = ("stage1-text", "stage1-image", "stage2-align")
 
@@ -127,9 +127,20 @@ class TrainConfig(_Strict):
 
     seed: int = 0
     device: str = Field(default="auto", description="auto (cuda when present), cpu, cuda, cuda:N")
-    model: dict[str, Any] = Field(default_factory=dict, description="medvlp.models.ModelConfig fields")
+    model: dict[str, Any] = Field(
+        default_factory=dict,
+        description="medvlp.models.ModelConfig fields (spatial_dims and image_size default to the cohort's) and "
+        "text_dropout; checked key by key and value by value when the config is loaded",
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     stages: StagesConfig = Field(default_factory=StagesConfig)
+
+    @field_validator("model")
+    @classmethod
+    def _model_section(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from medvlp.models.config import check_model_section
+
+        return check_model_section(value)
 
     @model_validator(mode="after")
     def _device(self) -> TrainConfig:

@@ -167,6 +167,10 @@ def train(
             (run / "run.json").write_text(json.dumps(info, indent=2) + "\n")
         barrier(rt)
         cache = CachedCohort.open(cache_path)
+        if any(name != "stage1-text" for name in wanted):  # the joint model, completed from the cohort, is checked
+            from medvlp.models import ModelConfig  # before the first stage spends any time
+
+            ModelConfig.model_validate(model_config(cfg, cache, run, wanted))
         results: dict[str, Any] = {}
         for name in wanted:
             seed_everything(cfg.seed)

@@ -241,6 +241,33 @@ def test_config_overrides_and_errors(tmp_path: Path) -> None:
         load_config(None, ["stages.stage1-text.steps=5", "stages.stage1-text.head_only_steps=5"])
 
 
+def test_a_bad_model_section_fails_before_any_stage_runs(cohort: Path, tmp_path: Path) -> None:
+    """A typo in `model:` is a config error at load time; what needs the cohort fails before stage 1 starts."""
+    with pytest.raises(ConfigError, match=r"model: unknown key 'image_encodr'.*did you mean 'image_encoder'"):
+        load_config(TINY_2D, ["model.image_encodr=tiny_resnet"])
+    with pytest.raises(ConfigError, match=r"model: text_num_layers: .*greater than or equal to 1"):
+        load_config(TINY_2D, ["model.text_num_layers=0"])
+    with pytest.raises(ConfigError, match="does not support spatial_dims=3"):
+        load_config(TINY_2D, ["model.image_encoder=tiny_timm_vit", "model.spatial_dims=3"])
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY_2D.read_text().replace("  image_encoder: tiny_resnet", "  image_encodr: tiny_resnet"))
+    assert "image_encodr" in bad.read_text()
+    r = subprocess.run(
+        _cmd("--config", str(bad), "--cohort", str(cohort), "--out", str(tmp_path / "run")),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode != 0 and "image_encodr" in r.stdout + r.stderr
+    assert not (tmp_path / "run" / "stage1-text").exists()
+
+    cfg = load_config(TINY_2D, ["model.image_size=[64, 64]"])  # the cohort's images are 128 x 128
+    with pytest.raises(ValueError, match=r"image_size \[64, 64\] differs from the cohort"):
+        train(cfg, cohort, tmp_path / "run2")
+    assert not (tmp_path / "run2" / "stage1-text").exists(), "stage 1 must not run first"
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path: Path) -> None:
     from medvlp.models.registry import list_image_encoders
