@@ -98,6 +98,28 @@ class AlignStageConfig(OptimConfig):
         default=0.1, ge=0, description="the pretrained text tower's share of lr (projections and image tower: all)"
     )
     image_lr_scale: float = Field(default=1.0, ge=0, description="the image tower's share of lr")
+    val_every: int | None = Field(
+        default=None,
+        ge=1,
+        description="evaluate on the val split every N steps and at the last step: zero-shot mean AUROC, "
+        "image->report R@10 and the loss, into log.jsonl; None: never",
+    )
+    select_metric: Literal["val/zero_shot_auroc", "val/r10", "val/loss"] | None = Field(
+        default=None,
+        description="keep the step best on this val metric (strictly better replaces; ties keep the earlier) as "
+        "the model folder, and name it in best.json; None: the last step's model",
+    )
+    patience: int | None = Field(
+        default=None, ge=1, description="stop after this many evaluations without a better select_metric"
+    )
+
+    @model_validator(mode="after")
+    def _selection_needs_validation(self) -> AlignStageConfig:
+        if self.select_metric is not None and self.val_every is None:
+            raise ValueError(f"select_metric {self.select_metric!r} needs val_every (how often to evaluate on val)")
+        if self.patience is not None and self.select_metric is None:
+            raise ValueError(f"patience {self.patience} needs select_metric (the val metric that must improve)")
+        return self
 
 
 class StagesConfig(_Strict):
