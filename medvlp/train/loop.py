@@ -281,7 +281,9 @@ def run_stage(
             if report is not None:
                 report(step, cfg.steps)
             evaluate = bool(val_every) and (step % val_every == 0 or step == cfg.steps)
+            t_val = time.perf_counter()
             val = _validate(stage, module, rt, amp_dtype, cfg.batch_size * rt.world_size) if evaluate else {}
+            t_log += time.perf_counter() - t_val  # samples/s counts training time only
             if evaluate and tracker is not None:
                 if rt.is_main and tracker.update(step, val, module):
                     logger.info("%s: step %d is the best so far (%s %.4f)", stage.name, step, metric, tracker.value)

@@ -7,7 +7,8 @@ A run folder holds everything needed to repeat it::
     RUN/train.log          the log of rank 0
     RUN/stage1-text/       checkpoint.pt, log.jsonl, text/ (a transformers folder), mlm/
     RUN/stage1-image/      checkpoint.pt, log.jsonl, image_encoder.safetensors
-    RUN/stage2-align/      checkpoint.pt, log.jsonl, model/ (config.json, model.safetensors, text/)
+    RUN/stage2-align/      checkpoint.pt, log.jsonl, model/ (config.json, model.safetensors, text/),
+                           best.json (with select_metric: the val metric, the step model/ holds, its value)
 """
 
 from __future__ import annotations

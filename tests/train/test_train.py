@@ -48,6 +48,8 @@ def test_tiny_run_end_to_end(cohort: Path, tmp_path: Path) -> None:
         assert [r["step"] for r in log] == list(range(2, steps + 1, 2)), stage
         assert all("loss" in r and r["loss"] == r["loss"] for r in log), stage
         assert (run / stage / "checkpoint.pt").is_file()
+    evals = [r["step"] for r in _log(run / "stage2-align" / "log.jsonl") if "val/zero_shot_auroc" in r]
+    assert evals == [4, 8, 10], "stage 2 is evaluated on val every val_every steps and at the last"
     assert (run / "stage1-text" / "text" / "config.json").is_file()  # a plain transformers folder
     assert (run / "stage1-image" / "image_encoder.safetensors").is_file()
     resolved = load_config(run / "config.yaml")
@@ -104,6 +106,8 @@ ALIGN_ONLY = [
     "stages.stage2-align.checkpoint_every=4",
     "--set",
     "stages.stage2-align.log_every=1",
+    "--set",
+    "stages.stage2-align.select_metric=val/loss",  # evaluated at 4, 8, 12 (tiny-2d's val_every): a kill falls between
 ]
 
 
@@ -149,6 +153,13 @@ def test_killed_run_resumes_exactly(cohort: Path, tmp_path: Path) -> None:
     log_full, log_cut = _log(full / "stage2-align" / "log.jsonl"), _log(cut / "stage2-align" / "log.jsonl")
     assert [r["step"] for r in log_cut] == list(range(1, 13))
     assert [r["loss"] for r in log_cut] == [r["loss"] for r in log_full]
+    val = ("step", "val/zero_shot_auroc", "val/r10", "val/loss", "best_step")
+    evals_full = [{k: r.get(k) for k in val} for r in log_full if "val/loss" in r]
+    assert [r["step"] for r in evals_full] == [4, 8, 12]
+    assert [{k: r.get(k) for k in val} for r in log_cut if "val/loss" in r] == evals_full
+    best = json.loads((cut / "stage2-align" / "best.json").read_text())
+    assert best == json.loads((full / "stage2-align" / "best.json").read_text())
+    assert best["step"] == evals_full[-1]["best_step"] and best["metric"] == "val/loss"
 
 
 def _per_stage(**values: object) -> list[str]:
@@ -220,6 +231,10 @@ def test_torchrun_two_ranks_equal_one_process_on_the_global_batch(cohort: Path, 
         assert [r["step"] for r in l2] == [1, 2, 3], stage
         for a, b in zip(l1, l2, strict=True):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5), stage
+            for key in ("val/zero_shot_auroc", "val/r10", "val/loss"):  # rank 0 evaluates the whole val split
+                assert (key in a) == (key in b) == (stage == "stage2-align" and a["step"] == 3), (stage, key)
+                if key in a:
+                    assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5, nan_ok=True), key
         p1, p2 = load_file(str(tmp_path / "one" / stage / weights)), load_file(str(tmp_path / "two" / stage / weights))
         assert p1.keys() == p2.keys()
         for k in p1:
