@@ -104,8 +104,12 @@ TRAINING_ONLY_FIELDS: dict[str, Any] = {"text_dropout": (Optional[float], Field(
 def _section_model() -> type[BaseModel]:
     """ModelConfig with every field optional (the cohort fills ``spatial_dims`` and ``image_size``), plus the
     training-only keys; built from ModelConfig's own fields, so the two cannot drift apart."""
+    # one int is a valid image_size (ModelConfig repeats it over the axes once spatial_dims is known)
+    types = {name: info.annotation for name, info in ModelConfig.model_fields.items()} | {
+        "image_size": tuple[int, ...] | int
+    }
     fields: dict[str, Any] = {
-        name: (Optional[info.annotation], FieldInfo.merge_field_infos(info, default=None, default_factory=None))  # noqa: UP045
+        name: (Optional[types[name]], FieldInfo.merge_field_infos(info, default=None, default_factory=None))  # noqa: UP045
         for name, info in ModelConfig.model_fields.items()
     }
     return create_model(

@@ -71,6 +71,8 @@ def model_config(cfg: TrainConfig, cache: CachedCohort, run: Path, stages: list[
     m = {k: v for k, v in cfg.model.items() if k != "text_dropout"}
     m.setdefault("spatial_dims", cache.spatial_dims)
     m.setdefault("image_size", list(cache.summary["preprocess"]["size"]))
+    if isinstance(m["image_size"], int):  # one int: the same size on every axis
+        m["image_size"] = [m["image_size"]] * int(m["spatial_dims"])
     if list(m["image_size"]) != list(cache.summary["preprocess"]["size"]):
         raise ValueError(
             f"model.image_size {m['image_size']} differs from the cohort's preprocess size "

@@ -277,7 +277,7 @@ def test_a_bad_model_section_fails_before_any_stage_runs(cohort: Path, tmp_path:
     assert r.returncode != 0 and "image_encodr" in r.stdout + r.stderr
     assert not (tmp_path / "run" / "stage1-text").exists()
 
-    cfg = load_config(TINY_2D, ["model.image_size=[64, 64]"])  # the cohort's images are 128 x 128
+    cfg = load_config(TINY_2D, ["model.image_size=64"])  # one int for every axis; the cohort's images are 128 x 128
     with pytest.raises(ValueError, match=r"image_size \[64, 64\] differs from the cohort"):
         train(cfg, cohort, tmp_path / "run2")
     assert not (tmp_path / "run2" / "stage1-text").exists(), "stage 1 must not run first"
