@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 STAGES = ("stage1-text", "stage1-image", "stage2-align")
 
@@ -98,6 +98,28 @@ class AlignStageConfig(OptimConfig):
         default=0.1, ge=0, description="the pretrained text tower's share of lr (projections and image tower: all)"
     )
     image_lr_scale: float = Field(default=1.0, ge=0, description="the image tower's share of lr")
+    val_every: int | None = Field(
+        default=None,
+        ge=1,
+        description="evaluate on the val split every N steps and at the last step: zero-shot mean AUROC, "
+        "image->report R@10 and the loss, into log.jsonl; None: never",
+    )
+    select_metric: Literal["val/zero_shot_auroc", "val/r10", "val/loss"] | None = Field(
+        default=None,
+        description="keep the step best on this val metric (strictly better replaces; ties keep the earlier) as "
+        "the model folder, and name it in best.json; None: the last step's model",
+    )
+    patience: int | None = Field(
+        default=None, ge=1, description="stop after this many evaluations without a better select_metric"
+    )
+
+    @model_validator(mode="after")
+    def _selection_needs_validation(self) -> AlignStageConfig:
+        if self.select_metric is not None and self.val_every is None:
+            raise ValueError(f"select_metric {self.select_metric!r} needs val_every (how often to evaluate on val)")
+        if self.patience is not None and self.select_metric is None:
+            raise ValueError(f"patience {self.patience} needs select_metric (the val metric that must improve)")
+        return self
 
 
 class StagesConfig(_Strict):
@@ -127,9 +149,20 @@ class TrainConfig(_Strict):
 
     seed: int = 0
     device: str = Field(default="auto", description="auto (cuda when present), cpu, cuda, cuda:N")
-    model: dict[str, Any] = Field(default_factory=dict, description="medvlp.models.ModelConfig fields")
+    model: dict[str, Any] = Field(
+        default_factory=dict,
+        description="medvlp.models.ModelConfig fields (spatial_dims and image_size default to the cohort's) and "
+        "text_dropout; checked key by key and value by value when the config is loaded",
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     stages: StagesConfig = Field(default_factory=StagesConfig)
+
+    @field_validator("model")
+    @classmethod
+    def _model_section(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from medvlp.models.config import check_model_section
+
+        return check_model_section(value)
 
     @model_validator(mode="after")
     def _device(self) -> TrainConfig:

@@ -21,7 +21,6 @@ that recompute each block in backward, so neither forward nor backward holds the
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
@@ -29,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from monai.utils import look_up_option
 from torch import Tensor, nn
 
 from medvlp import distributed as mdist
@@ -529,13 +529,13 @@ def local_alignment_loss(
 
 # ------------------------------------------------------------------------------------ registry + module
 def _look_up(name: str, known: Sequence[str], what: str, exc: type[Exception] = ValueError) -> str:
-    if name in known:
-        return name
-    close = difflib.get_close_matches(str(name), list(known), n=1)
-    raise exc(
-        f"unknown {what} {name!r}; known: {', '.join(sorted(known))}"
-        + (f" (did you mean {close[0]!r}?)" if close else "")
-    )
+    """``name`` if it is known; else ``exc`` listing the known names, with MONAI's "did you mean ...?" guess."""
+    try:
+        return look_up_option(name, known, print_all_options=False)
+    except ValueError as err:
+        raise exc(
+            f"unknown {what} {name!r} (known: {', '.join(sorted(known))}): {' '.join(str(err).split())}"
+        ) from None
 
 
 def _clip_term(
@@ -619,7 +619,7 @@ class ContrastiveLossConfig:
     local_logit_scale: float = 10.0
 
     def __post_init__(self) -> None:
-        _look_up(self.kind, list(LOSSES), "loss kind")
+        self.kind = _look_up(self.kind, list(LOSSES), "loss kind")
         _check_chunk(self.chunk_size)
         if self.local_loss and self.kind != "clip":
             raise ValueError(f"local_loss applies to kind='clip' only (kind={self.kind!r})")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from collections.abc import Mapping
+from functools import cache
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
-__all__ = ["ModelConfig"]
+__all__ = ["TRAINING_ONLY_FIELDS", "ModelConfig", "check_model_section"]
 
 
 class ModelConfig(BaseModel):
@@ -91,3 +94,69 @@ class ModelConfig(BaseModel):
         if self.init_logit_bias is not None:
             return float(self.init_logit_bias)
         return -10.0 if self.loss == "siglip" else None
+
+
+#: Keys of a training config's ``model:`` section that shape training but are not part of the saved model.
+TRAINING_ONLY_FIELDS: dict[str, Any] = {"text_dropout": (Optional[float], Field(default=None, ge=0, lt=1))}  # noqa: UP045
+
+
+@cache
+def _section_model() -> type[BaseModel]:
+    """ModelConfig with every field optional (the cohort fills ``spatial_dims`` and ``image_size``), plus the
+    training-only keys; built from ModelConfig's own fields, so the two cannot drift apart."""
+    # one int is a valid image_size (ModelConfig repeats it over the axes once spatial_dims is known)
+    types = {name: info.annotation for name, info in ModelConfig.model_fields.items()} | {
+        "image_size": tuple[int, ...] | int
+    }
+    fields: dict[str, Any] = {
+        name: (Optional[types[name]], FieldInfo.merge_field_infos(info, default=None, default_factory=None))  # noqa: UP045
+        for name, info in ModelConfig.model_fields.items()
+    }
+    return create_model(
+        "ModelSection", __config__=ConfigDict(extra="forbid", frozen=True), **fields, **TRAINING_ONLY_FIELDS
+    )
+
+
+def check_model_section(section: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate a training config's ``model:`` section before anything runs, and return it unchanged.
+
+    Every key must be a :class:`ModelConfig` field or a training-only key (:data:`TRAINING_ONLY_FIELDS`); every
+    value must have its field's type and range; a named image encoder must be registered, and must support
+    ``spatial_dims`` when that is given. What needs the cohort (its image size) is checked when training starts.
+
+    Raises:
+        ValueError: naming each bad key (with a "did you mean" guess) or value.
+    """
+    from monai.utils import look_up_option
+
+    known = [*ModelConfig.model_fields, *TRAINING_ONLY_FIELDS]
+    problems = []
+    for key in section:
+        try:
+            look_up_option(key, known, print_all_options=False)
+        except ValueError as exc:
+            problems.append(f"unknown key {key!r}: {' '.join(str(exc).split())} Known keys: {', '.join(known)}")
+    if not problems:
+        try:
+            _section_model().model_validate(dict(section))
+        except ValidationError as exc:
+            problems += [
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
+            ]
+    if not problems and section.get("image_encoder") is not None:
+        from medvlp.models.registry import get_image_encoder_spec
+
+        try:
+            spec = get_image_encoder_spec(section["image_encoder"])
+        except ValueError as exc:
+            problems.append(f"image_encoder: {exc}")
+        else:
+            dims = section.get("spatial_dims")
+            if dims is not None and dims not in spec.spatial_dims:
+                problems.append(
+                    f"image_encoder {section['image_encoder']!r} does not support spatial_dims={dims} "
+                    f"(supports {list(spec.spatial_dims)})"
+                )
+    if problems:
+        raise ValueError("; ".join(problems))
+    return dict(section)

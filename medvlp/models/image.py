@@ -7,7 +7,6 @@ token grid in the input's axis order. Encoders are registered and built by name 
 
 from __future__ import annotations
 
-import difflib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import torch
 from monai.networks.nets import ViT
 from monai.networks.nets.resnet import ResNet, ResNetBlock, ResNetBottleneck
 from monai.networks.nets.swin_unetr import SwinTransformer
+from monai.utils import look_up_option
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -142,9 +142,12 @@ class TimmImageEncoder(ImageEncoder):
         if kwargs["pretrained"]:
             raise ValueError("medvlp never downloads weights: pass checkpoint=<local file> instead of pretrained=True")
         if not timm.is_model(model_name):
-            close = difflib.get_close_matches(model_name, timm.list_models(), n=5, cutoff=0.6)
-            hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
-            raise ValueError(f"unknown timm model {model_name!r}{hint}")
+            try:  # a name that is only padded with spaces is taken without them
+                model_name = look_up_option(model_name, timm.list_models(), print_all_options=False)
+            except ValueError as exc:  # MONAI's message says "did you mean ...?" when a timm name is close
+                raise ValueError(
+                    f"unknown timm model {model_name!r}: {' '.join(str(exc).split())} (see timm.list_models())"
+                ) from None
         try:
             self.backbone = timm.create_model(model_name, img_size=self.image_size, **kwargs)
         except TypeError:  # architectures without an img_size argument (CNNs)

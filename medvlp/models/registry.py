@@ -6,7 +6,6 @@ The encoder classes live in :mod:`medvlp.models.image`; their families and named
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -16,6 +15,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
+from monai.utils import look_up_option
 from torch import Tensor
 
 from medvlp.models.image import (
@@ -96,15 +96,13 @@ def get_image_encoder_spec(name: str) -> ImageEncoderSpec:
         ValueError: unknown name; the message lists close matches and all known names.
     """
     key = "timm" if name.startswith("timm/") else name
-    if key not in _REGISTRY:
-        known = sorted(_REGISTRY)
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    try:
+        return look_up_option(key, _REGISTRY, print_all_options=False)
+    except ValueError as exc:  # MONAI's message says "did you mean ...?" when a known name is close
         raise ValueError(
-            f"unknown image encoder {name!r}.{hint} Known encoders: {', '.join(known)}; "
-            'any timm architecture also works as "timm/<model_name>".'
-        )
-    return _REGISTRY[key]
+            f"unknown image encoder {name!r}: {' '.join(str(exc).split())} Known encoders: "
+            f'{", ".join(sorted(_REGISTRY))}; any timm architecture also works as "timm/<model_name>".'
+        ) from None
 
 
 def create_image_encoder(

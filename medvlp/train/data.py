@@ -77,6 +77,23 @@ def sample_seed(seed: int, epoch: int, index: int, view: int = 0) -> int:
     return int(np.random.SeedSequence([seed, epoch, index, view]).generate_state(1)[0])
 
 
+MASK_STREAM = 0x4D41534B  # keeps mask seeds apart from augmentation seeds
+
+
+def mask_generators(seed: int, step: int, indices: torch.Tensor | list[int]) -> list[torch.Generator]:
+    """One generator per sample for masking at ``step``, seeded by (seed, step, the sample's dataset index).
+
+    The index is the sample's place in the whole training set, not in the batch, so a sample gets the same mask
+    whichever rank draws it and however the global batch is split (N ranks mask exactly as one process does).
+    """
+    return [
+        torch.Generator().manual_seed(
+            int(np.random.SeedSequence([seed, step, int(i), MASK_STREAM]).generate_state(1, np.uint64)[0] >> 1)
+        )
+        for i in indices
+    ]
+
+
 def augmentation(spatial_dims: int, strong: bool = False):
     """MONAI augmentations for radiographs/CT in [0, 1]: small affine, intensity jitter, noise (+ more if strong)."""
     from monai.transforms import (

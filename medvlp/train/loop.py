@@ -3,7 +3,8 @@
 A stage says what to train and how to compute its loss; this loop does the rest: optimizer (AdamW or
 Lion), warmup + cosine schedule, gradient accumulation, clipping, mixed precision, DDP, atomic
 checkpoints every N steps, exact resume (model, optimizer, scheduler, scaler, RNG, data position),
-a progress bar and ``log.jsonl``.
+a progress bar and ``log.jsonl``; for a stage that can validate, evaluation on ``val`` every N steps, the
+best step kept as the stage's result (``best.json`` names it) and optional early stopping.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from medvlp.config import OptimConfig
 from medvlp.data.cache import atomic_write_bytes
 from medvlp.train.data import StepBatchSampler, StepSchedule
 from medvlp.train.runtime import Runtime, autocast, barrier, resolve_precision
+from medvlp.train.select import BEST_FILE, BestTracker
 
 logger = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -60,6 +62,10 @@ class Stage(Protocol):
 
     # Optional: ``lr_plan(name) -> LrPlan`` gives a parameter (by its name in ``module()``) its own share of the
     # stage's learning rate and a number of steps to hold still (a new head learns before the pretrained body).
+    # Optional: ``after_step()`` runs after every optimizer step (e.g. clamping a temperature into its range, as
+    # open_clip clamps ``logit_scale`` after the step, never inside the forward).
+    # Optional: ``validate(batch_size) -> {"val/<metric>": value}`` evaluates the stage on its val split; the loop
+    # calls it every ``config.val_every`` steps and, with ``config.select_metric``, keeps the best step (select.py).
 
 
 @dataclass(frozen=True)
@@ -179,7 +185,9 @@ def run_stage(
     display for a whole pipeline).
 
     Returns:
-        ``{"steps": ..., "loss": last logged loss, "resumed_from": step or None}``.
+        ``{"steps": ..., "loss": last logged loss, "resumed_from": step or None}``, and for a stage that selects
+        its best step, ``"best"`` (metric, mode, step, value: the step whose weights the final outputs hold) and
+        ``"stopped_early"``.
     """
     cfg = stage.config
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -189,8 +197,11 @@ def run_stage(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [lr_lambda(cfg, g["delay"]) for g in opt.param_groups])
     amp_dtype = resolve_precision(cfg.precision, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=amp_dtype == torch.float16)
+    val_every = getattr(cfg, "val_every", None) if hasattr(stage, "validate") else None
+    metric = getattr(cfg, "select_metric", None) if val_every else None
+    tracker = BestTracker(metric, getattr(cfg, "patience", None)) if metric else None
 
-    step, resumed_from = 0, None
+    step, resumed_from, stopped = 0, None, False
     if resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         module.load_state_dict(state["module"])
@@ -198,6 +209,9 @@ def run_stage(
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         step = resumed_from = int(state["step"])
+        stopped = bool(state.get("stopped", False))
+        if tracker is not None and state.get("best") is not None:
+            tracker.load_state_dict(state["best"])
         _set_rng_state(state["rng"][rt.rank] if isinstance(state["rng"], list) else state["rng"])
         if rt.is_main:
             _trim_log(log_path, step)
@@ -208,11 +222,9 @@ def run_stage(
     report = on_step if rt.is_main else None
     if report is not None:
         report(step, cfg.steps)
-    if step >= cfg.steps:  # finished; a kill may have come between the last checkpoint and the final outputs
-        if rt.is_main:
-            stage.save_final(out_dir)
-        barrier(rt)
-        return {"steps": step, "loss": None, "resumed_from": resumed_from}
+    if step >= cfg.steps or stopped:  # finished; a kill may have come between the last checkpoint and the outputs
+        _finish(stage, module, out_dir, tracker, step, stopped, rt)
+        return _result(step, None, resumed_from, tracker, stopped)
 
     ddp: nn.Module = module
     if rt.distributed:
@@ -221,6 +233,7 @@ def run_stage(
         ddp = DistributedDataParallel(
             module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, find_unused_parameters=True
         )
+    after_step = getattr(stage, "after_step", None)
     ds = stage.dataset()
     schedule = StepSchedule(len(ds), cfg.batch_size, seed, rt.rank, rt.world_size)
     accum = cfg.grad_accum
@@ -259,13 +272,23 @@ def run_stage(
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.clip_grad))
             scaler.step(opt)
             scaler.update()
+            if after_step is not None:
+                after_step()
             opt.zero_grad(set_to_none=True)
             sched.step()
             step += 1
             bar.update()
             if report is not None:
                 report(step, cfg.steps)
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            evaluate = bool(val_every) and (step % val_every == 0 or step == cfg.steps)
+            t_val = time.perf_counter()
+            val = _validate(stage, module, rt, amp_dtype, cfg.batch_size * rt.world_size) if evaluate else {}
+            t_log += time.perf_counter() - t_val  # samples/s counts training time only
+            if evaluate and tracker is not None:
+                if rt.is_main and tracker.update(step, val, module):
+                    logger.info("%s: step %d is the best so far (%s %.4f)", stage.name, step, metric, tracker.value)
+                stopped = _agree(tracker.should_stop, rt)
+            if step % cfg.log_every == 0 or step == cfg.steps or evaluate:
                 if rt.distributed:
                     vec = torch.tensor(list(sums.values()), dtype=torch.float64, device=rt.device)
                     dist.all_reduce(vec)
@@ -279,22 +302,84 @@ def run_stage(
                 }
                 if grad_norm is not None:
                     last["grad_norm"] = round(grad_norm, 4)
+                last |= {k: round(v, 6) for k, v in val.items()}
+                if evaluate and tracker is not None:
+                    last["best_step"] = tracker.step
                 t_log, samples = now, 0
                 if log is not None:
                     log.write(json.dumps(last) + "\n")
                     log.flush()
                 bar.set_postfix(loss=f"{sums['loss']:.4f}")
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                _save_checkpoint(ckpt_path, module, opt, sched, scaler, step, rt)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopped:
+                extra = {"stopped": stopped, "best": tracker.state_dict() if tracker is not None else None}
+                _save_checkpoint(ckpt_path, module, opt, sched, scaler, step, rt, extra)
+            if stopped:
+                logger.info(
+                    "%s: stopped early at step %d: %d evaluations without a better %s",
+                    stage.name,
+                    step,
+                    tracker.bad if tracker is not None else 0,
+                    metric,
+                )
+                break
     bar.close()
+    _finish(stage, module, out_dir, tracker, step, stopped, rt)
+    return _result(step, last.get("loss"), resumed_from, tracker, stopped)
+
+
+def _validate(stage: Stage, module: nn.Module, rt: Runtime, amp_dtype, batch_size: int) -> dict[str, float]:
+    """Rank 0 evaluates the stage on val (the other ranks wait); the training RNG streams are left untouched."""
+    metrics: dict[str, float] = {}
     if rt.is_main:
-        stage.save_final(out_dir)
+        rng = _rng_state()
+        try:
+            with autocast(rt.device, amp_dtype):
+                metrics = {k: float(v) for k, v in stage.validate(batch_size).items()}  # type: ignore[attr-defined]
+        finally:
+            _set_rng_state(rng)
+            module.train()
     barrier(rt)
-    return {"steps": step, "loss": last.get("loss"), "resumed_from": resumed_from}
+    return metrics
 
 
-def _save_checkpoint(path: Path, module: nn.Module, opt, sched, scaler, step: int, rt: Runtime) -> None:
-    """Rank 0 writes one file atomically, holding every rank's RNG state."""
+def _agree(flag: bool, rt: Runtime) -> bool:
+    """Rank 0's decision, on every rank."""
+    if not rt.distributed:
+        return flag
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
+def _finish(
+    stage: Stage, module: nn.Module, out_dir: Path, tracker: BestTracker | None, step: int, stopped: bool, rt: Runtime
+) -> None:
+    """The stage's final outputs, from the best step's weights when it selects one; ``best.json`` says which."""
+    if rt.is_main:
+        if tracker is not None and tracker.weights is not None:
+            module.load_state_dict(tracker.weights)
+        stage.save_final(out_dir)
+        if tracker is not None:
+            best = {**tracker.record(), "last_step": step, "stopped_early": stopped}
+            atomic_write_bytes(out_dir / BEST_FILE, (json.dumps(best, indent=2) + "\n").encode())
+            if tracker.weights is None:
+                logger.warning("%s: no finite %s on val; the model is the last step's", stage.name, tracker.metric)
+    barrier(rt)
+
+
+def _result(
+    step: int, loss: float | None, resumed_from: int | None, tracker: BestTracker | None, stopped: bool
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"steps": step, "loss": loss, "resumed_from": resumed_from}
+    if tracker is not None:
+        out |= {"best": tracker.record(), "stopped_early": stopped}
+    return out
+
+
+def _save_checkpoint(
+    path: Path, module: nn.Module, opt, sched, scaler, step: int, rt: Runtime, extra: dict[str, Any] | None = None
+) -> None:
+    """Rank 0 writes one file atomically, holding every rank's RNG state (and ``extra``: selection state)."""
     rng: Any = _rng_state()
     if rt.distributed:
         gathered: list[Any] = [None] * rt.world_size
@@ -310,6 +395,7 @@ def _save_checkpoint(path: Path, module: nn.Module, opt, sched, scaler, step: in
                 "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict(),
                 "rng": rng,
+                **(extra or {}),
             },
             buf,
         )

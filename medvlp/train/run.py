@@ -7,7 +7,8 @@ A run folder holds everything needed to repeat it::
     RUN/train.log          the log of rank 0
     RUN/stage1-text/       checkpoint.pt, log.jsonl, text/ (a transformers folder), mlm/
     RUN/stage1-image/      checkpoint.pt, log.jsonl, image_encoder.safetensors
-    RUN/stage2-align/      checkpoint.pt, log.jsonl, model/ (config.json, model.safetensors, text/)
+    RUN/stage2-align/      checkpoint.pt, log.jsonl, model/ (config.json, model.safetensors, text/),
+                           best.json (with select_metric: the val metric, the step model/ holds, its value)
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def model_config(cfg: TrainConfig, cache: CachedCohort, run: Path, stages: list[
     m = {k: v for k, v in cfg.model.items() if k != "text_dropout"}
     m.setdefault("spatial_dims", cache.spatial_dims)
     m.setdefault("image_size", list(cache.summary["preprocess"]["size"]))
+    if isinstance(m["image_size"], int):  # one int: the same size on every axis
+        m["image_size"] = [m["image_size"]] * int(m["spatial_dims"])
     if list(m["image_size"]) != list(cache.summary["preprocess"]["size"]):
         raise ValueError(
             f"model.image_size {m['image_size']} differs from the cohort's preprocess size "
@@ -162,6 +165,10 @@ def train(
             (run / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
         barrier(rt)
         cache = CachedCohort.open(cache_path)
+        if any(name != "stage1-text" for name in wanted):  # the joint model, completed from the cohort, is checked
+            from medvlp.models import ModelConfig  # before the first stage spends any time
+
+            ModelConfig.model_validate(model_config(cfg, cache, run, wanted))
         results: dict[str, Any] = {}
         for name in wanted:
             seed_everything(cfg.seed)

@@ -75,6 +75,20 @@ def barrier(rt: Runtime) -> None:
         dist.barrier()
 
 
+def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The mean of ``x`` over all ranks (``x`` itself in one process), detached.
+
+    A loss normalized by a count (masked tokens, masked voxels) divides by this mean count, not its own: DDP's
+    averaging of the ranks' gradients then gives exactly the gradient of one process on the global batch.
+    """
+    x = x.detach()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    y = x.clone()
+    dist.all_reduce(y)
+    return y / dist.get_world_size()
+
+
 def seed_everything(seed: int) -> None:
     """One seed fixes python, numpy and torch (all devices)."""
     random.seed(seed)

@@ -122,6 +122,36 @@ def test_whole_word_masking() -> None:
         assert (labels[b][labels[b] != -100] == enc["input_ids"][b][labels[b] != -100]).all()
 
 
+def test_masks_depend_on_each_sample_not_on_its_batch() -> None:
+    """A sample's stage-1 mask is a function of (seed, step, its dataset index): split the batch (as 2 ranks do,
+    with their own padding) and every sample keeps its mask."""
+    from transformers import AutoTokenizer
+
+    from medvlp.models.text import default_text_model_path
+    from medvlp.train.data import mask_generators
+
+    tok = AutoTokenizer.from_pretrained(str(default_text_model_path()), local_files_only=True)
+    texts = ["small left pleural effusion", "no acute cardiopulmonary abnormality seen today", "pneumothorax", "ok"]
+    index = [17, 3, 40, 8]
+
+    def text_masks(rows: list[int]) -> list[torch.Tensor]:
+        enc = tok([texts[r] for r in rows], return_tensors="pt", padding=True)
+        gens = mask_generators(5, 2, [index[r] for r in rows])
+        masked, labels = whole_word_mask(enc["input_ids"], [enc.word_ids(b) for b in range(len(rows))], tok, 0.3, gens)
+        real = enc["attention_mask"].bool()
+        return [torch.stack([masked[b][real[b]], labels[b][real[b]]]) for b in range(len(rows))]
+
+    whole, halves = text_masks([0, 1, 2, 3]), text_masks([0, 1]) + text_masks([2, 3])
+    for a, b in zip(whole, halves, strict=True):
+        assert torch.equal(a, b)
+
+    shape = (4, 1, 64, 64)
+    full = block_mask(shape, 16, 0.5, mask_generators(5, 2, index))
+    split = torch.cat([block_mask((2, 1, 64, 64), 16, 0.5, mask_generators(5, 2, index[i : i + 2])) for i in (0, 2)])
+    assert torch.equal(full, split)
+    assert not torch.equal(full, block_mask(shape, 16, 0.5, mask_generators(5, 3, index))), "a new mask each step"
+
+
 def test_sharded_batches_are_the_global_batch() -> None:
     one = StepSchedule(n=50, batch_size=8, seed=3)
     ranks = [StepSchedule(n=50, batch_size=4, seed=3, rank=r, world_size=2) for r in range(2)]

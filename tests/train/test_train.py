@@ -48,6 +48,8 @@ def test_tiny_run_end_to_end(cohort: Path, tmp_path: Path) -> None:
         assert [r["step"] for r in log] == list(range(2, steps + 1, 2)), stage
         assert all("loss" in r and r["loss"] == r["loss"] for r in log), stage
         assert (run / stage / "checkpoint.pt").is_file()
+    evals = [r["step"] for r in _log(run / "stage2-align" / "log.jsonl") if "val/zero_shot_auroc" in r]
+    assert evals == [4, 8, 10], "stage 2 is evaluated on val every val_every steps and at the last"
     assert (run / "stage1-text" / "text" / "config.json").is_file()  # a plain transformers folder
     assert (run / "stage1-image" / "image_encoder.safetensors").is_file()
     resolved = load_config(run / "config.yaml")
@@ -104,6 +106,8 @@ ALIGN_ONLY = [
     "stages.stage2-align.checkpoint_every=4",
     "--set",
     "stages.stage2-align.log_every=1",
+    "--set",
+    "stages.stage2-align.select_metric=val/loss",  # evaluated at 4, 8, 12 (tiny-2d's val_every): a kill falls between
 ]
 
 
@@ -149,32 +153,45 @@ def test_killed_run_resumes_exactly(cohort: Path, tmp_path: Path) -> None:
     log_full, log_cut = _log(full / "stage2-align" / "log.jsonl"), _log(cut / "stage2-align" / "log.jsonl")
     assert [r["step"] for r in log_cut] == list(range(1, 13))
     assert [r["loss"] for r in log_cut] == [r["loss"] for r in log_full]
+    val = ("step", "val/zero_shot_auroc", "val/r10", "val/loss", "best_step")
+    evals_full = [{k: r.get(k) for k in val} for r in log_full if "val/loss" in r]
+    assert [r["step"] for r in evals_full] == [4, 8, 12]
+    assert [{k: r.get(k) for k in val} for r in log_cut if "val/loss" in r] == evals_full
+    best = json.loads((cut / "stage2-align" / "best.json").read_text())
+    assert best == json.loads((full / "stage2-align" / "best.json").read_text())
+    assert best["step"] == evals_full[-1]["best_step"] and best["metric"] == "val/loss"
+
+
+def _per_stage(**values: object) -> list[str]:
+    return [
+        arg
+        for stage in ("stage1-text", "stage1-image", "stage2-align")
+        for key, value in values.items()
+        for arg in ("--set", f"stages.{stage}.{key}={value}")
+    ]
 
 
 def test_torchrun_two_ranks_equal_one_process_on_the_global_batch(cohort: Path, tmp_path: Path) -> None:
-    """2 gloo ranks x batch 4 == 1 process x batch 8: same losses, same parameters after 3 steps."""
+    """2 gloo ranks x batch 4 == 1 process x batch 8, every stage: same losses, same weights after 3 steps each.
+
+    Stage 1 masks each report and image by its own dataset index, and normalizes by the global count of masked
+    tokens/voxels, so the split of the global batch over ranks changes nothing.
+    """
     common = [
         "--config",
         str(TINY_2D),
         "--cohort",
         str(cohort),
-        "--stages",
-        "stage2-align",
         "--set",
         "model.image_encoder=tiny_vit",  # LayerNorm: no per-rank batch statistics
         "--set",
         "model.text_dropout=0.0",
-        "--set",
-        "stages.stage2-align.steps=3",
-        "--set",
-        "stages.stage2-align.log_every=1",
-        "--set",
-        "stages.stage2-align.clip_grad=null",
+        *_per_stage(steps=3, log_every=1, clip_grad="null"),
         "--cache",
         str(tmp_path / "cache"),
     ]
     one = subprocess.run(
-        [*_cmd(*common, "--out", str(tmp_path / "one")), "--set", "stages.stage2-align.batch_size=8"],
+        [*_cmd(*common, "--out", str(tmp_path / "one")), *_per_stage(batch_size=8)],
         capture_output=True,
         text=True,
         check=False,
@@ -195,8 +212,7 @@ def test_torchrun_two_ranks_equal_one_process_on_the_global_batch(cohort: Path, 
             *common,
             "--out",
             str(tmp_path / "two"),
-            "--set",
-            "stages.stage2-align.batch_size=4",
+            *_per_stage(batch_size=4),
         ],
         capture_output=True,
         text=True,
@@ -205,16 +221,24 @@ def test_torchrun_two_ranks_equal_one_process_on_the_global_batch(cohort: Path, 
     )
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
-    l1, l2 = (
-        _log(tmp_path / "one" / "stage2-align" / "log.jsonl"),
-        _log(tmp_path / "two" / "stage2-align" / "log.jsonl"),
-    )
-    assert [r["step"] for r in l2] == [1, 2, 3]
-    for a, b in zip(l1, l2, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
-    p1, p2 = _params(tmp_path / "one" / "stage2-align" / "model"), _params(tmp_path / "two" / "stage2-align" / "model")
-    for k in p1:
-        torch.testing.assert_close(p1[k], p2[k], rtol=1e-4, atol=1e-5, msg=k)
+    outputs = {
+        "stage1-text": "text/model.safetensors",
+        "stage1-image": "image_encoder.safetensors",
+        "stage2-align": "model/model.safetensors",
+    }
+    for stage, weights in outputs.items():
+        l1, l2 = _log(tmp_path / "one" / stage / "log.jsonl"), _log(tmp_path / "two" / stage / "log.jsonl")
+        assert [r["step"] for r in l2] == [1, 2, 3], stage
+        for a, b in zip(l1, l2, strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5), stage
+            for key in ("val/zero_shot_auroc", "val/r10", "val/loss"):  # rank 0 evaluates the whole val split
+                assert (key in a) == (key in b) == (stage == "stage2-align" and a["step"] == 3), (stage, key)
+                if key in a:
+                    assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5, nan_ok=True), key
+        p1, p2 = load_file(str(tmp_path / "one" / stage / weights)), load_file(str(tmp_path / "two" / stage / weights))
+        assert p1.keys() == p2.keys()
+        for k in p1:
+            torch.testing.assert_close(p1[k], p2[k], rtol=1e-4, atol=1e-5, msg=f"{stage}: {k}")
 
 
 def test_config_overrides_and_errors(tmp_path: Path) -> None:
@@ -230,6 +254,33 @@ def test_config_overrides_and_errors(tmp_path: Path) -> None:
         load_config(None, ["stages.stage2-align.lrr=1"])
     with pytest.raises(ConfigError, match="the encoder never learns"):
         load_config(None, ["stages.stage1-text.steps=5", "stages.stage1-text.head_only_steps=5"])
+
+
+def test_a_bad_model_section_fails_before_any_stage_runs(cohort: Path, tmp_path: Path) -> None:
+    """A typo in `model:` is a config error at load time; what needs the cohort fails before stage 1 starts."""
+    with pytest.raises(ConfigError, match=r"model: unknown key 'image_encodr'.*did you mean 'image_encoder'"):
+        load_config(TINY_2D, ["model.image_encodr=tiny_resnet"])
+    with pytest.raises(ConfigError, match=r"model: text_num_layers: .*greater than or equal to 1"):
+        load_config(TINY_2D, ["model.text_num_layers=0"])
+    with pytest.raises(ConfigError, match="does not support spatial_dims=3"):
+        load_config(TINY_2D, ["model.image_encoder=tiny_timm_vit", "model.spatial_dims=3"])
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY_2D.read_text().replace("  image_encoder: tiny_resnet", "  image_encodr: tiny_resnet"))
+    assert "image_encodr" in bad.read_text()
+    r = subprocess.run(
+        _cmd("--config", str(bad), "--cohort", str(cohort), "--out", str(tmp_path / "run")),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode != 0 and "image_encodr" in r.stdout + r.stderr
+    assert not (tmp_path / "run" / "stage1-text").exists()
+
+    cfg = load_config(TINY_2D, ["model.image_size=64"])  # one int for every axis; the cohort's images are 128 x 128
+    with pytest.raises(ValueError, match=r"image_size \[64, 64\] differs from the cohort"):
+        train(cfg, cohort, tmp_path / "run2")
+    assert not (tmp_path / "run2" / "stage1-text").exists(), "stage 1 must not run first"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)

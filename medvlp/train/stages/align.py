@@ -1,4 +1,4 @@
-"""Stage 2: contrastive image-report alignment (CLIP or SigLIP losses, false-negative aware).
+"""Stage 2: contrastive image-report alignment (CLIP or SigLIP losses, false-negative aware), validated on `val`.
 
 Studies whose normalized reports are the same (the many near-identical normal reports), or whose label
 vectors are the same, are not pushed apart as negatives: they share the target mass of their row.
@@ -6,6 +6,9 @@ vectors are the same, are not pushed apart as negatives: they share the target m
 
 from __future__ import annotations
 
+import logging
+import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,9 @@ from medvlp.models import MedVLP, ModelConfig
 from medvlp.train.data import CachedImages, collate
 from medvlp.train.loop import LrPlan
 
-MAX_LOG_SCALE = 4.6052  # log(100), as open_clip clamps the temperature
+logger = logging.getLogger(__name__)
+
+MAX_LOG_SCALE = math.log(100.0)  # open_clip's bound: the logit scale stays in [1, 100]
 
 
 def set_dropout(module: nn.Module, p: float) -> None:
@@ -93,6 +98,19 @@ class AlignStage:
             alignment_weight=cfg.alignment_weight,
             local_weight=cfg.local_weight,
         )
+        # the val loss: the same terms on rank 0's whole val batches, never gathered across ranks
+        self.val_loss = ContrastiveLoss(config=replace(self.loss.config, gather=False, local_loss=False))
+        self.val_data = self._val_data() if cfg.val_every else None
+
+    def _val_data(self) -> CachedImages | None:
+        if self.cache.split("val").empty:
+            if self.config.select_metric is not None:
+                raise ValueError(
+                    f"select_metric {self.config.select_metric!r} needs a val split, and {self.cache.root} has none"
+                )
+            logger.warning("%s: the cohort has no val split; val_every is ignored", self.name)
+            return None
+        return CachedImages(self.cache, "val", self.sections, views=0)
 
     def module(self) -> nn.Module:
         return self.net
@@ -128,8 +146,6 @@ class AlignStage:
     def training_forward(self, module: nn.Module, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         tokens = {k: v.to(batch["image"].device) for k, v in batch["tokens"].items()}
         out = module(batch["image"], tokens)
-        with torch.no_grad():
-            self.model.logit_scale.clamp_(max=MAX_LOG_SCALE)
         terms = self.loss(
             out["image_features"],
             out["text_features"],
@@ -142,6 +158,67 @@ class AlignStage:
         )
         terms["logit_scale"] = out["logit_scale"].detach()
         return terms
+
+    @torch.no_grad()
+    def validate(self, batch_size: int) -> dict[str, float]:
+        """Zero-shot mean AUROC, image->report R@10 and the loss on the val split, from the task functions.
+
+        The val studies pass in order, in batches of ``batch_size`` (the global training batch, so the loss sees as
+        many negatives as in training), un-augmented, with the model in eval mode.
+        """
+        from medvlp.tasks.retrieval import retrieval_metrics
+        from medvlp.tasks.zeroshot import (
+            build_prompt_embeddings,
+            classification_metrics,
+            model_logit_scale,
+            zero_shot_probabilities,
+        )
+
+        ds = self.val_data
+        if ds is None:
+            return {}
+        device = self.model.device
+        modes = [(m, m.training) for m in self.net.modules()]
+        self.net.eval()
+        try:
+            images, texts, loss_sum = [], [], 0.0
+            for start in range(0, len(ds), batch_size):
+                batch = self.collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
+                out = self.net(batch["image"].to(device), {k: v.to(device) for k, v in batch["tokens"].items()})
+                terms = self.val_loss(
+                    out["image_features"],
+                    out["text_features"],
+                    out["logit_scale"],
+                    out["logit_bias"],
+                    keys=self._keys(batch),
+                    image_tokens=out.get("image_tokens"),
+                    text_tokens=out.get("text_tokens"),
+                    text_mask=out.get("text_mask"),
+                )
+                loss_sum += float(terms["loss"]) * len(batch["index"])
+                images.append(out["image_features"].float().cpu())  # [b, E]
+                texts.append(out["text_features"].float().cpu())  # [b, E]
+            image, text = torch.cat(images), torch.cat(texts)
+            findings = list(self.cache.findings)
+            if findings:
+                prompts = build_prompt_embeddings(self.model, findings)
+                probs = zero_shot_probabilities(image, prompts, model_logit_scale(self.model))
+            labels = ds.records[findings].astype("float32").to_numpy()  # NaN unknown, -1 uncertain
+            zero_shot = classification_metrics(labels, probs, findings) if findings else {"mean_auroc": math.nan}
+            retrieval = retrieval_metrics(image, text)
+        finally:
+            for m, training in modes:
+                m.train(training)
+        return {
+            "val/zero_shot_auroc": zero_shot["mean_auroc"],
+            "val/r10": retrieval["image_to_report"]["R@10"],
+            "val/loss": loss_sum / len(ds),
+        }
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Keep the log logit scale in ``[0, ln 100]`` after each optimizer step (the forward never changes it)."""
+        self.model.logit_scale.clamp_(0.0, MAX_LOG_SCALE)
 
     def save_final(self, out_dir: Path) -> None:
         """The model folder, with the cohort's preprocessing and findings (``cohort.json``) beside the weights."""

@@ -12,6 +12,7 @@ Two methods:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +25,28 @@ from torch.utils.data import Dataset
 from medvlp.config import ImageStageConfig
 from medvlp.data.cache import CachedCohort
 from medvlp.losses import clip_loss
-from medvlp.train.data import CachedImages, collate
+from medvlp.train.data import CachedImages, collate, mask_generators
+from medvlp.train.runtime import mean_over_ranks
 
 
-def block_mask(shape: tuple[int, ...], block: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
-    """``[B, 1, *spatial]`` float mask, 1 where blanked: a ``ratio`` share of ``block``-sized cells."""
+def block_mask(
+    shape: tuple[int, ...], block: int, ratio: float, generator: torch.Generator | Sequence[torch.Generator]
+) -> torch.Tensor:
+    """``[B, 1, *spatial]`` float mask, 1 where blanked: a ``ratio`` share of ``block``-sized cells.
+
+    ``generator``: one for the whole batch, or one per sample (then each sample's mask depends on its own
+    generator alone, whatever else is in the batch).
+    """
     b, spatial = shape[0], shape[2:]
     cells = [math.ceil(s / block) for s in spatial]
     n = math.prod(cells)
     keep = max(1, round(ratio * n))
-    scores = torch.rand(b, n, generator=generator)
+    if isinstance(generator, torch.Generator):
+        scores = torch.rand(b, n, generator=generator)
+    else:
+        if len(generator) != b:
+            raise ValueError(f"{len(generator)} generators for a batch of {b}")
+        scores = torch.stack([torch.rand(n, generator=g) for g in generator])  # [B, n]
     idx = scores.argsort(dim=1)[:, :keep]
     m = torch.zeros(b, n)
     m.scatter_(1, idx, 1.0)
@@ -60,7 +73,8 @@ class SimMIM(nn.Module):
         self.head = nn.Linear(encoder.token_dim, math.prod(self.cell))
         self.mask_value = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, denominator: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean L1 error over the blanked voxels; ``denominator`` replaces their count (see ``mean_over_ranks``)."""
         x_in = x * (1 - mask) + self.mask_value * mask
         tokens = self.encoder(x_in).tokens  # [B, N, C], N = prod(grid), in (X, Y[, Z]) order
         pred = self.head(tokens)  # [B, N, prod(cell)]
@@ -72,7 +86,7 @@ class SimMIM(nn.Module):
         img = pred.permute(*perm).reshape(b, 1, *[g * c for g, c in zip(self.grid, self.cell, strict=True)])
         img = img[(slice(None), slice(None), *[slice(0, s) for s in self.image_size])]
         err = (img - x).abs() * mask
-        return err.sum() / mask.sum().clamp_min(1.0)
+        return err.sum() / (mask.sum() if denominator is None else denominator).clamp_min(1.0)
 
 
 class SimCLR(nn.Module):
@@ -119,9 +133,9 @@ class ImageStage:
             a, b = batch["views"]
             return {"loss": module(a, b)}
         x = batch["image"]
-        g = torch.Generator().manual_seed(self.seed * 7_919 + step * 104_729 + int(batch["index"][0]))
-        mask = block_mask(tuple(x.shape), self.config.mask_patch, self.config.mask_ratio, g).to(x.device)
-        return {"loss": module(x, mask)}
+        gens = mask_generators(self.seed, step, batch["index"].tolist())
+        mask = block_mask(tuple(x.shape), self.config.mask_patch, self.config.mask_ratio, gens).to(x.device)
+        return {"loss": module(x, mask, mean_over_ranks(mask.sum()))}
 
     def save_final(self, out_dir: Path) -> None:
         """The encoder's weights alone, loadable by ``create_image_encoder(..., checkpoint=...)``."""

@@ -1,12 +1,13 @@
 """Stage 1, language: masked-language-model domain adaptation of the text tower on the cohort's reports.
 
 Whole-word masking: a word split into several word pieces ("pneumo", "##thorax") is masked whole, so
-the model cannot fill in a finding from its own fragments. Masks are drawn from a generator seeded by
-(seed, step): resuming a run reproduces them exactly.
+the model cannot fill in a finding from its own fragments. Each report's mask is drawn from a generator seeded by
+(seed, step, its index in the training set): resuming a run reproduces it exactly, and N ranks mask as one process.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ from medvlp.config import TextStageConfig
 from medvlp.data.cache import CachedCohort
 from medvlp.data.reports import split_sections
 from medvlp.models.text import default_text_model_path, quiet_transformers
+from medvlp.train.data import mask_generators
 from medvlp.train.loop import LrPlan
+from medvlp.train.runtime import mean_over_ranks
 
 
 class ReportSections(Dataset):
@@ -47,7 +50,7 @@ def whole_word_mask(
     word_ids: list[list[int | None]],
     tokenizer,
     probability: float,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     whole_words: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking (80% [MASK], 10% random token, 10% kept) of whole words.
@@ -56,13 +59,19 @@ def whole_word_mask(
         input_ids: ``[B, T]`` token ids.
         word_ids: per sequence, the word index of each token (None for special and padding tokens).
         probability: share of words to mask (at least one word per sequence).
+        generator: one for the whole batch, or one per sequence; each sequence's draws cover its own tokens only,
+            so with one generator per sequence its mask depends neither on the other sequences nor on the padding.
 
     Returns:
         ``(masked_input_ids, labels)`` with labels -100 where nothing is predicted.
     """
-    B, T = input_ids.shape
-    select = torch.zeros(B, T, dtype=torch.bool)
-    for b, wids in enumerate(word_ids):
+    B = input_ids.shape[0]
+    gens = [generator] * B if isinstance(generator, torch.Generator) else list(generator)
+    if len(gens) != B:
+        raise ValueError(f"{len(gens)} generators for a batch of {B}")
+    labels = torch.full_like(input_ids, -100)
+    masked = input_ids.clone()
+    for b, (wids, g) in enumerate(zip(word_ids, gens, strict=True)):
         units = (
             [w for w in dict.fromkeys(wids) if w is not None]
             if whole_words
@@ -71,18 +80,15 @@ def whole_word_mask(
         if not units:
             continue
         n = max(1, round(probability * len(units)))
-        chosen = torch.randperm(len(units), generator=generator)[:n]
-        picked = {units[int(c)] for c in chosen}
-        for t, w in enumerate(wids):
-            key = w if whole_words else t
-            if w is not None and key in picked:
-                select[b, t] = True
-    labels = torch.where(select, input_ids, torch.full_like(input_ids, -100))
-    roll = torch.rand(B, T, generator=generator)
-    masked = input_ids.clone()
-    masked[select & (roll < 0.8)] = tokenizer.mask_token_id
-    rand_pos = select & (roll >= 0.8) & (roll < 0.9)
-    masked[rand_pos] = torch.randint(len(tokenizer), (int(rand_pos.sum()),), generator=generator)
+        picked = {units[int(c)] for c in torch.randperm(len(units), generator=g)[:n]}
+        pos = torch.tensor(
+            [t for t, w in enumerate(wids) if w is not None and (w if whole_words else t) in picked], dtype=torch.long
+        )
+        labels[b, pos] = input_ids[b, pos]
+        roll = torch.rand(len(pos), generator=g)  # [P] one draw per predicted token
+        masked[b, pos[roll < 0.8]] = tokenizer.mask_token_id
+        swap = pos[(roll >= 0.8) & (roll < 0.9)]
+        masked[b, swap] = torch.randint(len(tokenizer), (len(swap),), generator=g)
     return masked, labels
 
 
@@ -99,13 +105,23 @@ class MaskedLM(nn.Module):
         self.model = model
         self.head = getattr(model, "cls", None) or getattr(model, "lm_head", None)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.head is None:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        denominator: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mean cross-entropy over the masked tokens; ``denominator`` replaces their count (see ``mean_over_ranks``)."""
         picked = labels != -100  # [B, T]
+        count = picked.sum()
+        if self.head is None:
+            loss = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            return loss if denominator is None else loss * count / denominator.clamp_min(1.0)
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         logits = self.head(hidden[picked])  # [M, vocab]
-        return nn.functional.cross_entropy(logits.float(), labels[picked])
+        total = nn.functional.cross_entropy(logits.float(), labels[picked], reduction="sum")
+        return total / (count if denominator is None else denominator).clamp_min(1.0)
 
 
 class TextStage:
@@ -169,17 +185,18 @@ class TextStage:
         }
 
     def training_forward(self, module: nn.Module, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 7_919 + step * 104_729 + int(batch["index"][0]))
         ids, labels = whole_word_mask(
             batch["input_ids"].cpu(),
             batch["word_ids"],
             self.tokenizer,
             self.config.mlm_probability,
-            g,
+            mask_generators(self.seed, step, batch["index"].tolist()),
             self.config.whole_word_mask,
         )
         dev = batch["input_ids"].device
-        return {"loss": module(ids.to(dev), batch["attention_mask"], labels.to(dev))}
+        labels = labels.to(dev)
+        denominator = mean_over_ranks((labels != -100).sum().float())
+        return {"loss": module(ids.to(dev), batch["attention_mask"], labels, denominator)}
 
     def save_final(self, out_dir: Path) -> None:
         """The adapted encoder as a plain transformers folder (``out_dir/text``), the MLM head beside it."""
