@@ -166,6 +166,7 @@ class AlignStage:
         The val studies pass in order, in batches of ``batch_size`` (the global training batch, so the loss sees as
         many negatives as in training), un-augmented, with the model in eval mode.
         """
+        from medvlp.data.reports import report_text
         from medvlp.tasks.retrieval import retrieval_metrics
         from medvlp.tasks.zeroshot import (
             build_prompt_embeddings,
@@ -205,7 +206,8 @@ class AlignStage:
                 probs = zero_shot_probabilities(image, prompts, model_logit_scale(self.model))
             labels = ds.records[findings].astype("float32").to_numpy()  # NaN unknown, -1 uncertain
             zero_shot = classification_metrics(labels, probs, findings) if findings else {"mean_auroc": math.nan}
-            retrieval = retrieval_metrics(image, text)
+            reports = [report_text(r, list(self.sections)) for r in ds.records["report"]]
+            retrieval = retrieval_metrics(image, text, texts=reports)  # identical reports are one answer
         finally:
             for m, training in modes:
                 m.train(training)
