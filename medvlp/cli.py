@@ -184,7 +184,15 @@ def serve(
     dicomweb_allow: Annotated[
         list[str] | None, typer.Option(help="A DICOMweb base URL the server may pull from (repeatable).")
     ] = None,
-    dicomweb_timeout: Annotated[float, typer.Option(help="Seconds to wait for a DICOMweb server.")] = 30.0,
+    dicomweb_timeout: Annotated[
+        float, typer.Option(help="Seconds for a whole DICOMweb pull (connect, answer and every byte).")
+    ] = 30.0,
+    max_decoded_mb: Annotated[
+        float, typer.Option(help="Largest decoded image (pixels x frames x 4 bytes, a whole series counted; 413).")
+    ] = 512.0,
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds for a whole request body to arrive (408 beyond).")
+    ] = 60.0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """The zero-shot diagnosis HTTP API (/v1/...) and its viewer (/). Keys: MEDVLP_API_KEYS or --api-keys-file."""
@@ -203,16 +211,24 @@ def serve(
         max_bytes = int(max_upload_mb * (1 << 20))
         if max_bytes < 1:
             raise ValueError(f"--max-upload-mb must be positive, got {max_upload_mb}")
+        max_decoded = int(max_decoded_mb * (1 << 20))
+        if max_decoded < 1:
+            raise ValueError(f"--max-decoded-mb must be positive, got {max_decoded_mb}")
+        if not body_timeout > 0 or not dicomweb_timeout > 0:
+            raise ValueError(
+                f"--body-timeout and --dicomweb-timeout must be positive, got {body_timeout}, {dicomweb_timeout}"
+            )
         allow = tuple(dicomweb_allow or ())
         for url in allow:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"--dicomweb-allow takes http(s) base URLs, got {url!r}")
         settings = ServeSettings(
             api_keys=tuple(keys),
-            limits=UploadLimits(max_bytes=max_bytes, max_unpacked=max(4 * max_bytes, 1 << 30)),
+            limits=UploadLimits(max_bytes=max_bytes, max_unpacked=max(4 * max_bytes, 1 << 30), max_decoded=max_decoded),
             max_batch=1 if no_batching else max_batch,
             batch_wait_ms=0.0 if no_batching else batch_wait_ms,
             dicomweb=DicomWebConfig(allow=allow, timeout=dicomweb_timeout),
+            body_timeout=body_timeout,
         )
         for h in logging.root.handlers:  # a server logs its requests (route, status, time: never a key or a header)
             h.setLevel(min(h.level, logging.INFO))
