@@ -34,13 +34,15 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
-def check_inflated_size(path: Path, limit: int) -> None:
-    """Refuse a Deflated Explicit VR file whose dataset inflates beyond ``limit`` bytes, before pydicom inflates it
-    whole: the stream is inflated in bounded pieces and counted, never kept.
+def check_inflated_size(path: Path, max_decoded: int) -> None:
+    """Refuse a Deflated Explicit VR file whose dataset inflates beyond half the decoded-size limit (16-bit pixels
+    become 32-bit floats), before pydicom inflates it whole: the stream is inflated in bounded pieces and counted,
+    never kept.
 
     Raises:
-        ImageTooLargeError: the inflated dataset is larger than ``limit``.
+        ImageTooLargeError: the inflated dataset is larger than ``max_decoded // 2``.
     """
+    limit = max_decoded // 2
     with path.open("rb") as fh:
         head = fh.read(132)
         if len(head) < 132 or head[128:132] != b"DICM":
