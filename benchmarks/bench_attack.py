@@ -14,6 +14,7 @@ loopback. Prints a table (case, status, RSS growth, time) and writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import socket
@@ -46,10 +47,8 @@ def _rss(pid: int) -> tuple[int, int]:
 def _raw(port: int, data: bytes, wait: float = 15.0, trickle: bytes = b"", close_early: bool = False) -> bytes:
     """Send ``data`` (then ``trickle`` a byte a second) on a socket; the answer's first bytes."""
     with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
-        try:
+        with contextlib.suppress(OSError):
             s.sendall(data)
-        except OSError:
-            pass
         if close_early:
             return b""
         out = b""
@@ -61,10 +60,8 @@ def _raw(port: int, data: bytes, wait: float = 15.0, trickle: bytes = b"", close
                     s.sendall(byte)
                 except OSError:
                     break
-            try:
+            with contextlib.suppress(TimeoutError, OSError):
                 out += s.recv(65536)
-            except (TimeoutError, OSError):
-                pass
             if b"\r\n\r\n" in out or time.monotonic() > deadline:
                 break
         while b"\r\n\r\n" not in out and time.monotonic() < deadline:
