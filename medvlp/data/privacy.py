@@ -177,8 +177,11 @@ PHOTOMETRIC_INTERPRETATIONS = frozenset(
 
 
 def standard_term(value: object, allowed: frozenset[str]) -> str:
-    """``value`` when it is one of the standard's terms (surrounding blanks ignored), else ``"other"``."""
+    """``value`` when it is one of the standard's terms (surrounding blanks ignored), ``""`` when empty, else
+    ``"other"``."""
     text = str(value if value is not None else "").strip()
-    if text == "PALETTE COLOR" and "PALETTE_COLOR" in allowed:
+    if not text:
+        return ""
+    if text == "PALETTE COLOR":
         return text
-    return text if text in allowed and text != "PALETTE_COLOR" else "other"
+    return text if text in allowed else "other"

@@ -8,6 +8,7 @@ naming the file and the problem, for anything it cannot read.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,9 +102,11 @@ def probe_image(path: str | Path, max_bytes: int | None = None) -> ImageProbe | 
                 shape = shape[:-1]
             return ImageProbe(shape)
         elif name.endswith(PIL_SUFFIXES):
-            with Image.open(path) as image:
-                width, height = image.size
-                bands = len(image.getbands())
+            with warnings.catch_warnings():  # Pillow's own bomb warning: the size is judged here, not decoded
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    width, height = image.size
+                    bands = len(image.getbands())
             return ImageProbe((int(width), int(height)), bands)
         else:
             ds = _dicom_header(path, max_bytes)

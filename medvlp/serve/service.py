@@ -24,7 +24,7 @@ from medvlp.models.vlm import CONFIG_FILE, FORMAT, MedVLP
 from medvlp.serve import render
 from medvlp.serve.context import ServingContext
 from medvlp.serve.errors import ApiError
-from medvlp.serve.uploads import UploadLimits, probe_upload, read_upload
+from medvlp.serve.uploads import UploadLimits, check_upload_size, probe_upload, read_upload
 from medvlp.tasks import zeroshot
 from medvlp.tasks.grounding import similarity_map
 from medvlp.tasks.retrieval import EmbeddingIndex
@@ -238,6 +238,7 @@ class DiagnosisService:
                 raise self._wrong_dims(len(shape), probe.shape)
             if min(shape[:2]) < MIN_SIDE:
                 raise self._too_small(probe.shape)
+        check_upload_size(probe, job.workdir, limits)
         image = read_upload(job.path, job.workdir, limits.max_decoded)
         warnings: list[str] = []
         if image.spatial_dims == 3 and self.spatial_dims == 2 and image.array.shape[2] == 1:

@@ -25,7 +25,7 @@ from medvlp.serve.errors import ApiError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UploadLimits", "count_series", "probe_upload", "read_upload", "save_upload", "sniff"]
+__all__ = ["UploadLimits", "check_upload_size", "count_series", "probe_upload", "read_upload", "save_upload", "sniff"]
 
 _CHUNK = 1 << 20
 
@@ -168,10 +168,11 @@ def _too_large(exc: ImageTooLargeError, workdir: Path) -> ApiError:
 
 
 def probe_upload(path: Path, workdir: Path, limits: UploadLimits) -> ImageProbe | None:
-    """The decoded shape of a saved upload from its headers, refused when over the decoded-size limit.
+    """The decoded shape of a saved upload, from its headers (no pixel decoded; a Deflate DICOM inflated, counted
+    and dropped, only up to the limit). Check it with :func:`check_upload_size`.
 
     Raises:
-        ApiError: 413 ``image_too_large`` (a decompression bomb: no pixel was decoded), 422 ``multiple_series``.
+        ApiError: 413 ``image_too_large`` (a Deflate bomb), 422 ``multiple_series``.
     """
     try:
         if path.is_dir():
@@ -180,11 +181,17 @@ def probe_upload(path: Path, workdir: Path, limits: UploadLimits) -> ImageProbe 
                 raise ApiError(
                     422, "multiple_series", f"the upload holds {n} DICOM series; send one series per request"
                 )
-        probe = probe_image(path, limits.max_decoded)
+        return probe_image(path, limits.max_decoded)
+    except ImageTooLargeError as exc:
+        raise _too_large(exc, workdir) from exc
+
+
+def check_upload_size(probe: ImageProbe | None, workdir: Path, limits: UploadLimits) -> None:
+    """413 ``image_too_large`` when the probed image would decode to more than ``limits.max_decoded`` bytes."""
+    try:
         check_decoded_size(probe, limits.max_decoded, "the upload")
     except ImageTooLargeError as exc:
         raise _too_large(exc, workdir) from exc
-    return probe
 
 
 def read_upload(path: Path, workdir: Path, max_decoded: int | None = None) -> MedicalImage:

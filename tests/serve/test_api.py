@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 from pathlib import Path
 
 import httpx
@@ -216,8 +217,10 @@ def test_no_identifier_in_answers_or_log(server: Server, tiny_run: TinyRun, tmp_
     identifiers = [*PHI.values(), *PHI_UIDS.values(), "Doe", "Janet", phi_file.name]
     log = server.log_text()
     for r in answers:
+        # base64 PNGs are left out: a 3-letter name such as 'Doe' turns up in random base64 often enough
+        text = re.sub(r'"(image|heatmap|slice)_png":"[A-Za-z0-9+/=]*"', '"png":""', r.text)
         for value in identifiers:
-            assert value not in r.text, value
+            assert value not in text, value
     for value in [*identifiers, API_KEY, OTHER_KEY]:
         assert value not in log, value
     assert "/v1/diagnose 200" in log  # the log is there, just without identifiers
