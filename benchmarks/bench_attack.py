@@ -160,7 +160,7 @@ def _cases(port: int, pacs: str, disconnects: int) -> dict[str, Callable[[], Any
         "RLE DICOM 65535^2 (1.9 KB)": lambda: upload(bombs.rle_bomb()),
         "Deflate DICOM 16384^2 (0.5 MB)": lambda: upload(bombs.deflate_bomb()),
         "PNG 13000^2 (0.7 MB)": lambda: upload(bombs.png_bomb()),
-        "NIfTI.gz 2048^2x320 (1 KB)": lambda: upload(bombs.nifti_bomb()),
+        "NIfTI.gz 32000^2 (1 KB)": lambda: upload(bombs.nifti_bomb()),
         "zip: 56-slice series, 896 MiB decoded": lambda: upload(bombs.series_zip_bomb()),
         "body at 1 byte/s": trickle,
         f"{disconnects} disconnects mid-upload": disconnect,

@@ -71,6 +71,10 @@ def check_inflated_size(path: Path, max_decoded: int) -> None:
             raise ImageReadError(f"{path}: the deflated dataset is corrupted") from exc
 
 
+def _shown_pi(value: str) -> str:
+    return standard_term(value, PHOTOMETRIC_INTERPRETATIONS)
+
+
 class _StackError(ValueError):
     """Slice positions do not form one evenly spaced stack."""
 
@@ -254,7 +258,12 @@ def _decode(ds: Dataset, path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     try:
         raw, info = decoder.as_array(ds)
     except Exception as exc:  # decoders raise ValueError, RuntimeError, AttributeError...
-        detail = " ".join(str(exc).split())[:300]
+        detail = " ".join(str(exc).split())
+        for keyword in ("PhotometricInterpretation", "Modality"):  # a decoder may quote them: never echo free text
+            value = str(ds.get(keyword, "") or "").strip()
+            if value:
+                detail = detail.replace(value, "other" if keyword == "Modality" else _shown_pi(value))
+        detail = detail[:300]
         what = "pixel data is truncated" if "less than expected" in detail else "pixel data could not be decoded"
         raise ImageReadError(f"{path}: {what} ({syntax.name}: {detail})") from exc
 

@@ -116,8 +116,8 @@ def png_bomb(side: int = 13000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-def nifti_bomb(shape: tuple[int, int, int] = (2048, 2048, 320)) -> bytes:
-    """A ``.nii.gz`` of a few KB whose header declares ``shape`` float32 voxels (5 GiB); the data are cut short."""
+def nifti_bomb(shape: tuple[int, ...] = (32000, 32000)) -> bytes:
+    """A ``.nii.gz`` of a few KB whose header declares ``shape`` float32 voxels (3.8 GiB); the data are cut short."""
     header = nib.Nifti1Header()
     header.set_data_shape(shape)
     header.set_data_dtype(np.float32)

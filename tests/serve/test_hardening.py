@@ -62,7 +62,7 @@ BOMBS = {
     "rle_65535": bombs.rle_bomb,
     "deflate_16384": bombs.deflate_bomb,
     "png_13000": bombs.png_bomb,
-    "nifti_gz_5gib": bombs.nifti_bomb,
+    "nifti_gz_32000": bombs.nifti_bomb,
     "zip_series_56": bombs.series_zip_bomb,
 }
 
