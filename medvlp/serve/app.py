@@ -165,7 +165,13 @@ def create_app(service: DiagnosisService, settings: ServeSettings) -> FastAPI:
     async def prepare(job: ImageJob) -> PreparedImage:
         service.check_job(job)
         async with decoding:  # a few decodes at a time: each may cost up to limits.max_decoded
-            return await run_in_threadpool(service.prepare, job, limits)
+            try:
+                return await run_in_threadpool(service.prepare, job, limits)
+            except ApiError:
+                raise
+            except Exception as exc:  # a decoder failing in a way the reader does not foresee: this upload alone
+                logger.warning("upload could not be decoded: %s", type(exc).__name__)
+                raise ApiError(422, "unreadable_image", f"the image cannot be decoded ({type(exc).__name__})") from exc
 
     async def run_image(job: ImageJob) -> tuple[dict[str, Any], int]:
         try:
