@@ -105,8 +105,18 @@ def cohort_build(
     console.print(
         f"built {out}: {s.ingested} ingested ({s.reused} reused), {s.quarantined} quarantined in {s.seconds:.1f} s"
     )
-    if s.quarantined:
-        console.print(f"  reasons in {out / 'quarantine.csv'}")
+    if s.quarantined:  # the console is inside the hospital: it names records by their manifest study_id too
+        import pandas as pd
+
+        q = pd.read_csv(out / "quarantine.csv", dtype=str)
+        ids = pd.read_csv(out / "secret" / "ids.csv", dtype=str)
+        original = dict(zip(ids["study"], ids["study_id"], strict=True))
+        for r in q.head(20).itertuples(index=False):
+            console.print(f"  row {r.row} ({original.get(r.study, '?')}): {r.reason}", highlight=False)
+        more = f" ({len(q) - 20} more)" if len(q) > 20 else ""
+        console.print(
+            f"  reasons in {out / 'quarantine.csv'}{more}, by row and pseudonym; {out / 'secret/ids.csv'} maps them"
+        )
 
 
 @app.command()

@@ -319,6 +319,13 @@ def test_cli_validate_and_build(cxr_cohort: Path, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert f"would quarantine {m.at[0, 'study_id']}: empty report" in r.stderr
     assert "23 usable, 1 would be quarantined" in r.stderr
+    # the build's console (inside the hospital) names the record by row and study_id; its files do not
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "medvlp", "cohort", "build", str(cxr_cohort), "--out", str(out), "--workers", "0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    assert r.returncode == 0, r.stderr
+    assert f"row 2 ({m.at[0, 'study_id']}): empty report" in r.stderr
+    assert m.at[0, "study_id"] not in (out / "quarantine.csv").read_text()
     m.at[1, "split"] = "nope"
     _set_manifest(cxr_cohort, m)
     r = subprocess.run(
