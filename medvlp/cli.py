@@ -105,8 +105,18 @@ def cohort_build(
     console.print(
         f"built {out}: {s.ingested} ingested ({s.reused} reused), {s.quarantined} quarantined in {s.seconds:.1f} s"
     )
-    if s.quarantined:
-        console.print(f"  reasons in {out / 'quarantine.csv'}")
+    if s.quarantined:  # the console is inside the hospital: it names records by their manifest study_id too
+        import pandas as pd
+
+        q = pd.read_csv(out / "quarantine.csv", dtype=str)
+        ids = pd.read_csv(out / "secret" / "ids.csv", dtype=str)
+        original = dict(zip(ids["study"], ids["study_id"], strict=True))
+        for r in q.head(20).itertuples(index=False):
+            console.print(f"  row {r.row} ({original.get(r.study, '?')}): {r.reason}", highlight=False)
+        more = f" ({len(q) - 20} more)" if len(q) > 20 else ""
+        console.print(
+            f"  reasons in {out / 'quarantine.csv'}{more}, by row and pseudonym; {out / 'secret/ids.csv'} maps them"
+        )
 
 
 @app.command()
@@ -184,7 +194,15 @@ def serve(
     dicomweb_allow: Annotated[
         list[str] | None, typer.Option(help="A DICOMweb base URL the server may pull from (repeatable).")
     ] = None,
-    dicomweb_timeout: Annotated[float, typer.Option(help="Seconds to wait for a DICOMweb server.")] = 30.0,
+    dicomweb_timeout: Annotated[
+        float, typer.Option(help="Seconds for a whole DICOMweb pull (connect, answer and every byte).")
+    ] = 30.0,
+    max_decoded_mb: Annotated[
+        float, typer.Option(help="Largest decoded image (pixels x frames x 4 bytes, a whole series counted; 413).")
+    ] = 512.0,
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds for a whole request body to arrive (408 beyond).")
+    ] = 60.0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """The zero-shot diagnosis HTTP API (/v1/...) and its viewer (/). Keys: MEDVLP_API_KEYS or --api-keys-file."""
@@ -203,16 +221,24 @@ def serve(
         max_bytes = int(max_upload_mb * (1 << 20))
         if max_bytes < 1:
             raise ValueError(f"--max-upload-mb must be positive, got {max_upload_mb}")
+        max_decoded = int(max_decoded_mb * (1 << 20))
+        if max_decoded < 1:
+            raise ValueError(f"--max-decoded-mb must be positive, got {max_decoded_mb}")
+        if not body_timeout > 0 or not dicomweb_timeout > 0:
+            raise ValueError(
+                f"--body-timeout and --dicomweb-timeout must be positive, got {body_timeout}, {dicomweb_timeout}"
+            )
         allow = tuple(dicomweb_allow or ())
         for url in allow:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"--dicomweb-allow takes http(s) base URLs, got {url!r}")
         settings = ServeSettings(
             api_keys=tuple(keys),
-            limits=UploadLimits(max_bytes=max_bytes, max_unpacked=max(4 * max_bytes, 1 << 30)),
+            limits=UploadLimits(max_bytes=max_bytes, max_unpacked=max(4 * max_bytes, 1 << 30), max_decoded=max_decoded),
             max_batch=1 if no_batching else max_batch,
             batch_wait_ms=0.0 if no_batching else batch_wait_ms,
             dicomweb=DicomWebConfig(allow=allow, timeout=dicomweb_timeout),
+            body_timeout=body_timeout,
         )
         for h in logging.root.handlers:  # a server logs its requests (route, status, time: never a key or a header)
             h.setLevel(min(h.level, logging.INFO))

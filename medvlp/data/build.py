@@ -8,11 +8,14 @@ every quarantined one, so fixing a file is enough to bring it in).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
 import multiprocessing as mp
 import os
+import re
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -60,6 +63,7 @@ class BuildSummary:
 @dataclass(frozen=True)
 class _Task:
     study: str
+    row: int
     image: Path
     boxes: np.ndarray  # [N, 2D] in stored-image voxels
     preprocess: PreprocessSpec
@@ -86,7 +90,41 @@ def _fingerprint(spec: PreprocessSpec, image: Path, boxes: np.ndarray) -> str:
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
 
-def _init_worker() -> None:
+IDS_FILE = Path("secret") / "ids.csv"  # row, study pseudonym, original study_id: stays inside the hospital
+
+
+def manifest_row(index: int) -> int:
+    """The line of the manifest CSV holding record ``index`` (the header is line 1), as `cohort validate` says."""
+    return int(index) + 2
+
+
+def scrub_reason(message: str, image: Path) -> str:
+    """A reason without the image's path or file names (which may carry a UID or a patient's name).
+
+    The image (file or series folder), and any file inside a series folder, becomes ``image``.
+    """
+    for base in dict.fromkeys((str(image), str(image.resolve()) if image.exists() else str(image))):
+        message = re.sub(re.escape(base) + r"(/[^\s:]*)?", "image", message)
+    name = image.name
+    if len(name) >= 3:
+        message = message.replace(name, "image")
+    return message
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to kill this worker when the build process dies (kill -9 included), so no orphan holds the lock."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # pragma: no cover - no prctl: the stale-lock check still holds
+            logger.debug("prctl(PR_SET_PDEATHSIG) unavailable")
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def _init_worker(parent: int) -> None:
+    _die_with_parent(parent)
     import torch
 
     torch.set_num_threads(1)
@@ -103,9 +141,10 @@ def _process(task: _Task) -> dict[str, Any]:
             return {"study": task.study, "error": "image has no finite pixel values after preprocessing"}
         boxes = map_boxes(task.boxes, out.source_to_output, task.preprocess.size) if len(task.boxes) else task.boxes
     except (ImageReadError, ValueError, OSError) as exc:
-        return {"study": task.study, "error": str(exc).replace(str(task.image), task.image.name)}
+        return {"study": task.study, "error": scrub_reason(str(exc), task.image)}
     except Exception as exc:
-        return {"study": task.study, "error": f"could not decode or preprocess: {type(exc).__name__}: {exc}"}
+        reason = scrub_reason(f"could not decode or preprocess: {type(exc).__name__}: {exc}", task.image)
+        return {"study": task.study, "error": reason}
     item = {
         "study": task.study,
         "fingerprint": task.fingerprint,
@@ -187,18 +226,19 @@ def _build_locked(
         by_study = {s: g[box_cols].to_numpy(float) for s, g in cohort.grounding.groupby("study_id")}
         empty = np.zeros((0, len(box_cols)))
 
-        quarantine: list[tuple[str, str]] = []
+        quarantine: list[tuple[int, str, str]] = []  # (manifest row, study pseudonym, reason without identifiers)
         items: dict[str, dict[str, Any]] = {}
         reports: dict[str, str] = {}
         tasks: list[_Task] = []
         study_of: dict[str, str] = {}
-        for row in df.itertuples(index=False):
+        row_of: dict[str, int] = {}
+        for index, row in zip(df.index, df.itertuples(index=False), strict=True):
             sid = row.study_id
             st = pseudonym(key, "st", sid)
-            study_of[st] = sid
+            study_of[st], row_of[st] = sid, manifest_row(index)
             report, reason = precheck(spec, row)
             if reason is not None:
-                quarantine.append((sid, reason))
+                quarantine.append((row_of[st], st, reason))
                 continue
             reports[st] = report
             image = spec.resolve(row.image)
@@ -208,7 +248,7 @@ def _build_locked(
             if done is not None:
                 items[st] = done | {"reused": True}
             else:
-                tasks.append(_Task(st, image, boxes, pp, fp, out))
+                tasks.append(_Task(st, row_of[st], image, boxes, pp, fp, out))
         reused = len(items)
         logger.info("build %s: %d records, %d reused, %d to process", spec.name, len(df), reused, len(tasks))
 
@@ -221,19 +261,21 @@ def _build_locked(
         bar.close()
         for res in results:
             if "error" in res:
-                quarantine.append((study_of[res["study"]], res["error"]))
+                quarantine.append((row_of[res["study"]], res["study"], res["error"]))
             else:
                 items[res["study"]] = res
         for st in study_of:
             if st not in items:  # a quarantined study must not leave a stale image behind
                 (out / "items" / f"{st}.json").unlink(missing_ok=True)
                 (out / "images" / f"{st}.npy").unlink(missing_ok=True)
-        for sid, reason in quarantine:
-            logger.warning("quarantined %s: %s", pseudonym(key, "st", sid), reason)
+        quarantine.sort()
+        for row_no, st, reason in quarantine:
+            logger.warning("quarantined row %d (%s): %s", row_no, st, reason)
 
         _write_tables(out, cohort, key, items, reports)
-        qdf = pd.DataFrame(quarantine, columns=["study_id", "reason"]).sort_values("study_id")
+        qdf = pd.DataFrame(quarantine, columns=["row", "study", "reason"])
         atomic_write_bytes(out / "quarantine.csv", qdf.to_csv(index=False).encode())
+        _write_ids(out, [(row_of[st], st, sid) for st, sid in study_of.items()])
         seconds = time.perf_counter() - t0
         summary = {
             "cache_version": CACHE_VERSION,
@@ -280,7 +322,8 @@ def _run(
             done()
         return results
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),))
+    with pool:
         futures = {pool.submit(_process, t): t for t in tasks}
         for fut in as_completed(futures):
             try:
@@ -289,6 +332,18 @@ def _run(
                 results.append({"study": futures[fut].study, "error": f"worker failed: {type(exc).__name__}: {exc}"})
             done()
     return results
+
+
+def _write_ids(out: Path, rows: list[tuple[int, str, str]]) -> None:
+    """``secret/ids.csv``: manifest row, study pseudonym and original study_id, readable by the owner only."""
+    data = pd.DataFrame(sorted(rows), columns=["row", "study", "study_id"]).to_csv(index=False).encode()
+    path = out / IDS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
 
 
 def _write_tables(

@@ -3,12 +3,13 @@
 Layout of a cache folder::
 
     summary.json        counts, preprocessing, timings
-    quarantine.csv      study_id, reason: every record that could not be used
+    quarantine.csv      row, study, reason: every record that could not be used, by manifest row and pseudonym
     records.parquet     one row per ingested study: pseudonyms, split, report, labels, covariates, survival
     grounding.parquet   phrase boxes mapped onto the cached grid (voxel corner + size, floats)
     images/<study>.npy  float16 [1, *size] in [0, 1], read memory-mapped
     items/<study>.json  per-study fingerprint, the resume marker (written after its .npy)
-    secret/             the pseudonym key: stays inside the hospital, never shipped with a model
+    build.log           what each build did, records named by row and pseudonym only
+    secret/             the pseudonym key and ids.csv (row, study, original study_id): stays inside the hospital
 
 One ``.npy`` per study, rather than one big array, makes the build parallel and resumable (a study is
 done once its item file exists) and lets a rerun replace only what changed; reading a memory-mapped
@@ -83,19 +84,73 @@ def remove_stale_temporaries(root: Path) -> int:
     return n
 
 
+def _process_start(pid: int) -> str | None:
+    """The start time of a live process (clock ticks since boot), or None when it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return "?"
+        return "?"  # no /proc: alive, start unknown
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _owner_alive(text: str) -> bool:
+    """Whether the ``pid start`` written in a lock file names a process that still runs (pid reuse included)."""
+    try:
+        pid_s, start = text.split()
+        pid = int(pid_s)
+    except ValueError:
+        return True  # written by an older version, or mid-write: assume a live owner
+    now = _process_start(pid)
+    return now is not None and (now == start or "?" in (now, start))
+
+
 @contextmanager
 def exclusive_build(root: Path) -> Iterator[None]:
-    """Hold the cache's build lock: a second build on the same folder fails at once instead of colliding."""
+    """Hold the cache's build lock: a second build on the same folder fails at once instead of colliding.
+
+    The lock file records its owner (pid and start time). A lock still held after its owner died (by a worker
+    the killed build left behind) is stale: the file is replaced, and the new build takes the new one.
+    """
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".build.lock", "w") as fh:
+    path = root / ".build.lock"
+    for _ in range(3):
+        fh = open(path, "a+")  # noqa: SIM115 - held for the whole build
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
-            raise RuntimeError(f"another `medvlp cohort build` is writing {root}; wait for it to finish") from exc
+            fh.seek(0)
+            owner = fh.read()
+            fh.close()
+            if _owner_alive(owner):
+                raise RuntimeError(f"another `medvlp cohort build` is writing {root}; wait for it to finish") from exc
+            path.unlink(missing_ok=True)  # the owner died (kill -9): whoever still holds the old file is an orphan
+            continue
+        try:
+            same = os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # another build replaced a stale lock between our open and flock
+            fh.close()
+            continue
+        pid = os.getpid()
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{pid} {_process_start(pid)}")
+        fh.flush()
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
+        return
+    raise RuntimeError(f"cannot take the build lock of {root}: it keeps changing hands")
 
 
 @dataclass

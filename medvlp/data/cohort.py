@@ -6,6 +6,7 @@ cohort can be fixed in one pass.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -124,6 +125,10 @@ class CohortSpec(_Strict):
     covariates: list[str] = Field(default_factory=list)
     survival: SurvivalSpec | None = None
     preprocess: PreprocessSpec | None = None
+    roots: list[Path] = Field(
+        default_factory=list,
+        description="folders outside the cohort folder that manifest paths may point into (e.g. /mnt/export)",
+    )
     root: Path = Field(default=Path("."), exclude=True)
 
     @field_validator("findings", "covariates")
@@ -157,6 +162,19 @@ class CohortSpec(_Strict):
     def resolve(self, relative: Path | str) -> Path:
         p = Path(relative)
         return p if p.is_absolute() else self.root / p
+
+    def outside_roots(self, relative: Path | str) -> bool:
+        """Whether a manifest path leads outside the cohort folder and every declared root (``..``, absolute).
+
+        Paths are compared after lexical normalisation (``a/../..`` resolved, symbolic links kept as the user
+        laid them out).
+        """
+        target = Path(os.path.normpath(os.path.abspath(self.resolve(relative))))
+        for base in (self.root, *self.roots):
+            b = Path(os.path.normpath(os.path.abspath(self.resolve(base))))
+            if target == b or b in target.parents:
+                return False
+        return True
 
     @property
     def manifest_path(self) -> Path:
@@ -241,6 +259,14 @@ def _check_manifest(spec: CohortSpec, df: pd.DataFrame, name: str, problems: lis
     for col in ("subject_id", "study_id", "image"):
         for i in df.index[df[col] == ""]:
             row_problem(i, f"column '{col}' is empty")
+    roots = ", ".join(str(r) for r in spec.roots) or "none declared"
+    for i in df.index[df["image"] != ""]:
+        if spec.outside_roots(df.at[i, "image"]):
+            row_problem(i, f"image path leads outside the cohort folder and its roots ({roots}); declare `roots:`")
+    for i in df.index:
+        rep = str(df.at[i, "report"]).strip()
+        if rep.lower().endswith(".txt") and "\n" not in rep and spec.outside_roots(rep):
+            row_problem(i, f"report path leads outside the cohort folder and its roots ({roots}); declare `roots:`")
     dup = df["study_id"][(df["study_id"] != "") & df["study_id"].duplicated(keep="first")]
     for i in dup.index:
         row_problem(i, "study_id appears more than once in the manifest")

@@ -9,6 +9,7 @@ of identifying elements.
 from __future__ import annotations
 
 import logging
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, convert_color_space, get_decoder
 
-from medvlp.data.image import ImageReadError, MedicalImage
+from medvlp.data.image import ImageReadError, ImageTooLargeError, MedicalImage
+from medvlp.data.privacy import MODALITIES, PHOTOMETRIC_INTERPRETATIONS, standard_term
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +31,55 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def check_inflated_size(path: Path, max_decoded: int) -> None:
+    """Refuse a Deflated Explicit VR file whose dataset inflates beyond half the decoded-size limit (16-bit pixels
+    become 32-bit floats), before pydicom inflates it whole: the stream is inflated in bounded pieces and counted,
+    never kept.
+
+    Raises:
+        ImageTooLargeError: the inflated dataset is larger than ``max_decoded // 2``.
+    """
+    limit = max_decoded // 2
+    with path.open("rb") as fh:
+        head = fh.read(132)
+        if len(head) < 132 or head[128:132] != b"DICM":
+            return
+        try:
+            meta = pydicom.filereader.read_file_meta_info(path)
+        except Exception:  # the reader reports a broken header in its own words
+            return
+        if str(meta.get("TransferSyntaxUID", "")) != _DEFLATED:
+            return
+        group = meta.get("FileMetaInformationGroupLength")
+        if group is None:
+            raise ImageReadError(f"{path}: deflated DICOM without a file meta group length")
+        fh.seek(132 + 12 + int(group))  # (0002,0000) UL takes 12 bytes in explicit VR
+        inflate, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+        try:
+            while (chunk := fh.read(1 << 16)) and not inflate.eof:
+                total += len(inflate.decompress(chunk, 1 << 20))
+                while inflate.unconsumed_tail and total <= limit:
+                    total += len(inflate.decompress(inflate.unconsumed_tail, 1 << 20))
+                if total > limit:
+                    raise ImageTooLargeError(
+                        f"{path}: the deflated dataset inflates to more than {limit >> 20} MiB (the decoded-size limit)"
+                    )
+        except zlib.error as exc:
+            raise ImageReadError(f"{path}: the deflated dataset is corrupted") from exc
+
+
+def _shown_pi(value: str) -> str:
+    return standard_term(value, PHOTOMETRIC_INTERPRETATIONS)
+
+
 class _StackError(ValueError):
     """Slice positions do not form one evenly spaced stack."""
 
 
-def _read_dataset(path: Path) -> Dataset:
+def _read_dataset(path: Path, max_bytes: int | None = None) -> Dataset:
     """Read a whole DICOM file (header and undecoded pixel data); every failure is an ImageReadError."""
     if not path.exists():
         raise ImageReadError(f"{path}: no such file")
@@ -41,6 +87,8 @@ def _read_dataset(path: Path) -> Dataset:
         raise ImageReadError(f"{path}: is a folder, not a DICOM file")
     if path.stat().st_size == 0:
         raise ImageReadError(f"{path}: empty file (0 bytes)")
+    if max_bytes is not None:
+        check_inflated_size(path, max_bytes)
     try:
         return pydicom.dcmread(path)
     except InvalidDicomError as exc:
@@ -210,7 +258,12 @@ def _decode(ds: Dataset, path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     try:
         raw, info = decoder.as_array(ds)
     except Exception as exc:  # decoders raise ValueError, RuntimeError, AttributeError...
-        detail = " ".join(str(exc).split())[:300]
+        detail = " ".join(str(exc).split())
+        for keyword in ("PhotometricInterpretation", "Modality"):  # a decoder may quote them: never echo free text
+            value = str(ds.get(keyword, "") or "").strip()
+            if value:
+                detail = detail.replace(value, "other" if keyword == "Modality" else _shown_pi(value))
+        detail = detail[:300]
         what = "pixel data is truncated" if "less than expected" in detail else "pixel data could not be decoded"
         raise ImageReadError(f"{path}: {what} ({syntax.name}: {detail})") from exc
 
@@ -218,9 +271,12 @@ def _decode(ds: Dataset, path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     rows, columns = int(info["rows"]), int(info["columns"])
     samples = int(info.get("samples_per_pixel") or 1)
     photometric = str(info.get("photometric_interpretation") or ds.get("PhotometricInterpretation", "")).strip()
+    shown = standard_term(photometric, PHOTOMETRIC_INTERPRETATIONS)  # messages echo the standard's terms only
     meta: dict[str, Any] = {
-        "modality": str(ds.get("Modality", "")),
-        "photometric_interpretation": str(ds.get("PhotometricInterpretation", "")),
+        "modality": standard_term(ds.get("Modality", ""), MODALITIES),
+        "photometric_interpretation": standard_term(
+            ds.get("PhotometricInterpretation", ""), PHOTOMETRIC_INTERPRETATIONS
+        ),
         "transfer_syntax_uid": str(syntax),
         "transfer_syntax": syntax.name,
         "number_of_frames": frames,
@@ -238,10 +294,10 @@ def _decode(ds: Dataset, path: Path) -> tuple[np.ndarray, dict[str, Any]]:
         elif samples == 3 and photometric.startswith("YBR"):
             raw, photometric = convert_color_space(raw, photometric, "RGB", per_frame=frames > 1), "RGB"
     except Exception as exc:
-        raise ImageReadError(f"{path}: could not convert {photometric} pixels to RGB ({type(exc).__name__})") from exc
+        raise ImageReadError(f"{path}: could not convert {shown} pixels to RGB ({type(exc).__name__})") from exc
     if samples == 3 or photometric == "RGB":
         if raw.shape[-1] != 3:
-            raise ImageReadError(f"{path}: {photometric} image does not have 3 samples per pixel")
+            raise ImageReadError(f"{path}: {shown} image does not have 3 samples per pixel")
         rgb = raw.reshape(frames, rows, columns, 3)
         luminance = np.zeros((frames, rows, columns), dtype=np.float32)
         for channel, weight in enumerate(_LUMA):
@@ -249,7 +305,7 @@ def _decode(ds: Dataset, path: Path) -> tuple[np.ndarray, dict[str, Any]]:
         meta.update(color_converted=True, color_to_luminance="0.299R+0.587G+0.114B")
         return luminance, meta
     if samples != 1:
-        raise ImageReadError(f"{path}: unsupported image with {samples} samples per pixel ({photometric})")
+        raise ImageReadError(f"{path}: unsupported image with {samples} samples per pixel ({shown})")
     stored = raw.reshape(frames, rows, columns)
     physical, lo, hi = _to_physical(ds, stored, meta)
     if photometric == "MONOCHROME1":
@@ -318,7 +374,7 @@ def _file_geometry(ds: Dataset, frames: int, path: Path, meta: dict[str, Any]) -
     return spacing, lps_to_ras_affine(cosines, spacing_ij, step, origin)
 
 
-def read_dicom_file(path: str | Path) -> MedicalImage:
+def read_dicom_file(path: str | Path, max_bytes: int | None = None) -> MedicalImage:
     """Read one DICOM file: a 2D image ``[X, Y]`` or a multi-frame image ``[X, Y, F]``.
 
     Args:
@@ -331,7 +387,7 @@ def read_dicom_file(path: str | Path) -> MedicalImage:
         ImageReadError: missing, empty, non-DICOM, truncated or undecodable file, or no pixel data.
     """
     path = Path(path)
-    ds = _read_dataset(path)
+    ds = _read_dataset(path, max_bytes)
     if _is_dicomdir(ds):
         raise ImageReadError(f"{path}: is a DICOMDIR (an index of other files), not an image")
     frames, meta = _decode(ds, path)
@@ -341,11 +397,13 @@ def read_dicom_file(path: str | Path) -> MedicalImage:
     return MedicalImage(np.ascontiguousarray(array), tuple(float(s) for s in spacing), affine, meta)
 
 
-def _series_member(path: Path) -> Dataset | None:
+def _series_member(path: Path, max_bytes: int | None = None) -> Dataset | None:
     """The dataset of an image file of a series folder, or None for a file to skip (non-DICOM, DICOMDIR...)."""
     if path.stat().st_size == 0:
         logger.info("%s: skipped (empty file)", path)
         return None
+    if max_bytes is not None:
+        check_inflated_size(path, max_bytes)
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError:
@@ -361,7 +419,7 @@ def _series_member(path: Path) -> Dataset | None:
     return ds
 
 
-def read_dicom_series(folder: str | Path) -> MedicalImage:
+def read_dicom_series(folder: str | Path, max_bytes: int | None = None) -> MedicalImage:
     """Read a folder holding one DICOM series as a 3D volume ``[X, Y, Z]``.
 
     Slices are ordered by their position along the slice normal (``cross(row, column)`` direction cosines),
@@ -385,14 +443,14 @@ def read_dicom_series(folder: str | Path) -> MedicalImage:
     members: list[tuple[Path, Dataset]] = []
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     for path in files:
-        ds = _series_member(path)
+        ds = _series_member(path, max_bytes)
         if ds is not None:
             members.append((path, ds))
     skipped = len(files) - len(members)
     if not members:
         raise ImageReadError(f"{folder}: no DICOM image in this folder ({skipped} other file(s) skipped)")
     if len(members) == 1:
-        image = read_dicom_file(members[0][0])
+        image = read_dicom_file(members[0][0], max_bytes)
         image.meta["skipped_files"] = skipped
         return image
 

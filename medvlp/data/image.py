@@ -12,6 +12,11 @@ class ImageReadError(ValueError):
     """An image could not be read; the message says why in the user's terms (file, what is wrong)."""
 
 
+class ImageTooLargeError(ImageReadError):
+    """An image whose decoded size (pixels x frames x samples x 4 bytes) exceeds the allowed limit, found from its
+    headers before any pixel is decoded (decompression bombs)."""
+
+
 @dataclass
 class MedicalImage:
     """A decoded image in physical units, with its geometry and no resampling.

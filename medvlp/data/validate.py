@@ -18,7 +18,7 @@ def resolve_report(spec: CohortSpec, value: str) -> str:
     if stripped.lower().endswith(".txt") and "\n" not in stripped:
         path = spec.resolve(stripped)
         if not path.is_file():
-            raise FileNotFoundError(f"report file not found: {stripped}")
+            raise FileNotFoundError("report file not found")  # no file name: it may carry an identifier
         return path.read_text(errors="replace").strip()
     return stripped
 
@@ -32,7 +32,7 @@ def precheck(spec: CohortSpec, row: Any) -> tuple[str | None, str | None]:
     if not report:
         return None, "empty report"
     if not spec.resolve(row.image).exists():
-        return None, f"image file not found: {row.image}"
+        return None, "image file not found"
     return report, None
 
 

@@ -6,6 +6,7 @@ series pulled over DICOMweb) and await its result from the micro-batcher, which 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 from collections.abc import AsyncIterator
@@ -28,7 +29,7 @@ from medvlp.serve.auth import KeyRing
 from medvlp.serve.batching import MicroBatcher
 from medvlp.serve.dicomweb import DicomWebConfig, fetch_series
 from medvlp.serve.errors import ERROR_RESPONSES, ApiError, install_error_handlers
-from medvlp.serve.middleware import BodyLimit, RequestLog
+from medvlp.serve.middleware import AuthGate, BodyLimit, RequestLog
 from medvlp.serve.schemas import (
     DiagnoseJSON,
     DiagnoseOptions,
@@ -40,7 +41,7 @@ from medvlp.serve.schemas import (
     RetrieveRequest,
     RetrieveResponse,
 )
-from medvlp.serve.service import DiagnosisService, ImageJob, TextJob
+from medvlp.serve.service import DiagnosisService, ImageJob, PreparedImage, TextJob
 from medvlp.serve.uploads import UploadLimits, cleanup, save_upload
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ __all__ = ["ServeSettings", "create_app"]
 
 STATIC = Path(__file__).resolve().parent / "static"
 FORM_SLACK = 1 << 20  # room for the form's other fields and multipart framing beyond the file itself
+# JSON bodies are small: what the largest valid request of each endpoint needs, with room for escapes
+JSON_LIMITS = {"retrieve": 16 << 10, "diagnose": 16 << 10, "embed": 1 << 20}
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,8 @@ class ServeSettings:
     batch_wait_ms: float = 5.0
     max_queue: int = 256
     dicomweb: DicomWebConfig = field(default_factory=DicomWebConfig)
+    body_timeout: float = 60.0  # seconds for a whole request body to arrive (408 beyond)
+    max_decoding: int = 2  # uploads decoded at once (each may cost up to limits.max_decoded bytes)
 
 
 def _multipart_schema(options: bool) -> dict[str, Any]:
@@ -90,6 +95,26 @@ def _invalid(exc: ValidationError, where: str) -> ApiError:
     e = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid"}
     loc = ".".join(str(p) for p in (where, *e["loc"]) if p != "")
     return ApiError(422, "validation_error", f"{loc}: {e['msg']}")
+
+
+async def _read_json(request: Request, model: type[BaseModel], limit: int, where: str = "body") -> Any:
+    """Read a JSON body of at most ``limit`` bytes and validate it off the event loop.
+
+    Raises:
+        ApiError: 413 beyond ``limit`` (from ``Content-Length`` before reading, or while reading), 422 invalid.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "payload_too_large", f"a JSON body here is at most {limit >> 10} KiB")
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise ApiError(413, "payload_too_large", f"a JSON body here is at most {limit >> 10} KiB")
+    try:
+        return await run_in_threadpool(model.model_validate_json, bytes(data))
+    except ValidationError as exc:
+        raise _invalid(exc, where) from exc
 
 
 async def _read_form(request: Request) -> tuple[UploadFile, dict[str, Any]]:
@@ -130,13 +155,29 @@ def create_app(service: DiagnosisService, settings: ServeSettings) -> FastAPI:
     )
     app.state.service, app.state.images, app.state.texts, app.state.keys = service, images, texts, keys
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_bytes + FORM_SLACK)
+    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_bytes + FORM_SLACK, timeout=settings.body_timeout)
+    app.add_middleware(AuthGate, keys=keys)  # outside BodyLimit: no byte of a body is read before the key is checked
     app.add_middleware(RequestLog)
     auth = [Depends(keys.require)]
     limits = settings.limits
+    decoding = asyncio.Semaphore(max(1, settings.max_decoding))
+
+    async def prepare(job: ImageJob) -> PreparedImage:
+        service.check_job(job)
+        async with decoding:  # a few decodes at a time: each may cost up to limits.max_decoded
+            try:
+                return await run_in_threadpool(service.prepare, job, limits)
+            except ApiError:
+                raise
+            except Exception as exc:  # a decoder failing in a way the reader does not foresee: this upload alone
+                logger.warning("upload could not be decoded: %s", type(exc).__name__)
+                raise ApiError(422, "unreadable_image", f"the image cannot be decoded ({type(exc).__name__})") from exc
 
     async def run_image(job: ImageJob) -> tuple[dict[str, Any], int]:
         try:
+            # decoded and brought to the model's size before joining the queue: no full-size image waits there
+            job.prepared = await prepare(job)
+            await run_in_threadpool(cleanup, job.workdir)
             return await images.submit(job)
         finally:
             await run_in_threadpool(cleanup, job.workdir)
@@ -190,10 +231,7 @@ def create_app(service: DiagnosisService, settings: ServeSettings) -> FastAPI:
                     raise _invalid(exc, "") from exc
                 path = await run_in_threadpool(save_upload, upload.file, workdir, limits)
             elif ctype.startswith("application/json"):
-                try:
-                    opts = DiagnoseJSON.model_validate_json(await request.body())
-                except ValidationError as exc:
-                    raise _invalid(exc, "body") from exc
+                opts = await _read_json(request, DiagnoseJSON, JSON_LIMITS["diagnose"])
                 src = opts.dicomweb
                 path = await fetch_series(src.url, src.study, src.series, workdir / "series", settings.dicomweb, limits)
             else:
@@ -217,10 +255,7 @@ def create_app(service: DiagnosisService, settings: ServeSettings) -> FastAPI:
         """An image (multipart ``file``) or texts (JSON ``{"texts": [...]}``) -> L2-normalized embeddings."""
         ctype = request.headers.get("content-type", "").lower()
         if ctype.startswith("application/json"):
-            try:
-                body = EmbedText.model_validate_json(await request.body())
-            except ValidationError as exc:
-                raise _invalid(exc, "body") from exc
+            body = await _read_json(request, EmbedText, JSON_LIMITS["embed"])
             out, size = await texts.submit(TextJob(body.texts))
             return {"kind": "text", **out, "batch_size": size}
         if not ctype.startswith("multipart/form-data"):
@@ -242,11 +277,21 @@ def create_app(service: DiagnosisService, settings: ServeSettings) -> FastAPI:
         response_model=RetrieveResponse,
         dependencies=auth,
         responses=ERROR_RESPONSES,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RetrieveRequest"}}},
+            }
+        },
         tags=["retrieval"],
     )
-    async def retrieve(body: RetrieveRequest) -> dict[str, Any]:
+    async def retrieve(request: Request) -> dict[str, Any]:
         """The training studies closest to a text: by their images (``against: images``) or their reports.
         Studies are named by their pseudonymous ids (``st-...``)."""
+        ctype = request.headers.get("content-type", "").lower()
+        if not ctype.startswith("application/json"):
+            raise ApiError(415, "unsupported_media_type", "send application/json")
+        body = await _read_json(request, RetrieveRequest, JSON_LIMITS["retrieve"])
         if service.corpus is None:
             raise ApiError(409, "retrieval_unavailable", "this server has no report corpus (start it with --cohort)")
         out, _ = await texts.submit(TextJob([body.text], k=body.k, against=body.against))
@@ -256,7 +301,7 @@ def create_app(service: DiagnosisService, settings: ServeSettings) -> FastAPI:
         if app.openapi_schema is None:
             spec = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
             schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-            for model in (DiagnoseJSON, EmbedText):
+            for model in (DiagnoseJSON, EmbedText, RetrieveRequest):
                 js = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 schemas.update(js.pop("$defs", {}))
                 schemas[model.__name__] = js

@@ -40,6 +40,7 @@ class ServingContext:
         report_sections: the report sections the text tower was trained on.
         cache_dir: the training cohort cache (the retrieval corpus), when there is one.
         metrics_path: the evaluation card's ``metrics.json``, when there is one.
+        calibration: the model's zero-shot calibration (``calibration.json``), when it has one.
         source: where ``cohort`` came from (for the log and ``/v1/model``).
     """
 
@@ -49,6 +50,7 @@ class ServingContext:
     report_sections: list[str] = field(default_factory=lambda: ["findings", "impression"])
     cache_dir: Path | None = None
     metrics_path: Path | None = None
+    calibration: dict[str, Any] | None = None
     source: str = ""
 
 
@@ -109,5 +111,6 @@ def resolve_context(
         report_sections=run.report_sections,
         cache_dir=cache_dir,
         metrics_path=run.card(card),
+        calibration=run.calibration(),
         source=source,
     )

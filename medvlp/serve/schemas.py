@@ -127,6 +127,9 @@ class RetrieveRequest(_Strict):
 class Prediction(BaseModel):
     finding: str
     probability: float = Field(ge=0, le=1)
+    calibrated: bool = Field(
+        default=False, description="the probability is calibrated (the model's own findings, fitted on val)"
+    )
     heatmap_png: str | None = Field(default=None, description="base64 RGBA PNG overlay, the size of image_png")
     slice: int | None = Field(default=None, description="3D: the axial slice shown (where the map peaks)")
     slice_png: str | None = Field(default=None, description="3D: that slice of the image, base64 PNG")
@@ -180,3 +183,6 @@ class ModelResponse(BaseModel):
     metrics: dict[str, Any] | None
     retrieval: dict[str, Any]
     serving: dict[str, Any]
+    calibration: dict[str, Any] | None = Field(
+        default=None, description="which findings' probabilities are calibrated, and on which split it was fitted"
+    )

@@ -22,8 +22,9 @@ from medvlp.data.preprocess import preprocess_image
 from medvlp.models.vlm import FORMAT, MedVLP
 from medvlp.serve.context import ServingContext
 from medvlp.serve.errors import ApiError
-from medvlp.serve.uploads import read_upload
+from medvlp.serve.uploads import UploadLimits, check_upload_size, probe_upload, read_upload
 from medvlp.tasks import zeroshot
+from medvlp.tasks.calibration import apply_calibration
 from medvlp.tasks.grounding import similarity_map
 from medvlp.tasks.retrieval import EmbeddingIndex
 from medvlp.viz.orient import planes
@@ -31,7 +32,7 @@ from medvlp.viz.png import heatmap_png, image_png
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Corpus", "DiagnosisService", "ImageJob", "TextJob"]
+__all__ = ["Corpus", "DiagnosisService", "ImageJob", "PreparedImage", "TextJob"]
 
 # technical facts about an uploaded image that may be answered; nothing else from a header ever is
 SAFE_META = ("modality", "photometric_interpretation", "n_files")
@@ -39,8 +40,21 @@ MIN_SIDE = 8  # pixels along each in-plane axis; a 1 x 1 "image" decodes but the
 
 
 @dataclass
+class PreparedImage:
+    """An image ready for the model: preprocessed to the model's size, plus the few facts an answer reports.
+
+    The full-size decoded image is not kept: a request waits in the batch queue holding this alone.
+    """
+
+    pre: Any  # the preprocessing output: ``array`` [1, *size], ``affine``
+    info: dict[str, Any]  # spatial_dims, shape, spacing and the safe technical meta of the source image
+    warnings: list[str]
+
+
+@dataclass
 class ImageJob:
-    """One image request. ``findings`` None means the model's own; ``embed_only`` answers the embedding alone."""
+    """One image request. ``findings`` None means the model's own; ``embed_only`` answers the embedding alone.
+    ``prepared`` is filled by :meth:`DiagnosisService.prepare` before the job joins the batch queue."""
 
     path: Path
     workdir: Path
@@ -48,6 +62,7 @@ class ImageJob:
     heatmaps: bool = False
     top_k: int = 0
     embed_only: bool = False
+    prepared: PreparedImage | None = None
 
 
 @dataclass
@@ -133,6 +148,12 @@ class DiagnosisService:
             "cohort": dict(self.context.cohort),
             "findings": self.findings,
             "metrics": metrics,
+            "calibration": None
+            if not self.context.calibration
+            else {
+                "fitted_on": self.context.calibration.get("fitted_on", "val"),
+                "findings": sorted(self.context.calibration["findings"]),
+            },
             "retrieval": {
                 "available": self.corpus is not None,
                 "studies": len(self.corpus.studies) if self.corpus else 0,
@@ -177,26 +198,49 @@ class DiagnosisService:
         return out
 
     # -------------------------------------------------------------------------------------------------- images
-    def _prepare(self, job: ImageJob) -> tuple[MedicalImage, Any, list[str]]:
-        image = read_upload(job.path, job.workdir)
+    def _wrong_dims(self, dims: int, shape: tuple[int, ...]) -> ApiError:
+        return ApiError(
+            422,
+            "wrong_dimensionality",
+            f"this model reads {self.spatial_dims}D images; the upload is a {dims}D image of shape {list(shape)}"
+            + (" (send one radiograph, not a series or a multi-frame file)" if self.spatial_dims == 2 else ""),
+        )
+
+    def _too_small(self, shape: tuple[int, ...]) -> ApiError:
+        return ApiError(
+            422,
+            "unreadable_image",
+            f"the image is {' x '.join(map(str, shape))} pixels: too small to diagnose (at least {MIN_SIDE} a side)",
+        )
+
+    def prepare(self, job: ImageJob, limits: UploadLimits | None = None) -> PreparedImage:
+        """Check, decode and preprocess one upload to the model's size (thread-safe: no model call).
+
+        The headers are read first: an image of the wrong dimensionality, too small, or whose decoded size is over
+        ``limits.max_decoded`` is refused before any pixel is decoded.
+
+        Raises:
+            ApiError: 413 ``image_too_large``; 422 ``wrong_dimensionality``, ``unreadable_image``...
+        """
+        limits = limits or UploadLimits()
+        probe = probe_upload(job.path, job.workdir, limits)
+        if probe is not None:
+            shape = probe.shape
+            if len(shape) == 3 and self.spatial_dims == 2 and shape[2] == 1:
+                shape = shape[:2]
+            if len(shape) != self.spatial_dims:
+                raise self._wrong_dims(len(shape), probe.shape)
+            if min(shape[:2]) < MIN_SIDE:
+                raise self._too_small(probe.shape)
+        check_upload_size(probe, job.workdir, limits)
+        image = read_upload(job.path, job.workdir, limits.max_decoded)
         warnings: list[str] = []
         if image.spatial_dims == 3 and self.spatial_dims == 2 and image.array.shape[2] == 1:
             image = MedicalImage(image.array[:, :, 0], image.spacing[:2], image.affine, image.meta)
         if image.spatial_dims != self.spatial_dims:
-            raise ApiError(
-                422,
-                "wrong_dimensionality",
-                f"this model reads {self.spatial_dims}D images; the upload is a {image.spatial_dims}D image of shape "
-                f"{list(image.array.shape)}"
-                + (" (send one radiograph, not a series or a multi-frame file)" if self.spatial_dims == 2 else ""),
-            )
+            raise self._wrong_dims(image.spatial_dims, image.array.shape)
         if min(image.array.shape[:2]) < MIN_SIDE:
-            raise ApiError(
-                422,
-                "unreadable_image",
-                f"the image is {' x '.join(map(str, image.array.shape))} pixels: "
-                f"too small to diagnose (at least {MIN_SIDE} a side)",
-            )
+            raise self._too_small(image.array.shape)
         try:
             pre = preprocess_image(image, self.spec)
         except (ValueError, RuntimeError) as exc:
@@ -207,58 +251,64 @@ class DiagnosisService:
         got = image.meta.get("modality")
         if want and got and str(got) != str(want):
             warnings.append(f"the model was trained on {want} images; this is a {got} image")
-        return image, pre, warnings
+        info = {
+            "spatial_dims": image.spatial_dims,
+            "shape": [int(s) for s in image.array.shape],
+            "spacing": [round(float(s), 6) for s in image.spacing],
+            **{k: image.meta[k] for k in SAFE_META if isinstance(image.meta.get(k), str | int)},
+        }
+        return PreparedImage(pre, info, warnings)
+
+    def check_job(self, job: ImageJob) -> None:
+        """Refuse a request the model cannot answer whatever its image (before anything is decoded).
+
+        Raises:
+            ApiError: 422 no findings to score, 409 no corpus for ``top_k``.
+        """
+        if not job.embed_only and job.findings is None and not self.findings:
+            raise ApiError(422, "validation_error", "this model has no findings of its own: name some")
+        if job.top_k and self.corpus is None:
+            raise ApiError(409, "retrieval_unavailable", "this server has no report corpus for top_k")
 
     @torch.inference_mode()
     def run_images(self, jobs: list[ImageJob]) -> list[dict[str, Any] | BaseException]:
-        """Read, preprocess and encode a batch of images in one forward pass; a bad item fails alone."""
+        """Encode a batch of prepared images in one forward pass (a job not yet prepared is prepared here first);
+        a bad item fails alone."""
         results: list[dict[str, Any] | BaseException | None] = [None] * len(jobs)
-        ready: list[tuple[int, MedicalImage, Any, list[str]]] = []
+        ready: list[tuple[int, PreparedImage]] = []
         for i, job in enumerate(jobs):
             try:
-                if not job.embed_only and job.findings is None and not self.findings:
-                    raise ApiError(422, "validation_error", "this model has no findings of its own: name some")
-                if job.top_k and self.corpus is None:
-                    raise ApiError(409, "retrieval_unavailable", "this server has no report corpus for top_k")
-                ready.append((i, *self._prepare(job)))
+                self.check_job(job)
+                ready.append((i, job.prepared if job.prepared is not None else self.prepare(job)))
             except ApiError as exc:
                 results[i] = exc
             except Exception as exc:  # a decoder failing in a way the reader does not foresee: this upload alone
                 logger.warning("upload could not be decoded: %s", type(exc).__name__)
                 results[i] = ApiError(422, "unreadable_image", f"the image cannot be decoded ({type(exc).__name__})")
         if ready:
-            x = torch.stack([torch.from_numpy(pre.array.astype(np.float32)) for _, _, pre, _ in ready])  # [B, 1, *S]
+            x = torch.stack([torch.from_numpy(p.pre.array.astype(np.float32)) for _, p in ready])  # [B, 1, *S]
             out = self.model.forward_image(x.to(self.model.device))
             emb, tokens = out.embedding.float().cpu(), out.tokens.float().cpu()  # [B, E], [B, N, E]
-            for j, (i, image, pre, warnings) in enumerate(ready):
+            for j, (i, prep) in enumerate(ready):
                 job = jobs[i]
                 if job.embed_only:
                     results[i] = {"embeddings": [emb[j].tolist()], "dim": int(emb.shape[1])}
                     continue
-                results[i] = self._answer(job, image, pre, warnings, emb[j], tokens[j], out.grid)
+                results[i] = self._answer(job, prep, emb[j], tokens[j], out.grid)
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
-    def _answer(
-        self, job: ImageJob, image: MedicalImage, pre: Any, warnings: list[str], emb: Tensor, tokens: Tensor, grid: Any
-    ) -> dict[str, Any]:
+    def _answer(self, job: ImageJob, prep: PreparedImage, emb: Tensor, tokens: Tensor, grid: Any) -> dict[str, Any]:
         findings = job.findings if job.findings is not None else self.findings
         prompts = self.prompt_embeddings(findings)  # [F, 2, E]
-        probs = zeroshot.zero_shot_probabilities(emb[None], prompts, self.logit_scale)[0]  # [F]
+        raw = zeroshot.zero_shot_probabilities(emb[None], prompts, self.logit_scale)  # [1, F]
+        probs, calibrated = apply_calibration(raw, findings, self.context.calibration)
         predictions: list[dict[str, Any]] = [
-            {"finding": f, "probability": round(float(p), 6)} for f, p in zip(findings, probs, strict=True)
+            {"finding": f, "probability": round(float(p), 6), "calibrated": c}
+            for f, p, c in zip(findings, probs[0], calibrated, strict=True)
         ]
-        meta = {k: image.meta[k] for k in SAFE_META if isinstance(image.meta.get(k), str | int)}
-        answer: dict[str, Any] = {
-            "predictions": predictions,
-            "image": {
-                "spatial_dims": image.spatial_dims,
-                "shape": [int(s) for s in image.array.shape],
-                "spacing": [round(float(s), 6) for s in image.spacing],
-                **meta,
-            },
-            "warnings": warnings,
-        }
+        answer: dict[str, Any] = {"predictions": predictions, "image": dict(prep.info), "warnings": prep.warnings}
+        pre = prep.pre
         if job.heatmaps:
             volume = pre.array[0].astype(np.float32)  # [*size]
             n = len(findings)

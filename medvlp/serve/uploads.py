@@ -18,13 +18,14 @@ from typing import IO
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from medvlp.data.image import ImageReadError, MedicalImage
-from medvlp.data.readers import read_image
+from medvlp.data.dicom import check_inflated_size
+from medvlp.data.image import ImageReadError, ImageTooLargeError, MedicalImage
+from medvlp.data.readers import ImageProbe, check_decoded_size, probe_image, read_image
 from medvlp.serve.errors import ApiError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UploadLimits", "count_series", "read_upload", "save_upload", "sniff"]
+__all__ = ["UploadLimits", "check_upload_size", "count_series", "probe_upload", "read_upload", "save_upload", "sniff"]
 
 _CHUNK = 1 << 20
 
@@ -37,11 +38,14 @@ class UploadLimits:
         max_bytes: the largest upload (and DICOMweb answer); beyond it, 413.
         max_members: the most files in a zip (or instances in a DICOMweb series).
         max_unpacked: the most bytes a zip may unpack to.
+        max_decoded: the most bytes an image may decode to (pixels x frames x samples x 4, a whole series
+            counted), told from its headers before decoding; beyond it, 413.
     """
 
     max_bytes: int = 256 << 20
     max_members: int = 4000
     max_unpacked: int = 1 << 30
+    max_decoded: int = 512 << 20
 
 
 def sniff(head: bytes) -> str:
@@ -144,10 +148,13 @@ def save_upload(src: IO[bytes], workdir: Path, limits: UploadLimits) -> Path:
     return raw.rename(workdir / _SUFFIX.get(kind, "upload.dcm"))
 
 
-def count_series(files: Iterable[Path]) -> int:
-    """How many distinct SeriesInstanceUIDs the DICOM files among ``files`` hold (headers only)."""
+def count_series(files: Iterable[Path], max_bytes: int | None = None) -> int:
+    """How many distinct SeriesInstanceUIDs the DICOM files among ``files`` hold (headers only; a Deflate file is
+    inflated only up to ``max_bytes``, else :class:`ImageTooLargeError`)."""
     uids = set()
     for p in files:
+        if max_bytes is not None:
+            check_inflated_size(p, max_bytes)
         try:
             ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
         except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError):
@@ -156,18 +163,53 @@ def count_series(files: Iterable[Path]) -> int:
     return len(uids)
 
 
-def read_upload(path: Path, workdir: Path) -> MedicalImage:
+def _too_large(exc: ImageTooLargeError, workdir: Path) -> ApiError:
+    return ApiError(413, "image_too_large", _scrub(str(exc), workdir).replace(str(workdir), "upload"))
+
+
+def probe_upload(path: Path, workdir: Path, limits: UploadLimits) -> ImageProbe | None:
+    """The decoded shape of a saved upload, from its headers (no pixel decoded; a Deflate DICOM inflated, counted
+    and dropped, only up to the limit). Check it with :func:`check_upload_size`.
+
+    Raises:
+        ApiError: 413 ``image_too_large`` (a Deflate bomb), 422 ``multiple_series``.
+    """
+    try:
+        if path.is_dir():
+            n = count_series((p for p in path.iterdir() if p.is_file()), limits.max_decoded)
+            if n > 1:
+                raise ApiError(
+                    422, "multiple_series", f"the upload holds {n} DICOM series; send one series per request"
+                )
+        return probe_image(path, limits.max_decoded)
+    except ImageTooLargeError as exc:
+        raise _too_large(exc, workdir) from exc
+
+
+def check_upload_size(probe: ImageProbe | None, workdir: Path, limits: UploadLimits) -> None:
+    """413 ``image_too_large`` when the probed image would decode to more than ``limits.max_decoded`` bytes."""
+    try:
+        check_decoded_size(probe, limits.max_decoded, "the upload")
+    except ImageTooLargeError as exc:
+        raise _too_large(exc, workdir) from exc
+
+
+def read_upload(path: Path, workdir: Path, max_decoded: int | None = None) -> MedicalImage:
     """Read a saved upload; every failure is an ApiError 422 whose message names no path.
 
     Raises:
-        ApiError: 422 ``unreadable_image`` or ``multiple_series``.
+        ApiError: 422 ``unreadable_image`` or ``multiple_series``; 413 ``image_too_large`` beyond ``max_decoded``.
     """
-    if path.is_dir():
-        n = count_series(p for p in path.iterdir() if p.is_file())
-        if n > 1:
-            raise ApiError(422, "multiple_series", f"the upload holds {n} DICOM series; send one series per request")
     try:
-        return read_image(path)
+        if path.is_dir():
+            n = count_series((p for p in path.iterdir() if p.is_file()), max_decoded)
+            if n > 1:
+                raise ApiError(
+                    422, "multiple_series", f"the upload holds {n} DICOM series; send one series per request"
+                )
+        return read_image(path, max_decoded)
+    except ImageTooLargeError as exc:
+        raise _too_large(exc, workdir) from exc
     except ImageReadError as exc:
         raise ApiError(422, "unreadable_image", _scrub(str(exc), workdir)) from exc
     except (OSError, ValueError, MemoryError) as exc:  # a decoder failing outside the reader's own checks

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize
+from scipy.special import expit
 
 __all__ = [
     "CALIBRATION_FILE",
@@ -39,7 +40,7 @@ def _fit_one(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
         a, b = np.exp(theta[0]), theta[1]
         s = a * z + b
-        p = 1.0 / (1.0 + np.exp(-s))
+        p = expit(s)
         nll = float(np.mean(np.logaddexp(0.0, s) - y * s))
         g = p - y  # d nll / d s
         return nll, np.array([float(np.mean(g * z)) * a, float(np.mean(g))])
@@ -81,7 +82,7 @@ def apply_calibration(
         c = fitted.get(name)
         applied.append(c is not None)
         if c is not None:
-            out[..., j] = 1.0 / (1.0 + np.exp(-(float(c["a"]) * _logit(probs[..., j]) + float(c["b"]))))
+            out[..., j] = expit(float(c["a"]) * _logit(probs[..., j]) + float(c["b"]))
     return out, applied
 
 

@@ -113,7 +113,12 @@ def test_every_kind_of_bad_record_is_quarantined_and_the_rest_builds(
     out = tmp_path / "cache"
     s = build_cohort(cxr_cohort, out, workers=2)
     assert (s.ingested, s.quarantined) == (18, 6)
-    q = pd.read_csv(out / "quarantine.csv").set_index("study_id")["reason"]
+    q = pd.read_csv(out / "quarantine.csv")
+    assert list(q.columns) == ["row", "study", "reason"]
+    assert list(q["row"]) == [2, 3, 4, 5, 6, 7]  # manifest lines (the header is line 1)
+    key = load_or_create_key(out)
+    assert list(q["study"]) == [pseudonym(key, "st", m.at[i, "study_id"]) for i in range(6)]
+    q = q.assign(study_id=m["study_id"][:6].to_numpy()).set_index("study_id")["reason"]
     sid = m["study_id"]
     assert "truncat" in q[sid[0]].lower() or "incomplete" in q[sid[0]].lower(), q[sid[0]]
     assert "not a dicom" in q[sid[1]].lower(), q[sid[1]]
@@ -130,6 +135,51 @@ def test_every_kind_of_bad_record_is_quarantined_and_the_rest_builds(
     assert (s2.ingested, s2.quarantined, s2.reused) == (21, 3, 18)
 
 
+def _session_members(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (Linux /proc), zombies excluded."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        if int(fields[3]) == sid and fields[0] not in "ZX":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_a_lock_left_by_a_dead_build_is_stale(tmp_path: Path) -> None:
+    from medvlp.data.cache import exclusive_build
+
+    out = tmp_path / "cache"
+    out.mkdir()
+    # an orphan holding the lock file open and locked, as a worker of a killed build would, its owner long gone
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / ".build.lock").write_text(f"{int(dead.stdout)} 1")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl,sys,time; f=open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_EX); "
+            "print('held', flush=True); time.sleep(60)",
+            str(out / ".build.lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with exclusive_build(out):
+            assert (out / ".build.lock").read_text().split()[0] == str(os.getpid())
+            # while this build runs, a second one is refused: its owner is alive
+            with pytest.raises(RuntimeError, match="another `medvlp cohort build` is writing"), exclusive_build(out):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_killed_build_resumes(cxr_cohort: Path, tmp_path: Path) -> None:
     m = _manifest(cxr_cohort)
     big = pd.concat(
@@ -141,16 +191,22 @@ def test_killed_build_resumes(cxr_cohort: Path, tmp_path: Path) -> None:
         cxr_cohort.parent / "grounding.csv", index=False
     )
     out = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "medvlp", "cohort", "build", str(cxr_cohort), "--out", str(out), "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-m", "medvlp", "cohort", "build", str(cxr_cohort), "--out", str(out), "--workers", "2"]
+    # its own process group, as a shell job: kill -9 of the group's leader only, as an operator's `kill -9 PID`
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and len(list((out / "items").glob("*.json"))) < 5:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGKILL)
     _, err = proc.communicate()
     done = len(list((out / "items").glob("*.json")))
     assert 5 <= done < 96, (done, err)
     assert not (out / "summary.json").exists()
+    # its decoding workers die with it: nothing of the killed build's session is left after a few seconds
+    deadline = time.time() + 10
+    while time.time() < deadline and _session_members(proc.pid):
+        time.sleep(0.1)
+    assert not _session_members(proc.pid), "worker processes outlived the killed build"
     s = build_cohort(cxr_cohort, out, workers=2)
     assert s.ingested == 96 and s.reused >= done
     fresh = tmp_path / "fresh"
@@ -186,24 +242,66 @@ def _all_text(cache: Path) -> str:
     return "\n".join(chunks)
 
 
+def _distinctive_ids(yaml_path: Path) -> set[str]:
+    """Give the manifest accession-number study ids and the images file names that carry a patient's name or a
+    UID, as real exports do; returns every such string (none may reach the cache outside ``secret/``)."""
+    root = yaml_path.parent
+    m = _manifest(yaml_path)
+    g = pd.read_csv(root / "grounding.csv", dtype=str, keep_default_na=False)
+    new_ids = {sid: f"ACC{20240117000 + k}" for k, sid in enumerate(m["study_id"])}
+    idents = set(new_ids.values())
+    for i in m.index:
+        src = root / m.at[i, "image"]
+        name = f"DOE_JANE_{1000 + i}" + src.suffix
+        src.rename(src.with_name(name))
+        m.at[i, "image"] = str(Path(m.at[i, "image"]).with_name(name))
+        idents.add(Path(name).stem)
+        if (src.with_name(name)).is_dir():  # a series: its slices named by SOP Instance UID-like names
+            for k, f in enumerate(sorted((src.with_name(name)).iterdir())):
+                uid = f"1.2.826.0.1.3680043.99.{i}.{k + 1}"
+                f.rename(f.with_name(uid + ".dcm"))
+                idents.add(uid)
+    m["study_id"] = m["study_id"].map(new_ids)
+    g["study_id"] = g["study_id"].map(new_ids)
+    _set_manifest(yaml_path, m)
+    g.to_csv(root / "grounding.csv", index=False)
+    return idents
+
+
 def test_no_phi_leaves_the_headers(cxr_cohort: Path, ct_cohort: Path, tmp_path: Path) -> None:
     for yaml_path in (cxr_cohort, ct_cohort):
         phi = _phi_values(yaml_path.parent)
         names = {v for v in phi if "^" in v}
         assert len(names) >= 5, "the synthetic headers must carry fake PHI for this test to mean anything"
+        idents = _distinctive_ids(yaml_path)
         out = tmp_path / f"cache-{yaml_path.parent.name}"
         m = _manifest(yaml_path)
         m.at[0, "image"] = m.at[0, "image"] + "-missing"  # a quarantined record must not leak either
         _set_manifest(yaml_path, m)
-        build_cohort(yaml_path, out, workers=2)
+        bad = yaml_path.parent / m.at[1, "image"]  # nor one whose decoding fails (readers name the file)
+        if bad.is_dir():
+            victim = sorted(bad.iterdir())[3]
+            victim.write_bytes(victim.read_bytes()[:400])
+        else:
+            bad.write_bytes(bad.read_bytes()[:400])
+        s = build_cohort(yaml_path, out, workers=2)
+        assert s.quarantined == 2
         text = _all_text(out)
         assert (out / "build.log").stat().st_size > 0
-        leaked = sorted(v for v in phi if v in text)
-        assert not leaked, f"PHI found in the cache: {leaked[:5]}"
+        leaked = sorted(v for v in phi | idents if v in text)
+        assert not leaked, f"PHI or identifiers found in the cache: {leaked[:5]}"
         # and the manifest's own identifiers are replaced by pseudonyms in the cache's tables
         rec = pd.read_parquet(out / "records.parquet")
         assert not set(m["study_id"]) & set(rec["study"]) and not set(m["subject_id"]) & set(rec["subject"])
         assert rec["study"].str.fullmatch(r"st-[0-9a-f]{16}").all()
+        q = pd.read_csv(out / "quarantine.csv")
+        assert list(q.columns) == ["row", "study", "reason"] and list(q["row"]) == [2, 3]
+        assert "quarantined row 3 (" in (out / "build.log").read_text()
+        # the hospital finds the records again through secret/ids.csv, which only its owner can read
+        ids = pd.read_csv(out / "secret" / "ids.csv", dtype=str)
+        assert list(ids.columns) == ["row", "study", "study_id"] and len(ids) == len(m)
+        assert dict(zip(ids["study"], ids["study_id"], strict=True))[q.at[0, "study"]] == m.at[0, "study_id"]
+        assert (out / "secret" / "ids.csv").stat().st_mode & 0o077 == 0
 
 
 def test_cli_validate_and_build(cxr_cohort: Path, tmp_path: Path) -> None:
@@ -221,6 +319,13 @@ def test_cli_validate_and_build(cxr_cohort: Path, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert f"would quarantine {m.at[0, 'study_id']}: empty report" in r.stderr
     assert "23 usable, 1 would be quarantined" in r.stderr
+    # the build's console (inside the hospital) names the record by row and study_id; its files do not
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "medvlp", "cohort", "build", str(cxr_cohort), "--out", str(out), "--workers", "0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    assert r.returncode == 0, r.stderr
+    assert f"row 2 ({m.at[0, 'study_id']}): empty report" in r.stderr
+    assert m.at[0, "study_id"] not in (out / "quarantine.csv").read_text()
     m.at[1, "split"] = "nope"
     _set_manifest(cxr_cohort, m)
     r = subprocess.run(

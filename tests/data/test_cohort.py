@@ -157,3 +157,28 @@ def test_paths_relative_to_the_yaml(tmp_path: Path) -> None:
     path = _write(sub, BASE, _manifest())
     spec = load_spec(path)
     assert spec.resolve("a.dcm") == sub.resolve() / "a.dcm"
+
+
+def test_manifest_paths_outside_the_cohort_folder_are_refused_unless_under_a_declared_root(tmp_path: Path) -> None:
+    cohort = tmp_path / "cohort"
+    export = tmp_path / "export"
+    cohort.mkdir()
+    export.mkdir()
+    (export / "c.dcm").write_bytes(b"x")
+    m = _manifest(image=["../../etc/passwd", "/etc/passwd", str(export / "c.dcm")])
+    m.loc[0, "report"] = "../../../secret-notes.txt"
+    path = _write(cohort, BASE, m)
+    with pytest.raises(CohortError) as err:
+        load_cohort(path)
+    problems = "\n".join(err.value.problems)
+    for row in (2, 3, 4):
+        assert f"row {row} (study_id S{row - 1}): image path leads outside the cohort folder" in problems, problems
+    assert "row 2 (study_id S1): report path leads outside" in problems
+    # `a/../b.dcm` that stays inside is fine; an export mount declared under `roots:` is allowed
+    m = _manifest(image=["sub/../a.dcm", "b.dcm", str(export / "c.dcm")])
+    path = _write(cohort, {**BASE, "roots": [str(export)]}, m)
+    assert list(load_cohort(path).manifest["image"]) == ["sub/../a.dcm", "b.dcm", str(export / "c.dcm")]
+    # a root does not open its neighbours: `/export/../etc/passwd` is still outside
+    m = _manifest(image=["a.dcm", f"{export}/../../etc/passwd", "b.dcm"])
+    with pytest.raises(CohortError, match=r"row 3 .*image path leads outside"):
+        load_cohort(_write(cohort, {**BASE, "roots": [str(export)]}, m))

@@ -435,3 +435,48 @@ def test_color_png_and_jpeg(tmp_path: Path) -> None:
     raises(tmp_path / "cut.png", "truncated")
     (tmp_path / "fake.jpg").write_text("not a jpeg")
     raises(tmp_path / "fake.jpg", "not a PNG or JPEG")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CT_small.dcm",  # explicit VR little endian
+        "MR_small_RLE.dcm",
+        "SC_rgb_rle.dcm",
+        "JPEG2000.dcm",
+        "SC_jpeg_no_color_transform.dcm",
+        "image_dfl.dcm",  # deflated explicit VR
+        "JPEGLSNearLossless_16.dcm",
+        "emri_small_jpeg_2k_lossless.dcm",  # multi-frame
+    ],
+)
+def test_the_decoded_size_is_told_from_the_headers_for_every_transfer_syntax(name: str) -> None:
+    from medvlp.data.image import ImageTooLargeError
+    from medvlp.data.readers import probe_image
+
+    path = Path(get_testdata_file(name))
+    image = read_image(path)
+    probe = probe_image(path)
+    assert probe is not None and probe.shape == image.array.shape
+    assert probe.decoded_bytes >= image.array.nbytes  # float32 values per sample: never an underestimate
+    read_image(path, max_bytes=probe.decoded_bytes)  # at the limit: read
+    with pytest.raises(ImageTooLargeError, match="decoded-size limit"):
+        read_image(path, max_bytes=probe.decoded_bytes - 1)
+
+
+def test_nifti_and_png_sizes_are_told_from_their_headers(tmp_path: Path) -> None:
+    import nibabel as nib
+    from PIL import Image
+
+    from medvlp.data.image import ImageTooLargeError
+    from medvlp.data.readers import probe_image
+
+    nii = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((20, 30, 8, 1), np.float32), np.eye(4)), nii)
+    png = tmp_path / "p.png"
+    Image.fromarray(np.zeros((40, 70), np.uint8)).save(png)
+    assert probe_image(nii).shape == read_image(nii).array.shape == (20, 30, 8)
+    assert probe_image(png).shape == read_image(png).array.shape == (70, 40)
+    for path in (nii, png):
+        with pytest.raises(ImageTooLargeError):
+            read_image(path, max_bytes=probe_image(path).decoded_bytes - 1)

@@ -15,11 +15,13 @@ import torch
 from PIL import Image
 
 from medvlp import load_model, read_image
+from medvlp.artifacts import RunDir
 from medvlp.data.cache import CachedCohort
 from medvlp.data.preprocess import preprocess_image
 from medvlp.data.privacy import load_or_create_key, pseudonym
 from medvlp.data.reports import report_text
 from medvlp.tasks import zeroshot
+from medvlp.tasks.calibration import apply_calibration
 
 from .conftest import TinyRun
 from .helpers import API_KEY, OTHER_KEY, PHI, PHI_UIDS, Server, assert_error, pydicom_file, study_file, with_phi
@@ -92,6 +94,7 @@ def test_model_card_summary_and_config_without_paths(server: Server, tiny_run: T
     text = json.dumps(info)
     assert str(tiny_run.run) not in text and "/tmp" not in text  # no machine path (a user name, a patient folder)
     assert info["retrieval"] == {"available": True, "studies": 28}
+    assert info["calibration"]["fitted_on"] == "val" and set(info["calibration"]["findings"]) <= set(FINDINGS)
     assert info["serving"]["micro_batching"] is True and info["serving"]["authentication"] is True
 
 
@@ -126,8 +129,11 @@ def test_diagnose_real_dicom_files_as_the_library_does(server: Server, tiny_run:
     with torch.no_grad():
         emb = model.encode_image(torch.from_numpy(pre.array.astype(np.float32))[None])
         prompts = zeroshot.build_prompt_embeddings(model, FINDINGS)
-    expected = zeroshot.zero_shot_probabilities(emb, prompts, zeroshot.model_logit_scale(model))[0]
-    np.testing.assert_allclose([p["probability"] for p in answer["predictions"]], expected, atol=1e-5)
+    raw = zeroshot.zero_shot_probabilities(emb, prompts, zeroshot.model_logit_scale(model))
+    calibration = RunDir.open(tiny_run.run).calibration()  # training fitted it on val; the server applies it
+    expected, applied = apply_calibration(raw, FINDINGS, calibration)
+    np.testing.assert_allclose([p["probability"] for p in answer["predictions"]], expected[0], atol=1e-5)
+    assert [p["calibrated"] for p in answer["predictions"]] == applied and any(applied)
     modality = answer["image"].get("modality")
     assert (modality == "CR") == (not answer["warnings"])  # a CT or MR image is flagged: the model saw radiographs
 

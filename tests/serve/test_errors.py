@@ -29,7 +29,8 @@ def _upload(c: httpx.Client, data: bytes, path: str = "/v1/diagnose", **fields: 
     ("name", "status", "code", "fragment"),
     [
         ("MR_truncated.dcm", 422, "unreadable_image", "truncated"),
-        ("emri_small_jpeg_2k_lossless_too_short.dcm", 422, "unreadable_image", "truncated"),
+        # 10 frames: refused for its dimensionality from the headers, before its (truncated) pixels are decoded
+        ("emri_small_jpeg_2k_lossless_too_short.dcm", 422, "wrong_dimensionality", "3D image"),
         ("README.txt", 422, "unreadable_image", "not a DICOM file"),
         ("test-SR.dcm", 422, "unreadable_image", "not an image"),
         ("DICOMDIR", 422, "unreadable_image", "DICOMDIR"),
