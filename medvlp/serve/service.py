@@ -20,6 +20,7 @@ from torch import Tensor
 
 from medvlp.data.image import MedicalImage
 from medvlp.data.preprocess import preprocess_image
+from medvlp.hospital.peaks import grounding_peaks
 from medvlp.models.vlm import CONFIG_FILE, FORMAT, MedVLP
 from medvlp.serve import render
 from medvlp.serve.context import ServingContext
@@ -61,6 +62,7 @@ class ImageJob:
     heatmaps: bool = False
     top_k: int = 0
     embed_only: bool = False
+    peaks: bool = False  # add each finding's grounding peak in stored-image voxels ("peak"; for a DICOM SR)
 
 
 @dataclass
@@ -261,6 +263,10 @@ class DiagnosisService:
         predictions: list[dict[str, Any]] = [
             {"finding": f, "probability": round(float(p), 6)} for f, p in zip(findings, probs, strict=True)
         ]
+        if job.peaks:
+            points = grounding_peaks(tokens, grid, prompts[:, 0], self.size, pre.source_to_output)
+            for pred, point in zip(predictions, points, strict=True):
+                pred["peak"] = point
         meta = {k: image.meta[k] for k in SAFE_META if isinstance(image.meta.get(k), str | int)}
         answer: dict[str, Any] = {
             "predictions": predictions,
