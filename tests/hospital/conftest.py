@@ -16,6 +16,7 @@ import torch
 from medvlp.data.cohort import load_spec
 from medvlp.models.config import ModelConfig
 from medvlp.models.vlm import MedVLP
+from medvlp.serve.service import DiagnosisService
 
 
 @dataclass(frozen=True)
@@ -59,14 +60,14 @@ def model_3d(ct_cohort_src: Path, tmp_path_factory: pytest.TempPathFactory) -> T
 
 
 @pytest.fixture(scope="session")
-def service_2d(model_2d: TinyModel):  # noqa: ANN201
+def service_2d(model_2d: TinyModel) -> DiagnosisService:
     from medvlp.serve.server import load_service
 
     return load_service(model_2d.model, device="cpu", corpus=False)
 
 
 @pytest.fixture(scope="session")
-def service_3d(model_3d: TinyModel):  # noqa: ANN201
+def service_3d(model_3d: TinyModel) -> DiagnosisService:
     from medvlp.serve.server import load_service
 
     return load_service(model_3d.model, device="cpu", corpus=False)

@@ -16,7 +16,7 @@ from serve.helpers import PHI, PHI_UIDS, nifti_bytes, png_bytes, study_file, wit
 from medvlp.data.cohort import load_cohort
 from medvlp.data.privacy import load_or_create_key, pseudonym
 from medvlp.predict import find_studies, predict, read_predictions
-from medvlp.serve.service import ImageJob
+from medvlp.serve.service import DiagnosisService, ImageJob
 from medvlp.train.run import default_cache_dir
 
 from .conftest import TinyModel
@@ -47,7 +47,7 @@ def _leaks(folder: Path) -> list[str]:
     return found
 
 
-def test_predict_a_folder(model_2d: TinyModel, service_2d, tmp_path: Path) -> None:  # noqa: ANN001
+def test_predict_a_folder(model_2d: TinyModel, service_2d: DiagnosisService, tmp_path: Path) -> None:
     images, out = _folder(model_2d, tmp_path), tmp_path / "out"
     studies = find_studies(images=images, out=out)
     assert len(studies) == 5 and all(s.study.startswith("st-") for s in studies)
@@ -76,7 +76,7 @@ def test_predict_a_folder(model_2d: TinyModel, service_2d, tmp_path: Path) -> No
     assert _leaks(out) == []
 
 
-def test_predict_resumes(model_2d: TinyModel, service_2d, tmp_path: Path) -> None:  # noqa: ANN001
+def test_predict_resumes(model_2d: TinyModel, service_2d: DiagnosisService, tmp_path: Path) -> None:
     images, out = _folder(model_2d, tmp_path), tmp_path / "out"
     studies = find_studies(images=images, out=out)
     first = predict(service_2d, studies, out, progress=False)
@@ -92,7 +92,7 @@ def test_predict_resumes(model_2d: TinyModel, service_2d, tmp_path: Path) -> Non
     pd.testing.assert_frame_equal(read_predictions(out), table)
 
 
-def test_predict_bad_arguments(model_2d: TinyModel, service_2d, tmp_path: Path) -> None:  # noqa: ANN001
+def test_predict_bad_arguments(model_2d: TinyModel, service_2d: DiagnosisService, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="exactly one"):
         find_studies(out=tmp_path)
     with pytest.raises(ValueError, match="'holdout'"):
