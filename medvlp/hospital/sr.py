@@ -32,6 +32,8 @@ from pydicom.sr.coding import Code
 from medvlp.tasks.zeroshot import finding_text
 
 logger = logging.getLogger(__name__)
+# highdicom logs the UIDs of the instances it copies identifiers from (at INFO): keep its log to warnings
+logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 __all__ = [
     "FINDING_SCHEME",
