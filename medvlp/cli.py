@@ -264,6 +264,27 @@ def predict(
         console.print(f"  reasons in {out / 'quarantine.csv'}", highlight=False)
 
 
+@app.command()
+def export(
+    model: Annotated[Path, typer.Option(help="A run folder or a model folder.")],
+    out: Annotated[Path, typer.Option(help="Export folder (towers, tokenizer, prompt embeddings, scorer.json).")],
+    format_: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
+) -> None:
+    """Export the image and text towers (dynamic batch) with the cached prompts, to score without PyTorch."""
+    from medvlp.export import FORMATS, export_onnx
+    from medvlp.serve.server import load_service
+
+    if format_ not in FORMATS:
+        _fail(f"--format must be one of {', '.join(FORMATS)}, got {format_!r}")
+    try:
+        service = load_service(model, device="cpu", corpus=False)
+        export_onnx(service, out)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+        return
+    console.print(f"exported to [bold]{out}[/] (score with medvlp.hospital.onnx_scorer.OnnxScorer)", soft_wrap=True)
+
+
 def shipped_config(name: str) -> Path:
     """A config shipped in the repository's ``configs/`` folder (``demo-2d``, ``tiny-3d``, ...)."""
     import medvlp
