@@ -69,11 +69,10 @@ def test_onnx_export_3d(model_3d: TinyModel, service_3d: DiagnosisService, tmp_p
 
 
 def test_export_refusals(model_2d: TinyModel, tmp_path: Path) -> None:
-    from medvlp.hospital.onnx_scorer import OnnxScorer
-
     from typer.testing import CliRunner
 
     from medvlp.cli import app
+    from medvlp.hospital.onnx_scorer import OnnxScorer
 
     r = CliRunner().invoke(app, ["export", "--model", str(model_2d.model), "--format", "tflite", "--out", "x"])
     assert r.exit_code == 2 and "tflite" in r.output
