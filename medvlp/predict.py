@@ -44,7 +44,7 @@ __all__ = ["PREDICTIONS", "PredictSummary", "Study", "find_studies", "predict", 
 
 PREDICTIONS = "predictions.parquet"
 COLUMNS = ("study", "finding", "probability")
-IMAGE_SUFFIXES = (".dcm", ".dicom", ".nii", ".nii.gz", ".png", ".jpg", ".jpeg", "")
+IMAGE_SUFFIXES = (".dcm", ".dicom", ".ima", ".nii", ".nii.gz", ".png", ".jpg", ".jpeg")  # and names without a suffix
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def _is_image_entry(p: Path) -> bool:
     if p.is_dir():
         return True
     name = p.name.lower()
-    return name.endswith(IMAGE_SUFFIXES[:-1]) or "." not in name
+    return name.endswith(IMAGE_SUFFIXES) or "." not in name
 
 
 def find_studies(

@@ -42,9 +42,10 @@ class OnnxScorer:
     Args:
         folder: the export folder.
         providers: onnxruntime execution providers (default: CPU).
+        threads: intra-op threads (default: onnxruntime's choice).
     """
 
-    def __init__(self, folder: str | Path, providers: list[str] | None = None) -> None:
+    def __init__(self, folder: str | Path, providers: list[str] | None = None, threads: int | None = None) -> None:
         import onnxruntime as ort
 
         self.folder = Path(folder)
@@ -53,6 +54,8 @@ class OnnxScorer:
             raise ValueError(f"{self.folder} is not a medvlp ONNX export (format {self.meta.get('format')!r})")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        if threads is not None:
+            opts.intra_op_num_threads = int(threads)
         providers = providers or ["CPUExecutionProvider"]
         self.image = ort.InferenceSession(str(self.folder / "image.onnx"), opts, providers=providers)
         self._text: Any = None
