@@ -86,7 +86,7 @@ def export_onnx(service: DiagnosisService, out: Path) -> Path:
         out: the export folder (created; existing files are replaced).
     """
     from medvlp import __version__
-    from medvlp.hospital.results import algorithm_of
+    from medvlp.hospital.sr import algorithm_of
 
     model = service.model.eval().to("cpu")
     out.mkdir(parents=True, exist_ok=True)

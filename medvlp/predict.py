@@ -128,8 +128,7 @@ def _write_extras(out: Path, study: Study, answer: dict[str, Any], service: Diag
         for pred in answer["predictions"]:
             atomic_write_bytes(folder / f"{_slug(pred['finding'])}.png", base64.b64decode(pred["heatmap_png"]))
     if sr:
-        from medvlp.hospital.results import algorithm_of
-        from medvlp.hospital.sr import build_sr, read_source_headers
+        from medvlp.hospital.sr import algorithm_of, build_sr, read_source_headers
         from medvlp.hospital.stow import dicom_bytes
 
         sources = read_source_headers(study.path)

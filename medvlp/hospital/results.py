@@ -6,8 +6,6 @@ The route calls :func:`answer_format` before the work and :func:`finish` after i
 
 from __future__ import annotations
 
-import hashlib
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -16,34 +14,14 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from medvlp.hospital.fhir import FHIR_MEDIA_TYPE, diagnostic_report
-from medvlp.hospital.sr import Algorithm, build_sr, read_source_headers
+from medvlp.hospital.sr import algorithm_of, build_sr, read_source_headers
 from medvlp.hospital.stow import stow_instances
 from medvlp.serve.dicomweb import DicomWebConfig
 from medvlp.serve.errors import ApiError
 
-__all__ = ["FORMATS", "algorithm_of", "answer_format", "finish", "read_source_headers"]
+__all__ = ["FORMATS", "answer_format", "finish", "sources_for_store"]
 
 FORMATS = ("json", "fhir")
-_VERSIONS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
-
-
-def algorithm_of(model: Any, cohort: dict[str, Any] | None = None) -> Algorithm:
-    """The model as an algorithm: ``medvlp <image encoder> (<cohort>)``, version ``<medvlp version>+<weights hash>``.
-
-    The weights hash (12 hex digits of a SHA-256 over the parameters) tells two trainings apart; it is computed
-    once per loaded model.
-    """
-    from medvlp import __version__
-
-    if model not in _VERSIONS:
-        h = hashlib.sha256()
-        for name, t in sorted(model.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-        _VERSIONS[model] = f"{__version__}+{h.hexdigest()[:12]}"
-    cfg = model.config
-    name = f"medvlp {cfg.image_encoder}" + (f" ({cohort['cohort']})" if cohort and cohort.get("cohort") else "")
-    return Algorithm(name=name[:64], version=_VERSIONS[model])
 
 
 def answer_format(request: Request) -> str:

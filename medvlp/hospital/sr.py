@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ logging.getLogger("highdicom").setLevel(logging.WARNING)
 __all__ = [
     "FINDING_SCHEME",
     "Algorithm",
+    "algorithm_of",
     "build_sr",
     "read_source_headers",
     "sr_findings",
@@ -49,6 +51,7 @@ UNITLESS = Code("1", "UCUM", "no units")
 IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging procedure")
 MAX_CODE_VALUE = 16  # SH
 _IMAGE_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+_VERSIONS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,25 @@ class Algorithm:
 
     def identification(self) -> hd.sr.AlgorithmIdentification:
         return hd.sr.AlgorithmIdentification(name=self.name, version=self.version)
+
+
+def algorithm_of(model: Any, cohort: dict[str, Any] | None = None) -> Algorithm:
+    """The model as an algorithm: ``medvlp <image encoder> (<cohort>)``, version ``<medvlp version>+<weights hash>``.
+
+    The weights hash (12 hex digits of a SHA-256 over the parameters) tells two trainings apart; it is computed
+    once per loaded model.
+    """
+    from medvlp import __version__
+
+    if model not in _VERSIONS:
+        h = hashlib.sha256()
+        for name, t in sorted(model.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        _VERSIONS[model] = f"{__version__}+{h.hexdigest()[:12]}"
+    cfg = model.config
+    name = f"medvlp {cfg.image_encoder}" + (f" ({cohort['cohort']})" if cohort and cohort.get("cohort") else "")
+    return Algorithm(name=name[:64], version=_VERSIONS[model])
 
 
 def finding_code(finding: str) -> Code:

@@ -14,8 +14,7 @@ import torch
 from serve.helpers import PHI, PHI_UIDS, require_tool, study_file, with_phi
 
 from medvlp.hospital.peaks import grounding_peaks
-from medvlp.hospital.results import algorithm_of
-from medvlp.hospital.sr import Algorithm, build_sr, read_source_headers, sr_findings
+from medvlp.hospital.sr import Algorithm, algorithm_of, build_sr, read_source_headers, sr_findings
 from medvlp.predict import find_studies, predict, read_predictions
 from medvlp.serve.service import DiagnosisService, ImageJob
 from medvlp.tasks.zeroshot import finding_text
