@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Debian tools the tests use as real peers: dcm2niix (DICOM series -> NIfTI), Orthanc with its DICOMweb plugin
-# and dcmtk's storescu (a PACS the server pulls from), Chromium (the viewer, driven by Playwright).
+# and dcmtk's storescu (a PACS the server pulls from), Chromium (the viewer, driven by Playwright), dicom3tools'
+# dciodvfy (validates the DICOM SRs medvlp writes).
 # Installs what is missing when it can (root or sudo with apt-get); otherwise says what the tests will skip.
 # The tests start their own Orthanc from their own config on free loopback ports: no system service is needed,
 # and none is started here (policy-rc.d refuses service starts while installing, in case the image has an init).
@@ -11,6 +12,7 @@ command -v dcm2niix >/dev/null 2>&1 || need+=(dcm2niix)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
 command -v chromium >/dev/null 2>&1 || need+=(chromium fonts-liberation)
+command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 [ ${#need[@]} -eq 0 ] && exit 0
 if command -v apt-get >/dev/null 2>&1; then
   SUDO=""

@@ -253,6 +253,64 @@ def serve(
     run_server(service, settings, host, port)
 
 
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Option(help="A run folder or a model folder.")],
+    out: Annotated[Path, typer.Option(help="Output folder (predictions.parquet/.csv, quarantine.csv; resumable).")],
+    cohort: Annotated[Path | None, typer.Option(help="A cohort YAML: score its --split.")] = None,
+    split: Annotated[str, typer.Option(help="train, val, test or all (with --cohort).")] = "test",
+    images: Annotated[
+        Path | None, typer.Option(help="A folder of studies: DICOM files, series folders, NIfTI, PNG.")
+    ] = None,
+    sr: Annotated[bool, typer.Option("--sr", help="Also write a DICOM SR per DICOM study (OUT/sr).")] = False,
+    heatmaps: Annotated[bool, typer.Option("--heatmaps", help="Also write grounding heatmaps (OUT/heatmaps).")] = False,
+    batch_size: Annotated[int, typer.Option(help="Studies per forward pass.", min=1)] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Score every study of a cohort split or a folder with the server's own code; bad inputs go to quarantine."""
+    from medvlp.data.cohort import CohortError
+    from medvlp.predict import find_studies
+    from medvlp.predict import predict as run_predict
+    from medvlp.serve.server import load_service
+
+    try:
+        studies = find_studies(cohort=cohort, split=None if split == "all" else split, images=images, out=out)
+        service = load_service(model, device=device, corpus=False)
+        s = run_predict(service, studies, out, sr=sr, heatmaps=heatmaps, batch_size=batch_size)
+    except (CohortError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+        return
+    console.print(
+        f"predicted {s.scored + s.reused} studies ({s.reused} reused), {s.quarantined} quarantined "
+        f"in {s.seconds:.1f} s: [bold]{out / 'predictions.parquet'}[/]",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if s.quarantined:
+        console.print(f"  reasons in {out / 'quarantine.csv'}", highlight=False)
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Option(help="A run folder or a model folder.")],
+    out: Annotated[Path, typer.Option(help="Export folder (towers, tokenizer, prompt embeddings, scorer.json).")],
+    format_: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
+) -> None:
+    """Export the image and text towers (dynamic batch) with the cached prompts, to score without PyTorch."""
+    from medvlp.export import FORMATS, export_onnx
+    from medvlp.serve.server import load_service
+
+    if format_ not in FORMATS:
+        _fail(f"--format must be one of {', '.join(FORMATS)}, got {format_!r}")
+    try:
+        service = load_service(model, device="cpu", corpus=False)
+        export_onnx(service, out)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+        return
+    console.print(f"exported to [bold]{out}[/] (score with medvlp.hospital.onnx_scorer.OnnxScorer)", soft_wrap=True)
+
+
 def shipped_config(name: str) -> Path:
     """A config shipped in the repository's ``configs/`` folder (``demo-2d``, ``tiny-3d``, ...)."""
     import medvlp

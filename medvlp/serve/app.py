@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from medvlp import __version__
+from medvlp.hospital import results as hospital
 from medvlp.serve.auth import KeyRing
 from medvlp.serve.batching import MicroBatcher
 from medvlp.serve.dicomweb import DicomWebConfig, fetch_series
@@ -217,9 +218,10 @@ def create_app(service: DiagnosisService, settings: ServeSettings) -> FastAPI:
         openapi_extra=_body(_multipart_schema(options=True), DiagnoseJSON),
         tags=["diagnosis"],
     )
-    async def diagnose(request: Request) -> dict[str, Any]:
+    async def diagnose(request: Request) -> Any:
         """Zero-shot finding probabilities for one image: an upload (multipart ``file``) or a DICOMweb series
         (JSON ``{"dicomweb": {"url", "study", "series"}}``); optional heatmaps and similar training reports."""
+        fmt, sources = hospital.answer_format(request), None
         workdir = Path(tempfile.mkdtemp(prefix="medvlp-serve-"))
         try:
             ctype = request.headers.get("content-type", "").lower()
@@ -234,14 +236,15 @@ def create_app(service: DiagnosisService, settings: ServeSettings) -> FastAPI:
                 opts = await _read_json(request, DiagnoseJSON, JSON_LIMITS["diagnose"])
                 src = opts.dicomweb
                 path = await fetch_series(src.url, src.study, src.series, workdir / "series", settings.dicomweb, limits)
+                sources = await hospital.sources_for_store(opts, path)
             else:
                 raise ApiError(415, "unsupported_media_type", "send multipart/form-data (file) or application/json")
         except BaseException:
             await run_in_threadpool(cleanup, workdir)
             raise
-        job = ImageJob(path, workdir, opts.findings, opts.heatmaps, opts.top_k)
+        job = ImageJob(path, workdir, opts.findings, opts.heatmaps, opts.top_k, peaks=sources is not None)
         answer, size = await run_image(job)
-        return {**answer, "batch_size": size}
+        return await hospital.finish({**answer, "batch_size": size}, opts, sources, fmt, service, settings.dicomweb)
 
     @app.post(
         "/v1/embed",

@@ -20,6 +20,7 @@ __all__ = [
     "ModelResponse",
     "RetrieveRequest",
     "RetrieveResponse",
+    "StoredReport",
     "parse_findings",
 ]
 
@@ -89,6 +90,9 @@ class DiagnoseJSON(DiagnoseOptions):
     """``/v1/diagnose`` with a JSON body: the image is pulled from a DICOMweb server."""
 
     dicomweb: DicomWebSource
+    store: bool = Field(
+        default=False, description="store the diagnosis as a DICOM SR on the same DICOMweb server (STOW-RS)"
+    )
 
 
 class EmbedText(_Strict):
@@ -150,6 +154,11 @@ class ImageInfo(BaseModel):
     n_files: int | None = None
 
 
+class StoredReport(BaseModel):
+    sop_instance_uid: str = Field(description="the stored SR's SOPInstanceUID")
+    series_instance_uid: str = Field(description="the stored SR's SeriesInstanceUID")
+
+
 class DiagnoseResponse(BaseModel):
     predictions: list[Prediction]
     image: ImageInfo
@@ -157,6 +166,7 @@ class DiagnoseResponse(BaseModel):
     similar_reports: list[SimilarStudy] | None = None
     warnings: list[str] = Field(default_factory=list)
     batch_size: int = Field(description="how many requests shared this forward pass")
+    stored: StoredReport | None = Field(default=None, description='with "store": true, the SR written to the PACS')
 
 
 class EmbedResponse(BaseModel):

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from medvlp.data.image import MedicalImage
 from medvlp.data.preprocess import preprocess_image
+from medvlp.hospital.peaks import grounding_peaks
 from medvlp.models.vlm import FORMAT, MedVLP
 from medvlp.serve.context import ServingContext
 from medvlp.serve.errors import ApiError
@@ -63,6 +64,7 @@ class ImageJob:
     top_k: int = 0
     embed_only: bool = False
     prepared: PreparedImage | None = None
+    peaks: bool = False  # add each finding's grounding peak in stored-image voxels ("peak"; for a DICOM SR)
 
 
 @dataclass
@@ -307,8 +309,12 @@ class DiagnosisService:
             {"finding": f, "probability": round(float(p), 6), "calibrated": c}
             for f, p, c in zip(findings, probs[0], calibrated, strict=True)
         ]
-        answer: dict[str, Any] = {"predictions": predictions, "image": dict(prep.info), "warnings": prep.warnings}
         pre = prep.pre
+        if job.peaks:
+            points = grounding_peaks(tokens, grid, prompts[:, 0], self.size, pre.source_to_output)
+            for pred, point in zip(predictions, points, strict=True):
+                pred["peak"] = point
+        answer: dict[str, Any] = {"predictions": predictions, "image": dict(prep.info), "warnings": prep.warnings}
         if job.heatmaps:
             volume = pre.array[0].astype(np.float32)  # [*size]
             n = len(findings)

@@ -1,0 +1,81 @@
+"""ONNX export: onnxruntime gives PyTorch's embeddings (2D and 3D, any batch) and the server's probabilities."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medvlp.export import export_onnx
+from medvlp.serve.service import DiagnosisService, ImageJob
+from medvlp.tasks.zeroshot import zero_shot_probabilities
+
+from .conftest import CALIBRATION_2D, TinyModel
+
+ROOT = Path(__file__).resolve().parents[2]
+TEXTS = ["There is a small left pleural effusion.", "No pneumothorax.", "Cardiomegaly with a much longer sentence."]
+
+
+def _check_export(service: DiagnosisService, folder: Path, image: Path, tmp_path: Path) -> None:
+    from medvlp.data.preprocess import preprocess_image
+    from medvlp.data.readers import read_image
+    from medvlp.hospital.onnx_scorer import OnnxScorer, softmax_probabilities
+
+    scorer = OnnxScorer(folder)
+    for batch in (1, 3):
+        x = torch.rand(batch, 1, *service.size)
+        with torch.no_grad():
+            ref = service.model.forward_image(x)
+        emb, tokens = scorer.image_embeddings(x.numpy())
+        assert np.abs(emb - ref.embedding.numpy()).max() < 1e-4
+        assert np.abs(tokens - ref.tokens.numpy()).max() < 1e-4
+    with torch.no_grad():
+        ref_text = service.model.encode_text(TEXTS).numpy()
+    assert np.abs(scorer.text_embeddings(TEXTS) - ref_text).max() < 1e-4
+    np.testing.assert_allclose(scorer.prompts, service.prompt_embeddings(service.findings).numpy(), atol=1e-6)
+
+    # one study end to end: the training preprocessing, then onnxruntime alone, against the server's answer
+    pre = preprocess_image(read_image(image), service.spec)
+    probs = scorer.probabilities(pre.array[None].astype(np.float32))[0]
+    (answer,) = service.run_images([ImageJob(image, tmp_path)])
+    np.testing.assert_allclose(probs, [p["probability"] for p in answer["predictions"]], atol=1e-4)
+    # the numpy restatement of the zero-shot probability is the library's function
+    emb, _ = scorer.image_embeddings(np.random.default_rng(0).random((4, 1, *service.size), dtype=np.float32))
+    probs_np = softmax_probabilities(emb, scorer.prompts, scorer.logit_scale)
+    ref_probs = zero_shot_probabilities(torch.from_numpy(emb), torch.from_numpy(scorer.prompts), scorer.logit_scale)
+    np.testing.assert_allclose(probs_np, ref_probs, atol=1e-6)
+    assert probs_np.shape == (4, len(service.findings))
+
+
+def test_onnx_export_2d_through_the_cli(model_2d: TinyModel, service_2d: DiagnosisService, tmp_path: Path) -> None:
+    out = tmp_path / "export"
+    cmd = [sys.executable, "-m", "medvlp", "export", "--model", str(model_2d.model), "--format", "onnx", "--out"]
+    r = subprocess.run([*cmd, str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((out / "scorer.json").read_text())
+    assert meta["findings"] == service_2d.findings and meta["calibration"] == CALIBRATION_2D  # served as calibrated
+    assert meta["preprocess"] == service_2d.spec.model_dump(mode="json")
+    _check_export(service_2d, out, model_2d.cohort.parent / "images" / "S00001.dcm", tmp_path)
+
+
+def test_onnx_export_3d(model_3d: TinyModel, service_3d: DiagnosisService, tmp_path: Path) -> None:
+    out = export_onnx(service_3d, tmp_path / "export")
+    _check_export(service_3d, out, model_3d.cohort.parent / "images" / "S00002", tmp_path)
+
+
+def test_export_refusals(model_2d: TinyModel, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medvlp.cli import app
+    from medvlp.hospital.onnx_scorer import OnnxScorer
+
+    r = CliRunner().invoke(app, ["export", "--model", str(model_2d.model), "--format", "tflite", "--out", "x"])
+    assert r.exit_code == 2 and "tflite" in r.output
+    (tmp_path / "scorer.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="not a medvlp ONNX export"):
+        OnnxScorer(tmp_path)
