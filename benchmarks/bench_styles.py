@@ -158,22 +158,22 @@ def main() -> None:
     config = args.config or ROOT / "configs" / ("demo-2d.yaml" if args.kind == "cxr" else "demo-3d.yaml")
     out_json = args.out or ROOT / "benchmarks" / "results" / f"styles-{args.kind}.json"
     rows: dict[int, dict[str, Any]] = {}
+    out_json.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         base = args.keep or Path(tmp)
         for style in styles:
             rows[style] = run_style(args.kind, style, args.n, config, args.overrides, base / f"style{style}")
             print(f"style {style}:", json.dumps({k: v for k, v in rows[style].items() if k != "seconds"}), flush=True)
-    sp = spread(rows)
-    result = {
-        "benchmark": f"bench_styles --kind {args.kind} --styles {args.styles} --n {args.n} --config {config.name} "
-        + " ".join(f"--set {o}" for o in args.overrides),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "styles": {str(k): v for k, v in rows.items()},
-        "spread": sp,
-    }
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(result, indent=2) + "\n")
-    print(table(rows, sp))
+            result = {  # written after every style, so that an interrupted run keeps the styles it finished
+                "benchmark": f"bench_styles --kind {args.kind} --styles {args.styles} --n {args.n} "
+                f"--config {config.name} " + " ".join(f"--set {o}" for o in args.overrides),
+                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                "complete": len(rows) == len(styles),
+                "styles": {str(k): v for k, v in rows.items()},
+                "spread": spread(rows),
+            }
+            out_json.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(rows, spread(rows)))
 
 
 if __name__ == "__main__":
