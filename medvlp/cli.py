@@ -52,6 +52,14 @@ def cohort_synth(
     n: Annotated[int, typer.Option(help="Number of studies.", min=1)] = 500,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same files.")] = 0,
     recipe: Annotated[Path | None, typer.Option(help="A recipe such as cohorts/synthetic-cxr.yaml.")] = None,
+    style: Annotated[
+        int | None,
+        typer.Option(
+            help="Hospital style seed: other phrasing, sections, bilateral findings, lesion sizes and contrast, "
+            "image size and spacing, prevalences and column names (0 or none: the built-in cohort).",
+            min=0,
+        ),
+    ] = None,
 ) -> None:
     """Write a built-in synthetic cohort (real DICOM files, manifest, reports, boxes, survival)."""
     from medvlp.data.synthetic import synthesize
@@ -61,8 +69,9 @@ def cohort_synth(
         kind, n, seed = r["kind"], r["n"], r["seed"]
     if kind not in KINDS:
         _fail(f"--kind must be one of {', '.join(KINDS)} (or give --recipe), got {kind!r}")
-    path = synthesize(kind, n, out, seed=seed)
-    console.print(f"wrote {n} synthetic {kind} studies: [bold]{path}[/]")
+    path = synthesize(kind, n, out, seed=seed, style=style)
+    styled = f" in style {style}" if style else ""
+    console.print(f"wrote {n} synthetic {kind} studies{styled}: [bold]{path}[/]")
 
 
 @cohort_app.command("validate")

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from pydicom.uid import RLELossless
 
-from medvlp.data.synthetic import FINDINGS, LOCALIZED, TRUE_HAZARD, sample_cases, synthesize
+from medvlp.data.synthetic import FINDINGS, LOCALIZED, TRUE_HAZARD, get_style, sample_cases, synthesize
 
 KINDS = ("cxr", "ct")
 KEYWORDS = {
@@ -38,10 +38,10 @@ def make(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     root = tmp_path_factory.mktemp("synthetic")
     cache: dict[tuple, Path] = {}
 
-    def _make(kind: str, n: int, seed: int = 0, copy: str = "a") -> Path:
-        key = (kind, n, seed, copy)
+    def _make(kind: str, n: int, seed: int = 0, copy: str = "a", style: int | None = None) -> Path:
+        key = (kind, n, seed, copy, style)
         if key not in cache:
-            cache[key] = synthesize(kind, n, root / f"{kind}-{n}-{seed}-{copy}", seed=seed).parent
+            cache[key] = synthesize(kind, n, root / f"{kind}-{n}-{seed}-{copy}-{style}", seed=seed, style=style).parent
         return cache[key]
 
     return _make
@@ -277,3 +277,187 @@ def _check_phi(ds: pydicom.Dataset, row: pd.Series) -> None:
     assert re.fullmatch(r"\d{8}", ds.PatientBirthDate) and re.fullmatch(r"\d{8}", ds.StudyDate)
     assert ds.InstitutionName and str(ds.ReferringPhysicianName)
     assert row.subject_id not in str(ds.PatientName) and row.study_id not in str(ds.PatientName)
+
+
+# ------------------------------------------------------------------ hospital styles (--style)
+
+STYLED_KEYWORDS = KEYWORDS | {
+    "pleural_effusion": r"effusion|costophrenic|pleural fluid",
+    "renal_mass": r"\bmass(es)?\b|renal lesion",
+}
+STYLED_UNCERTAINTY = re.compile(UNCERTAINTY.pattern + r"|suspected|equivocal|cannot exclude", re.I)
+
+
+def _sections(report: str) -> tuple[str, str]:
+    findings, impression = report.split("\n\nIMPRESSION:\n")
+    return findings.removeprefix("FINDINGS:\n"), impression
+
+
+def _canonical(kind: str, style: int) -> dict[str, str]:
+    """This style's column name -> canonical name."""
+    return {v: k for k, v in get_style(kind, style).columns.items()}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_style_is_deterministic_per_style_seed(make: Callable[..., Path], kind: str) -> None:
+    assert get_style(kind, 1) == get_style(kind, 1) and get_style(kind, 1) != get_style(kind, 2)
+    pd.testing.assert_frame_equal(sample_cases(kind, 30, seed=4, style=2), sample_cases(kind, 30, seed=4, style=2))
+    a, b = _files(make(kind, 3, style=1)), _files(make(kind, 3, style=1, copy="b"))
+    assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []
+    # the style is the hospital, the seed the patients: another seed keeps the style's columns and spacing
+    other = make(kind, 3, seed=1, style=1)
+    assert (other / "cohort.yaml").read_bytes() == a["cohort.yaml"]
+    assert _files(other)["manifest.csv"] != a["manifest.csv"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_style_zero_is_the_built_in_cohort(make: Callable[..., Path], kind: str) -> None:
+    assert get_style(kind, 0) is None and get_style(kind, None) is None
+    pd.testing.assert_frame_equal(sample_cases(kind, 20, seed=2, style=0), sample_cases(kind, 20, seed=2))
+    a, b = _files(make(kind, 3)), _files(make(kind, 3, style=0))
+    assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "1", True])
+def test_bad_style_is_rejected(tmp_path: Path, bad: object) -> None:
+    with pytest.raises(ValueError, match="style"):
+        synthesize("cxr", 2, tmp_path, style=bad)  # type: ignore[arg-type]
+    assert not (tmp_path / "cohort.yaml").exists()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_styles_differ_in_phrasing_sizes_and_columns(kind: str) -> None:
+    a, b = get_style(kind, 1), get_style(kind, 3)
+    ca, cb = sample_cases(kind, 300, seed=0, style=1), sample_cases(kind, 300, seed=0, style=3)
+    sentences = [
+        {s for r in df.report for s in re.split(r"(?<=[.;])\s+|\n+", r) if s and not s[0].isdigit()} for df in (ca, cb)
+    ]
+    shared = len(sentences[0] & sentences[1]) / len(sentences[0] | sentences[1])
+    assert shared < 0.5, shared  # mostly different sentences (the normal ones may coincide)
+    assert list(ca.columns[:13]) != list(cb.columns[:13])  # label, covariate and survival names
+    assert a.image != b.image  # image size, spacing, lesion sizes, contrast
+    lesion = "lung_nodule" if kind == "cxr" else "renal_mass"
+    sizes = [df[f"{lesion}_diameter_mm"].dropna() for df in (ca, cb)]
+    assert abs(sizes[0].median() - sizes[1].median()) > 1.0 or abs(sizes[0].min() - sizes[1].min()) > 1.0
+    for style, df in ((a, ca), (b, cb)):  # labels follow the style's prevalences
+        for f, p in style.prevalence.items():
+            assert abs(df[style.columns[f]].isin([1, -1]).mean() - p) < 0.1, (f, p)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("style", [1, 2])
+def test_styled_reports_agree_with_labels(kind: str, style: int) -> None:
+    df = sample_cases(kind, 300, seed=3, style=style).rename(columns=_canonical(kind, style))
+    only = {"findings": 0, "impression": 0}
+    for _, row in df.iterrows():
+        findings, impression = _sections(row.report)
+        sentences = [s for s in re.split(r"(?<=[.;])\s+|\n+", row.report) if s.strip()]
+        for f in FINDINGS[kind]:
+            said = [s for s in sentences if re.search(STYLED_KEYWORDS[f], s, re.I)]
+            label = row[f]
+            where = f"{row.study_id} {f}={label}: {said}"
+            if pd.isna(label):
+                assert not said, where
+            elif label == 0:
+                assert said and all(NEGATION.search(s) and not STYLED_UNCERTAINTY.search(s) for s in said), where
+            elif label == -1:
+                assert said and all(STYLED_UNCERTAINTY.search(s) for s in said), where
+            else:
+                assert said and not any(NEGATION.search(s) or STYLED_UNCERTAINTY.search(s) for s in said), where
+                in_f, in_i = (bool(re.search(STYLED_KEYWORDS[f], t, re.I)) for t in (findings, impression))
+                only["findings"] += in_f and not in_i
+                only["impression"] += in_i and not in_f
+    s = get_style(kind, style)
+    for section, p in (("findings", s.p_findings_only), ("impression", s.p_impression_only)):
+        assert (only[section] > 0) == (p > 0), (section, only, p)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bilateral_phrases_carry_two_boxes(kind: str) -> None:
+    style = get_style(kind, 2)
+    df = sample_cases(kind, 300, seed=0, style=2).rename(columns=_canonical(kind, 2))
+    finding = "pleural_effusion" if kind == "cxr" else "kidney_stone"
+    width = style.image["size"] if kind == "cxr" else style.image["n_xy"]
+    n_bilateral = 0
+    for _, row in df[df[finding] == 1].iterrows():
+        boxes = [b for b in row.boxes if b["category_name"] == finding]
+        bilateral = row[f"{finding}_side"] == "bilateral"
+        assert len(boxes) == (2 if bilateral else 1), row.study_id
+        assert all(b["label_text"] in row.report for b in boxes)
+        if bilateral:
+            n_bilateral += 1
+            assert boxes[0]["label_text"] == boxes[1]["label_text"]
+            assert re.search(r"bilateral|both", boxes[0]["label_text"], re.I)
+            centres = sorted(b["x"] + b["w"] / 2 for b in boxes)
+            assert centres[0] < width / 2 < centres[1], row.study_id  # one box on each side
+    assert n_bilateral >= 5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_styled_cohort_validates_builds_and_matches_its_images(tmp_path: Path, kind: str) -> None:
+    from typer.testing import CliRunner
+
+    from medvlp.cli import app
+    from medvlp.data.build import build_cohort
+    from medvlp.data.cache import CachedCohort
+
+    runner, folder = CliRunner(), tmp_path / "cohort"
+    res = runner.invoke(app, ["cohort", "synth", "--kind", kind, "--n", "8", "--style", "2", "--out", str(folder)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["cohort", "validate", str(folder / "cohort.yaml")])
+    assert res.exit_code == 0 and "8 usable, 0 would be quarantined" in res.output, res.output
+    style = get_style(kind, 2)
+    cfg = yaml.safe_load((folder / "cohort.yaml").read_text())
+    names = style.columns
+    assert cfg["findings"] == [names[f] for f in FINDINGS[kind]] and cfg["covariates"] == [names["age"], names["sex"]]
+    assert cfg["survival"] == {"time": names["time"], "event": names["event"]}
+    m = pd.read_csv(folder / "manifest.csv")
+    assert list(m.columns[5:]) == [names[c] for c in style.column_order]
+    assert json.loads((folder / "synthetic.json").read_text())["style"]["columns"] == names
+    g = pd.read_csv(folder / "grounding.csv")
+    assert set(g.category_name) <= set(cfg["findings"])
+    img = style.image
+    if kind == "cxr":
+        _, ds = _read_2d(folder / m.image[0])
+        assert (ds.Rows, ds.Columns) == (img["size"],) * 2 and float(ds.PixelSpacing[0]) == img["pixel_mm"]
+        shape = {"x": img["size"], "y": img["size"]}
+    else:
+        vol, slices = _read_ct(folder / m.image[0])
+        assert vol.shape == (img["n_z"], img["n_xy"], img["n_xy"])
+        assert (
+            float(slices[0].SliceThickness) == img["slice_mm"] and float(slices[0].PixelSpacing[0]) == img["pixel_mm"]
+        )
+        assert np.allclose(np.diff([float(d.ImagePositionPatient[2]) for d in slices]), img["slice_mm"])
+        shape = {"x": img["n_xy"], "y": img["n_xy"], "z": img["n_z"]}
+    for axis, size in (("x", "w"), ("y", "h"), ("z", "d")):
+        if axis in shape:
+            assert (g[axis] >= 0).all() and (g[axis] + g[size] <= shape[axis]).all()
+    summary = build_cohort(folder / "cohort.yaml", tmp_path / "cache")
+    assert summary.ingested == 8 and summary.quarantined == 0
+    records = CachedCohort.open(tmp_path / "cache").records
+    assert {names["time"], names["event"], names["age"]} <= set(records.columns)
+
+
+def test_styled_lesions_keep_their_contrast(make: Callable[..., Path]) -> None:
+    """Styled lesions (other sizes, other contrast) are still visible where their boxes say."""
+    folder = make("cxr", 24, style=3)
+    contrast = get_style("cxr", 3).image["contrast"]
+    g = pd.read_csv(folder / "grounding.csv")
+    nodules = g[g.category_name == "pulmonary_nodule"]
+    assert len(nodules) >= 2
+    for _, b in nodules.iterrows():
+        img, _ = _read_2d(folder / "images" / f"{b.study_id}.dcm")
+        inside = img[b.y : b.y + b.h, b.x : b.x + b.w]
+        ring = img[max(b.y - 4, 0) : b.y + b.h + 4, max(b.x - 4, 0) : b.x + b.w + 4]
+        around = (ring.sum() - inside.sum()) / (ring.size - inside.size)
+        assert inside.mean() > around + 150 * contrast, b.study_id
+    folder = make("ct", 16, style=2)
+    g = pd.read_csv(folder / "grounding.csv")
+    assert {"kidney_stone", "hepatic_lesion"} <= set(g.category_name)
+    for _, b in g.iterrows():
+        vol, _ = _read_ct(folder / "images" / b.study_id)
+        box = vol[b.z : b.z + b.d, b.y : b.y + b.h, b.x : b.x + b.w]
+        if b.category_name == "kidney_stone":
+            assert box.max() >= 400, b.study_id
+        elif b.category_name == "hepatic_lesion":  # hypodense in the liver (about 60 HU)
+            assert np.median(box) < 50, b.study_id

@@ -18,13 +18,16 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+if TYPE_CHECKING:
+    from medvlp.data.synthetic.style import Style
 
 log = logging.getLogger(__name__)
 
@@ -267,10 +270,29 @@ def save_dicom(ds: Dataset, path: Path) -> None:
 # ---------------------------------------------------------------- cohort
 
 
-def _rows(mod: ModuleType, n: int, seed: int) -> list[dict[str, Any]]:
-    return [
-        mod.sample_study(seed, i, subject, visit) for i, (subject, visit) in enumerate(plan_studies(mod.KIND, n, seed))
-    ]
+def _rows(mod: ModuleType, n: int, seed: int, style: Style | None = None) -> list[dict[str, Any]]:
+    plan = enumerate(plan_studies(mod.KIND, n, seed))
+    if style is None:
+        return [mod.sample_study(seed, i, subject, visit) for i, (subject, visit) in plan]
+    return [mod.sample_study(seed, i, subject, visit, style) for i, (subject, visit) in plan]
+
+
+def manifest_columns(mod: ModuleType, style: Style | None = None) -> list[str]:
+    """The manifest's columns in order, with the style's names (canonical names without a style)."""
+    if style is None:
+        return [*MANIFEST_HEAD, *mod.FINDINGS, *MANIFEST_TAIL]
+    return [*MANIFEST_HEAD, *(style.columns[c] for c in style.column_order)]
+
+
+def restyle(df: pd.DataFrame, style: Style | None) -> pd.DataFrame:
+    """The cases with the style's column names and survival time unit (unchanged without a style)."""
+    if style is None:
+        return df
+    df = df.copy()
+    df["time"] = [style.months_to_time(float(t)) for t in df["time"]]
+    if style.time_unit == "days":
+        df["time"] = df["time"].astype("int64")
+    return df.rename(columns=style.columns)
 
 
 def cases_frame(mod: ModuleType, rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -286,11 +308,11 @@ def cases_frame(mod: ModuleType, rows: list[dict[str, Any]]) -> pd.DataFrame:
     return df
 
 
-def sample_cases(mod: ModuleType, n: int, seed: int) -> pd.DataFrame:
-    """Tabular part of a cohort without images."""
+def sample_cases(mod: ModuleType, n: int, seed: int, style: Style | None = None) -> pd.DataFrame:
+    """Tabular part of a cohort without images (with the style's column names and time unit)."""
     if n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
-    return cases_frame(mod, _rows(mod, n, seed))
+    return restyle(cases_frame(mod, _rows(mod, n, seed, style)), style)
 
 
 def _write_chunk(args: tuple[str, list[dict[str, Any]], str, int]) -> None:
@@ -309,13 +331,13 @@ def _workers(n: int) -> int:
     return 1 if n < 48 else max(1, min(4, os.cpu_count() or 1))
 
 
-def write_cohort(mod: ModuleType, n: int, out: str | Path, seed: int) -> Path:
+def write_cohort(mod: ModuleType, n: int, out: str | Path, seed: int, style: Style | None = None) -> Path:
     """Samples ``n`` studies, writes their images, manifest, grounding, cohort.yaml and synthetic.json."""
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    rows = _rows(mod, n, seed)
+    rows = _rows(mod, n, seed, style)
     workers = _workers(n)
     if workers == 1:
         for row in rows:
@@ -325,7 +347,7 @@ def write_cohort(mod: ModuleType, n: int, out: str | Path, seed: int) -> Path:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             list(pool.map(_write_chunk, chunks))
     df = cases_frame(mod, rows)
-    manifest = df[[*MANIFEST_HEAD, *mod.FINDINGS, *MANIFEST_TAIL]]
+    manifest = restyle(df, style)[manifest_columns(mod, style)]
     manifest.to_csv(out / "manifest.csv", index=False, lineterminator="\n")
     box_cols = [
         "study_id",
@@ -338,16 +360,19 @@ def write_cohort(mod: ModuleType, n: int, out: str | Path, seed: int) -> Path:
         *(["z", "d"] if mod.SPATIAL_DIMS == 3 else []),
     ]
     boxes = [{"study_id": r["study_id"], **b} for r in rows for b in r["boxes"]]
+    names = style.columns if style is not None else {c: c for c in [*mod.FINDINGS, *MANIFEST_TAIL]}
+    for box in boxes:
+        box["category_name"] = names[box["category_name"]]
     pd.DataFrame(boxes, columns=box_cols).to_csv(out / "grounding.csv", index=False, lineterminator="\n")
     cohort = {
-        "name": f"synthetic-{mod.KIND}",
+        "name": f"synthetic-{mod.KIND}" + (f"-style{style.seed}" if style is not None else ""),
         "modality": mod.MODALITY,
         "spatial_dims": mod.SPATIAL_DIMS,
         "manifest": "manifest.csv",
         "grounding": "grounding.csv",
-        "findings": list(mod.FINDINGS),
-        "covariates": ["age", "sex"],
-        "survival": {"time": "time", "event": "event"},
+        "findings": [names[f] for f in mod.FINDINGS],
+        "covariates": [names["age"], names["sex"]],
+        "survival": {"time": names["time"], "event": names["event"]},
         "preprocess": mod.PREPROCESS,
     }
     text = yaml.safe_dump(cohort, sort_keys=False, default_flow_style=None)
@@ -361,6 +386,7 @@ def write_cohort(mod: ModuleType, n: int, out: str | Path, seed: int) -> Path:
         "n": n,
         "seed": seed,
         **generative_model(mod),
+        **({"prevalence": dict(style.prevalence), "style": style.describe()} if style is not None else {}),
         "realized": {
             "label_counts": realized,
             "event_rate": round(float(df["event"].mean()), 4),

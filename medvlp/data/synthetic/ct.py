@@ -8,15 +8,20 @@ the extents of the very voxel masks that are painted.
 
 from __future__ import annotations
 
+from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pydicom
 from scipy.ndimage import gaussian_filter
 
 from medvlp.data.synthetic import common as C
+from medvlp.data.synthetic.phrasing import styled_report
 from medvlp.data.synthetic.reports import ct_report
+
+if TYPE_CHECKING:
+    from medvlp.data.synthetic.style import Style
 
 KIND = "ct"
 MODALITY = "CT"
@@ -44,11 +49,22 @@ CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 _X = ((np.arange(N_XY) - (N_XY - 1) / 2) * PIXEL_MM).astype(np.float32)
 _Z = ((np.arange(N_Z) - (N_Z - 1) / 2) * SLICE_MM).astype(np.float32)
 _SIDE_X = {"right": -1, "left": 1}  # patient right is -X (image left)
+DEFAULT_GRID = (N_XY, N_Z, PIXEL_MM, SLICE_MM)
 
 
-def _ellipse2d(cx: float, cy: float, a: float, b: float) -> np.ndarray:
+@lru_cache(maxsize=4)
+def _axes(grid: tuple[int, int, float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """(in-plane, slice) voxel-centre coordinates in mm of a grid ``(n_xy, n_z, pixel_mm, slice_mm)``."""
+    if grid == DEFAULT_GRID:
+        return _X, _Z
+    n_xy, n_z, pixel, slice_mm = grid
+    x = ((np.arange(n_xy) - (n_xy - 1) / 2) * pixel).astype(np.float32)
+    return x, ((np.arange(n_z) - (n_z - 1) / 2) * slice_mm).astype(np.float32)
+
+
+def _ellipse2d(cx: float, cy: float, a: float, b: float, X: np.ndarray = _X) -> np.ndarray:
     """[row, column] mask of an axis-aligned ellipse in the axial plane."""
-    return ((_X[None, :] - cx) / a) ** 2 + ((_X[:, None] - cy) / b) ** 2 <= 1.0
+    return ((X[None, :] - cx) / a) ** 2 + ((X[:, None] - cy) / b) ** 2 <= 1.0
 
 
 def _index_range(lo: float, hi: float, axis: np.ndarray) -> slice:
@@ -56,20 +72,28 @@ def _index_range(lo: float, hi: float, axis: np.ndarray) -> slice:
 
 
 def _ellipsoid(
-    center: tuple[float, float, float], axes: tuple[float, float, float]
+    center: tuple[float, float, float],
+    axes: tuple[float, float, float],
+    X: np.ndarray = _X,
+    Z: np.ndarray = _Z,
 ) -> tuple[tuple[slice, ...], np.ndarray]:
     """(sub-volume slices, mask within them) of an ellipsoid given in mm as ``(X, Y, Z)``."""
     (cx, cy, cz), (a, b, c) = center, axes
-    sl = (_index_range(cz - c, cz + c, _Z), _index_range(cy - b, cy + b, _X), _index_range(cx - a, cx + a, _X))
-    z, y, x = _Z[sl[0], None, None], _X[None, sl[1], None], _X[None, None, sl[2]]
+    sl = (_index_range(cz - c, cz + c, Z), _index_range(cy - b, cy + b, X), _index_range(cx - a, cx + a, X))
+    z, y, x = Z[sl[0], None, None], X[None, sl[1], None], X[None, None, sl[2]]
     return sl, ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 + ((z - cz) / c) ** 2 <= 1.0
 
 
-def _sphere_voxels(center: tuple[float, float, float], r: float) -> tuple[tuple[slice, ...], np.ndarray]:
+def _sphere_voxels(
+    center: tuple[float, float, float],
+    r: float,
+    X: np.ndarray = _X,
+    Z: np.ndarray = _Z,
+) -> tuple[tuple[slice, ...], np.ndarray]:
     """Voxels whose centre lies within ``r`` mm of ``center``; at least the nearest voxel."""
-    sl, mask = _ellipsoid(center, (r, r, r))
+    sl, mask = _ellipsoid(center, (r, r, r), X, Z)
     if mask.size == 0 or not mask.any():
-        idx = [int(np.argmin(np.abs(axis - c))) for axis, c in ((_Z, center[2]), (_X, center[1]), (_X, center[0]))]
+        idx = [int(np.argmin(np.abs(axis - c))) for axis, c in ((Z, center[2]), (X, center[1]), (X, center[0]))]
         sl = tuple(slice(i, i + 1) for i in idx)
         mask = np.ones((1, 1, 1), bool)
     return sl, mask
@@ -113,31 +137,57 @@ def _anatomy(rng: np.random.Generator) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _sample_lesions(rng: np.random.Generator, states: dict[str, str], a: dict[str, Any]) -> tuple[dict, dict]:
+def _lesion_mm(style: Style | None, finding: str, present: bool, default: tuple[float, float, float, float]) -> tuple:
+    """(low, high) diameter range in mm: the built-in ones, or the hospital's (uncertain: below its low end)."""
+    if style is None:
+        return default[:2] if present else default[2:]
+    lo, hi = style.image[f"{finding}_mm"]
+    return (lo, hi) if present else (0.6 * lo, lo)
+
+
+def _contrast(hu: float, organ_hu: float, style: Style | None) -> float:
+    """A lesion's HU with its difference from the organ scaled by the style's contrast factor."""
+    return hu if style is None else organ_hu + (hu - organ_hu) * float(style.image["contrast"])
+
+
+def _sample_lesions(
+    rng: np.random.Generator, states: dict[str, str], a: dict[str, Any], style: Style | None = None
+) -> tuple[dict, dict]:
     lesions: dict[str, Any] = {"ascites": 0.0}
+    z_top = float(_axes(_grid_of(style))[1][-1])
     details: dict[str, dict] = {f: {} for f in FINDINGS}
     for f in ("renal_mass", "kidney_stone"):
         if states[f] not in ("present", "uncertain"):
             continue
         present = states[f] == "present"
         side = C.pick(rng, ["right", "left"])
+        bilateral = f == "kidney_stone" and present and style is not None and rng.random() < style.p_bilateral
         center, axes = a["kidney"][side]
         reach = 0.65 if f == "renal_mass" else 0.45
         direction = rng.normal(size=3)
         offset = direction / np.linalg.norm(direction) * rng.uniform(0, reach)
         pos = np.array(center) + offset * np.array(axes)
         if f == "renal_mass":
-            diam = rng.uniform(15, 50) if present else rng.uniform(11, 15)
-            hu = rng.uniform(120, 165) if present else rng.uniform(110, 125)
+            diam = rng.uniform(*_lesion_mm(style, f, present, (15, 50, 11, 15)))
+            hu = _contrast(rng.uniform(120, 165) if present else rng.uniform(110, 125), 70.0, style)
         else:
-            diam = rng.uniform(3, 8) if present else rng.uniform(2, 3)
-            hu = rng.uniform(900, 1500) if present else rng.uniform(450, 600)
+            diam = rng.uniform(*_lesion_mm(style, f, present, (3, 8, 2, 3)))
+            hu = _contrast(rng.uniform(900, 1500) if present else rng.uniform(450, 600), 70.0, style)
         pole = "upper pole" if offset[2] > 0.3 else ("lower pole" if offset[2] < -0.3 else "interpolar region")
         lesions[f] = {"center": tuple(float(x) for x in pos), "r": diam / 2, "hu": hu}
         details[f] = {"side": side, "pole": pole, "diameter_mm": round(diam, 1)}
+        if bilateral:  # a second stone in the other kidney: one phrase, two boxes
+            other = "left" if side == "right" else "right"
+            center, axes = a["kidney"][other]
+            direction = rng.normal(size=3)
+            pos = np.array(center) + direction / np.linalg.norm(direction) * rng.uniform(0, reach) * np.array(axes)
+            diam2 = rng.uniform(*_lesion_mm(style, f, True, (3, 8, 2, 3)))
+            hu2 = _contrast(rng.uniform(900, 1500), 70.0, style)
+            lesions["kidney_stone_contralateral"] = {"center": tuple(float(x) for x in pos), "r": diam2 / 2, "hu": hu2}
+            details[f] = {"side": "bilateral", "pole": pole, "diameter_mm": round(max(diam, diam2), 1)}
     if states["hepatic_lesion"] in ("present", "uncertain"):
         present = states["hepatic_lesion"] == "present"
-        diam = rng.uniform(10, 40) if present else rng.uniform(6, 9.5)
+        diam = rng.uniform(*_lesion_mm(style, "hepatic_lesion", present, (10, 40, 6, 9.5)))
         r = diam / 2
         center, axes = a["liver"]
         px, py, ac, bc = a["cavity"]
@@ -147,7 +197,7 @@ def _sample_lesions(rng: np.random.Generator, states: dict[str, str], a: dict[st
             inside_cavity = ((pos[0] - px) / (ac - r - 40)) ** 2 + ((pos[1] - py) / (bc - r - 40)) ** 2 <= 1
             if (
                 inside_cavity
-                and abs(pos[2]) <= _Z[-1] - r - 3
+                and abs(pos[2]) <= z_top - r - 3
                 and _in_ellipsoid(pos, center, axes, r + 6)
                 and not _in_ellipsoid(pos, kidney[0], tuple(x + r + 6 for x in kidney[1]), 0.0)
             ):
@@ -157,7 +207,7 @@ def _sample_lesions(rng: np.random.Generator, states: dict[str, str], a: dict[st
         lobe = "left hepatic lobe" if pos[0] - px > -15 else "right hepatic lobe"
         if pos[2] - center[2] > 0.55 * axes[2]:
             lobe = "hepatic dome"
-        hu = rng.uniform(-5, 15) if present else rng.uniform(10, 20)
+        hu = _contrast(rng.uniform(-5, 15) if present else rng.uniform(10, 20), 62.0, style)
         lesions["hepatic_lesion"] = {"center": tuple(float(x) for x in pos), "r": r, "hu": hu}
         details["hepatic_lesion"] = {"lobe": lobe, "diameter_mm": round(diam, 1)}
     if states["ascites"] in ("present", "uncertain"):
@@ -168,24 +218,40 @@ def _sample_lesions(rng: np.random.Generator, states: dict[str, str], a: dict[st
     return lesions, details
 
 
-def sample_study(seed: int, index: int, subject: C.Subject, visit: int) -> dict[str, Any]:
+def _grid_of(style: Style | None) -> tuple[int, int, float, float]:
+    """The volume grid ``(n_xy, n_z, pixel_mm, slice_mm)`` of a style (the built-in one without)."""
+    if style is None:
+        return DEFAULT_GRID
+    img = style.image
+    return int(img["n_xy"]), int(img["n_z"]), float(img["pixel_mm"]), float(img["slice_mm"])
+
+
+def sample_study(seed: int, index: int, subject: C.Subject, visit: int, style: Style | None = None) -> dict[str, Any]:
     """The tabular part of study ``index``: labels, details, report, survival, boxes and drawing parameters."""
     rng = C.rng_for(seed, KIND, C.STREAM_STUDY, index)
-    states = C.sample_states(rng, PREVALENCE)
+    states = C.sample_states(rng, PREVALENCE if style is None else style.prevalence)
     anatomy = _anatomy(rng)
-    lesions, details = _sample_lesions(rng, states, anatomy)
+    lesions, details = _sample_lesions(rng, states, anatomy, style)
+    grid = _grid_of(style)
+    X, Z = _axes(grid)
     ascending = bool(rng.random() < 0.6)
     z0 = float(np.round(rng.uniform(-420, -180) * 2) / 2)
     y0 = float(np.round(rng.uniform(-200, -180) * 2) / 2)
-    report, label_text = ct_report(states, details, C.rng_for(seed, KIND, C.STREAM_REPORT, index))
+    report_rng = C.rng_for(seed, KIND, C.STREAM_REPORT, index)
+    if style is None:
+        report, label_text = ct_report(states, details, report_rng)
+    else:
+        report, label_text = styled_report(KIND, states, details, report_rng, style)
     age = C.study_age(subject, visit)
     lp = C.linear_predictor(TRUE_HAZARD, states, age, subject.sex)
     time, event = C.sample_survival(C.rng_for(seed, KIND, C.STREAM_SURVIVAL, index), lp)
     boxes = []
     for f in LOCALIZED:
         if states[f] == "present":
-            sl, mask = _sphere_voxels(lesions[f]["center"], lesions[f]["r"])
-            boxes.append({"category_name": f, "label_text": label_text[f], **_box(sl, mask)})
+            for key in (f, f"{f}_contralateral"):
+                if key in lesions:
+                    sl, mask = _sphere_voxels(lesions[key]["center"], lesions[key]["r"], X, Z)
+                    boxes.append({"category_name": f, "label_text": label_text[f], **_box(sl, mask)})
     study_id = f"S{index:05d}"
     row = {
         "subject_id": subject.subject_id,
@@ -205,7 +271,7 @@ def sample_study(seed: int, index: int, subject: C.Subject, visit: int) -> dict[
     row.update(
         boxes=boxes,
         slice_order="ascending" if ascending else "descending",
-        _params={"anatomy": anatomy, "lesions": lesions, "z0": z0, "y0": y0, "ascending": ascending},
+        _params={"anatomy": anatomy, "lesions": lesions, "z0": z0, "y0": y0, "ascending": ascending, "grid": grid},
         _phi=C.study_phi(KIND, seed, index, subject, visit),
     )
     return row
@@ -222,69 +288,75 @@ def _upsample(a: np.ndarray, n_out: int, axis: int) -> np.ndarray:
     return np.take(a, lo, axis=axis) * (1 - w) + np.take(a, lo + 1, axis=axis) * w
 
 
-def _smooth_noise(rng: np.random.Generator, coarse: tuple[int, int, int]) -> np.ndarray:
+def _smooth_noise(
+    rng: np.random.Generator, coarse: tuple[int, int, int], n_xy: int = N_XY, n_z: int = N_Z
+) -> np.ndarray:
     """Standard normal noise on a coarse grid, linearly interpolated to the volume grid."""
     g = rng.standard_normal(coarse).astype(np.float32)
-    return _upsample(_upsample(_upsample(g, N_XY, 2), N_XY, 1), N_Z, 0)
+    return _upsample(_upsample(_upsample(g, n_xy, 2), n_xy, 1), n_z, 0)
 
 
 def render(p: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
     """The volume in HU, float32 ``[k, row, column]`` with ``k`` ascending in Z."""
     a, les = p["anatomy"], p["lesions"]
+    grid = p.get("grid", DEFAULT_GRID)
+    n_xy, n_z = grid[0], grid[1]
+    X, Z = _axes(grid)
+    ell2, ell3, sphere = partial(_ellipse2d, X=X), partial(_ellipsoid, X=X, Z=Z), partial(_sphere_voxels, X=X, Z=Z)
     px, py, a_b, b_b = a["body"]
     _, _, ac, bc = a["cavity"]
     t = les["ascites"]
-    body = _ellipse2d(px, py, a_b, b_b)
-    cavity = _ellipse2d(px, py, ac, bc)
-    inner = _ellipse2d(px, py, ac - t, bc - t) if t > 0 else cavity
+    body = ell2(px, py, a_b, b_b)
+    cavity = ell2(px, py, ac, bc)
+    inner = ell2(px, py, ac - t, bc - t) if t > 0 else cavity
     y_vb = a["y_vb"]
-    sl2 = np.full((N_XY, N_XY), -1000.0, np.float32)
+    sl2 = np.full((n_xy, n_xy), -1000.0, np.float32)
     sl2[body] = -100
-    sl2[_ellipse2d(px, py, a_b - a["fat"], b_b - a["fat"])] = 40
+    sl2[ell2(px, py, a_b - a["fat"], b_b - a["fat"])] = 40
     sl2[cavity] = -90
-    table = (np.abs(_X[:, None] - (py + b_b + 12)) < 4) & (np.abs(_X[None, :]) < 170)
+    table = (np.abs(X[:, None] - (py + b_b + 12)) < 4) & (np.abs(X[None, :]) < 170)
     sl2[table] = 250
-    vol = np.repeat(sl2[None], N_Z, axis=0)
-    bowel = _smooth_noise(rng, (6, 14, 14))
-    gas = _smooth_noise(rng, (8, 20, 20))
-    gut = cavity[None] & (_X[None, :, None] < y_vb - 15)
+    vol = np.repeat(sl2[None], n_z, axis=0)
+    bowel = _smooth_noise(rng, (6, 14, 14), n_xy, n_z)
+    gas = _smooth_noise(rng, (8, 20, 20), n_xy, n_z)
+    gut = cavity[None] & (X[None, :, None] < y_vb - 15)
     vol[gut & (bowel > 0.1)] = 38
     vol[gut & (bowel > 0.1) & (gas > 1.2)] = -700
     if t > 0:
-        vol[:, cavity & ~inner & (_X[:, None] < y_vb + 10)] = 8
+        vol[:, cavity & ~inner & (X[:, None] < y_vb + 10)] = 8
     for sx in (-1, 1):
-        vol[:, _ellipse2d(px + sx * 32, y_vb + 48, 24, 20)] = 50  # paraspinal muscles
-        sl, m = _ellipsoid((px + sx * 32, y_vb - 4, -110.0), (17.0, 15.0, 105.0))  # psoas
+        vol[:, ell2(px + sx * 32, y_vb + 48, 24, 20)] = 50  # paraspinal muscles
+        sl, m = ell3((px + sx * 32, y_vb - 4, -110.0), (17.0, 15.0, 105.0))  # psoas
         vol[sl][m] = 45
-    spine = _ellipse2d(px, y_vb, 19, 17)
-    disc = (np.mod(_Z - a["disc_phase"], 32.0) < 6)[:, None, None]
+    spine = ell2(px, y_vb, 19, 17)
+    disc = (np.mod(Z - a["disc_phase"], 32.0) < 6)[:, None, None]
     vol[:, spine] = 700
     vol[np.broadcast_to(disc, vol.shape) & spine[None]] = 90
-    vol[:, _ellipse2d(px, y_vb + 30, 19, 11) | _ellipse2d(px, y_vb + 48, 5, 13)] = 650
-    vol[:, _ellipse2d(px, y_vb + 26, 8, 7)] = 20
-    vol[:, _ellipse2d(px + 16, y_vb - 28, 11, 11)] = 40  # aorta
-    vol[:, _ellipse2d(px - 22, y_vb - 24, 13, 9)] = 35  # IVC
+    vol[:, ell2(px, y_vb + 30, 19, 11) | ell2(px, y_vb + 48, 5, 13)] = 650
+    vol[:, ell2(px, y_vb + 26, 8, 7)] = 20
+    vol[:, ell2(px + 16, y_vb - 28, 11, 11)] = 40  # aorta
+    vol[:, ell2(px - 22, y_vb - 24, 13, 9)] = 35  # IVC
     for name, hu in (("stomach", 15), ("pancreas", 45), ("spleen", 50), ("liver", 62)):
-        sl, m = _ellipsoid(*a[name])
+        sl, m = ell3(*a[name])
         m = m & inner[None, sl[1], sl[2]]
         if name == "stomach":
-            gas_cap = _X[None, sl[1], None] < a[name][0][1] - 0.35 * a[name][1][1]
+            gas_cap = X[None, sl[1], None] < a[name][0][1] - 0.35 * a[name][1][1]
             vol[sl][m & gas_cap] = -900
             m = m & ~gas_cap
         vol[sl][m] = hu
     for side in ("right", "left"):
         center, axes = a["kidney"][side]
-        sl, m = _ellipsoid(center, axes)
+        sl, m = ell3(center, axes)
         vol[sl][m] = 70
-        sl, m = _ellipsoid(center, tuple(x - 7 for x in axes))
+        sl, m = ell3(center, tuple(x - 7 for x in axes))
         vol[sl][m] = 30
-        sl, m = _ellipsoid((center[0] - _SIDE_X[side] * 13, center[1] - 2, center[2]), (8.0, 9.0, 22.0))
+        sl, m = ell3((center[0] - _SIDE_X[side] * 13, center[1] - 2, center[2]), (8.0, 9.0, 22.0))
         vol[sl][m] = -60  # renal sinus fat
-    for f in ("hepatic_lesion", "renal_mass", "kidney_stone"):
+    for f in ("hepatic_lesion", "renal_mass", "kidney_stone", "kidney_stone_contralateral"):
         if f in les:
             if f == "kidney_stone":  # painted after the blur: a calcification keeps its full density
                 vol = gaussian_filter(vol, (0.3, 0.55, 0.55))
-            sl, m = _sphere_voxels(les[f]["center"], les[f]["r"])
+            sl, m = sphere(les[f]["center"], les[f]["r"])
             noise = rng.normal(0, 12 if f == "renal_mass" else 3, m.shape).astype(np.float32)
             vol[sl][m] = (les[f]["hu"] + noise)[m]
     if "kidney_stone" not in les:
@@ -297,6 +369,7 @@ def write_study(row: dict[str, Any], out: Path, seed: int) -> None:
     """Renders study ``row`` and writes one CT DICOM file per slice into its folder."""
     index = int(row["study_id"][1:])
     p = row["_params"]
+    n_xy, n_z, pixel, slice_mm = p.get("grid", DEFAULT_GRID)
     vol = render(p, C.rng_for(seed, KIND, C.STREAM_IMAGE, index))
     stored = (np.clip(np.rint(vol), -1024, 3071) + 1024).astype(np.int16)
     folder = out / row["image"]
@@ -305,30 +378,30 @@ def write_study(row: dict[str, Any], out: Path, seed: int) -> None:
     ds = C.new_dicom(CT_STORAGE, C.uid(seed, KIND, index, "slice", 0), row["_phi"], study_uid, series_uid, MODALITY)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.StudyDescription = "CT ABDOMEN WITH CONTRAST"
-    ds.SeriesDescription = "AXIAL 5MM"
+    ds.SeriesDescription = f"AXIAL {slice_mm:g}MM"
     ds.BodyPartExamined = "ABDOMEN"
     ds.PatientPosition = "HFS" if p["ascending"] else "FFS"
     ds.FrameOfReferenceUID = C.uid(seed, KIND, index, "frame")
     ds.KVP = 120
-    ds.SliceThickness = SLICE_MM
-    ds.PixelSpacing = [PIXEL_MM, PIXEL_MM]
+    ds.SliceThickness = slice_mm
+    ds.PixelSpacing = [pixel, pixel]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = ds.Columns = N_XY
+    ds.Rows = ds.Columns = n_xy
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
     ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
     ds.WindowCenter, ds.WindowWidth = 40, 400
     ds.AcquisitionNumber = 1
-    x0 = float(-(N_XY - 1) / 2 * PIXEL_MM)
-    for k in range(N_Z):
+    x0 = float(-(n_xy - 1) / 2 * pixel)
+    for k in range(n_z):
         sop = C.uid(seed, KIND, index, "slice", k)
         ds.SOPInstanceUID = sop
         ds.file_meta.MediaStorageSOPInstanceUID = sop
-        z = p["z0"] + SLICE_MM * k
+        z = p["z0"] + slice_mm * k
         ds.ImagePositionPatient = [x0, p["y0"], z]
         ds.SliceLocation = z
-        ds.InstanceNumber = k + 1 if p["ascending"] else N_Z - k
+        ds.InstanceNumber = k + 1 if p["ascending"] else n_z - k
         ds.PixelData = stored[k].tobytes()
         path = folder / f"{C.hex_name(seed, KIND, index, k)}.dcm"
         C.save_dicom(ds, path)

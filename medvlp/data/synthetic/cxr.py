@@ -9,8 +9,9 @@ hard masks that the grounding boxes are taken from, so boxes and pixels agree.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydicom.uid import RLELossless
@@ -18,7 +19,11 @@ from scipy.ndimage import gaussian_filter
 from scipy.special import expit
 
 from medvlp.data.synthetic import common as C
+from medvlp.data.synthetic.phrasing import styled_report
 from medvlp.data.synthetic.reports import cxr_report
+
+if TYPE_CHECKING:
+    from medvlp.data.synthetic.style import Style
 
 KIND = "cxr"
 MODALITY = "CR"
@@ -63,6 +68,15 @@ _EFFUSION_LEVELS = {
 _YY, _XX = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
 
 
+@lru_cache(maxsize=4)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) pixel-centre grids of a ``size`` x ``size`` image."""
+    if size == SIZE:
+        return _YY, _XX
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    return yy, xx
+
+
 def _ellipse_sd(u: Any, v: Any, cu: float, cv: float, a: float, b: float, scale: float) -> Any:
     """Approximate signed distance (pixels, positive inside) to an axis-aligned ellipse."""
     r = np.sqrt(((u - cu) / a) ** 2 + ((v - cv) / b) ** 2)
@@ -75,9 +89,11 @@ class Chest:
     def __init__(self, p: dict[str, Any]) -> None:
         self.p = p
         self.s = p["scale"]
+        self.size = int(p.get("size", SIZE))
+        self.yy, self.xx = _grid(self.size)
         c, s = math.cos(p["theta"]), math.sin(p["theta"])
-        dx = _XX - (SIZE - 1) / 2 - p["shift_x"]
-        dy = _YY - (SIZE - 1) / 2 - p["shift_y"]
+        dx = self.xx - (self.size - 1) / 2 - p["shift_x"]
+        dy = self.yy - (self.size - 1) / 2 - p["shift_y"]
         self.u = (c * dx + s * dy) / self.s
         self.v = (-s * dx + c * dy) / self.s
         self._cache: dict[Any, np.ndarray] = {}
@@ -85,8 +101,8 @@ class Chest:
     def to_pixel(self, u: float, v: float) -> tuple[float, float]:
         """(column, row) of a normalised point."""
         c, s = math.cos(self.p["theta"]), math.sin(self.p["theta"])
-        x = (SIZE - 1) / 2 + self.p["shift_x"] + self.s * (c * u - s * v)
-        y = (SIZE - 1) / 2 + self.p["shift_y"] + self.s * (s * u + c * v)
+        x = (self.size - 1) / 2 + self.p["shift_x"] + self.s * (c * u - s * v)
+        y = (self.size - 1) / 2 + self.p["shift_y"] + self.s * (s * u + c * v)
         return x, y
 
     def dome(self, u: Any, side: int) -> Any:
@@ -135,7 +151,7 @@ class Chest:
 
     def nodule(self) -> np.ndarray:
         n = self.p["nodule"]
-        return n["r"] - np.sqrt((_XX - n["x"]) ** 2 + (_YY - n["y"]) ** 2)
+        return n["r"] - np.sqrt((self.xx - n["x"]) ** 2 + (self.yy - n["y"]) ** 2)
 
 
 def _extent(mask: np.ndarray) -> dict[str, int] | None:
@@ -145,10 +161,16 @@ def _extent(mask: np.ndarray) -> dict[str, int] | None:
     return {"x": int(cols[0]), "y": int(rows[0]), "w": int(cols[-1] - cols[0] + 1), "h": int(rows[-1] - rows[0] + 1)}
 
 
-def _sample_geometry(rng: np.random.Generator, states: dict[str, str]) -> tuple[dict[str, Any], dict[str, dict]]:
+def _sample_geometry(
+    rng: np.random.Generator, states: dict[str, str], style: Style | None = None
+) -> tuple[dict[str, Any], dict[str, dict]]:
     """Geometry parameters of one study and the per-finding details the report describes."""
+    img = style.image if style is not None else {}
+    pixel = float(img.get("pixel_mm", PIXEL_MM))
     p: dict[str, Any] = {
-        "scale": 128 * rng.uniform(0.90, 1.0),
+        "size": int(img.get("size", SIZE)),
+        "pixel_mm": pixel,
+        "scale": 128 * (PIXEL_MM / pixel if style is not None else 1) * rng.uniform(0.90, 1.0),
         "theta": math.radians(float(np.clip(rng.normal(0, 2.0), -5, 5))),
         "shift_x": float(np.clip(rng.normal(0, 5), -12, 12)),
         "shift_y": float(np.clip(rng.normal(0, 5), -12, 12)),
@@ -179,7 +201,10 @@ def _sample_geometry(rng: np.random.Generator, states: dict[str, str]) -> tuple[
     st = states["pleural_effusion"]
     if st in ("present", "uncertain"):
         if st == "present":
-            side_name = C.pick(rng, ["right", "left", "bilateral"])
+            if style is None:
+                side_name = C.pick(rng, ["right", "left", "bilateral"])
+            else:
+                side_name = "bilateral" if rng.random() < style.p_bilateral else C.pick(rng, ["right", "left"])
             size = C.pick(rng, ["small", "moderate", "large"])
         else:
             side_name, size = C.pick(rng, ["right", "left"]), "trace"
@@ -202,7 +227,11 @@ def _sample_geometry(rng: np.random.Generator, states: dict[str, str]) -> tuple[
     p["nodule"] = None
     st = states["lung_nodule"]
     if st in ("present", "uncertain"):
-        r = rng.uniform(3.0, 12.0) if st == "present" else rng.uniform(2.0, 3.0)
+        if style is None:
+            r = rng.uniform(3.0, 12.0) if st == "present" else rng.uniform(2.0, 3.0)
+        else:  # diameters in mm, from this hospital's range; an uncertain nodule is at its lower end
+            lo, hi = img["nodule_mm"]
+            r = (rng.uniform(lo, hi) if st == "present" else rng.uniform(0.6 * lo, lo)) / 2 / pixel
         chest = Chest(p)
         side = int(C.pick(rng, [-1, 1]))
         zone = C.pick(rng, list(_ZONES))
@@ -212,11 +241,12 @@ def _sample_geometry(rng: np.random.Generator, states: dict[str, str]) -> tuple[
             "x": x,
             "y": y,
             "r": r,
-            "contrast": rng.uniform(750, 1100) if st == "present" else rng.uniform(350, 450),
+            "contrast": (rng.uniform(750, 1100) if st == "present" else rng.uniform(350, 450))
+            * float(img.get("contrast", 1.0)),
         }
         lobe_key = (_SIDES[side], zone)
         details["lung_nodule"] = {
-            "diameter_mm": round(2 * r * PIXEL_MM, 1),
+            "diameter_mm": round(2 * r * pixel, 1),
             "lobe": _LOBES[lobe_key],
             "zone": f"{_SIDES[side]} {'mid' if zone == 'middle' else zone} lung zone",
         }
@@ -265,12 +295,16 @@ def _boxes(p: dict[str, Any], states: dict[str, str], label_text: dict[str, str]
     return boxes
 
 
-def sample_study(seed: int, index: int, subject: C.Subject, visit: int) -> dict[str, Any]:
+def sample_study(seed: int, index: int, subject: C.Subject, visit: int, style: Style | None = None) -> dict[str, Any]:
     """The tabular part of study ``index``: labels, details, report, survival, boxes and drawing parameters."""
     rng = C.rng_for(seed, KIND, C.STREAM_STUDY, index)
-    states = C.sample_states(rng, PREVALENCE)
-    params, details = _sample_geometry(rng, states)
-    report, label_text = cxr_report(states, details, C.rng_for(seed, KIND, C.STREAM_REPORT, index))
+    states = C.sample_states(rng, PREVALENCE if style is None else style.prevalence)
+    params, details = _sample_geometry(rng, states, style)
+    report_rng = C.rng_for(seed, KIND, C.STREAM_REPORT, index)
+    if style is None:
+        report, label_text = cxr_report(states, details, report_rng)
+    else:
+        report, label_text = styled_report(KIND, states, details, report_rng, style)
     age = C.study_age(subject, visit)
     lp = C.linear_predictor(TRUE_HAZARD, states, age, subject.sex)
     time, event = C.sample_survival(C.rng_for(seed, KIND, C.STREAM_SURVIVAL, index), lp)
@@ -315,7 +349,8 @@ def render(p: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
     img += 260 * body * expit((v - dome_v) * s / 1.5)
     bubble = _ellipse_sd(u, v, 0.33, p["dome"][1] + 0.12, 0.07, 0.045, s)
     img -= 500 * expit(bubble / 1.5) * body
-    texture = gaussian_filter(rng.standard_normal((SIZE, SIZE)).astype(np.float32), 2.2) * 450
+    size = ch.size
+    texture = gaussian_filter(rng.standard_normal((size, size)).astype(np.float32), 2.2) * 450
     for side in (-1, 1):
         hilum = np.exp(-(((u - side * 0.17) / 0.12) ** 2 + ((v + 0.08) / 0.22) ** 2))
         value = 820 + 220 * np.clip(v + 0.2, 0, 1) + texture * (0.5 + hilum) + 380 * hilum
@@ -352,7 +387,7 @@ def render(p: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
         img += 280 * expit((0.03 - dist) * s / 1.0)
         img += 380 * expit(_ellipse_sd(u, v, side * 0.93, -0.88, 0.14, 0.14, s) / 1.5) * body
     gx, gy = rng.normal(0, 0.08, 2)
-    img = img * (1 + gx * (_XX / SIZE - 0.5) + gy * (_YY / SIZE - 0.5)) * rng.uniform(0.92, 1.08)
+    img = img * (1 + gx * (ch.xx / size - 0.5) + gy * (ch.yy / size - 0.5)) * rng.uniform(0.92, 1.08)
     img = gaussian_filter(img.astype(np.float32), 0.7)
     img += rng.normal(0, 22, img.shape).astype(np.float32)
     return np.clip(img, 0, 4095).astype(np.float32)
@@ -382,8 +417,9 @@ def write_study(row: dict[str, Any], out: Path, seed: int) -> None:
     ds.ViewPosition = "PA"
     ds.PatientOrientation = ["L", "F"]
     ds.InstanceNumber = 1
-    ds.ImagerPixelSpacing = [PIXEL_MM, PIXEL_MM]
-    ds.PixelSpacing = [PIXEL_MM, PIXEL_MM]
+    pixel = row["_params"].get("pixel_mm", PIXEL_MM)
+    ds.ImagerPixelSpacing = [pixel, pixel]
+    ds.PixelSpacing = [pixel, pixel]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME1" if storage["monochrome1"] else "MONOCHROME2"
     ds.Rows, ds.Columns = stored.shape
