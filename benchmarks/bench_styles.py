@@ -50,30 +50,6 @@ def worst_finding(metrics: dict[str, Any]) -> tuple[str | None, float | None]:
     return name, scored[name]
 
 
-def canonical_survival_names(yaml_path: Path) -> dict[str, str] | None:
-    """Renames the cohort's survival columns back to ``time``/``event`` (manifest and YAML); returns the old names.
-
-    A workaround, recorded in the JSON: `medvlp.evaluate` reads the survival columns of the cache by the fixed
-    names ``time`` and ``event`` although the cohort format lets a hospital name them (``survival: {time: ...,
-    event: ...}``), so a styled cohort with renamed survival columns fails there. The time unit is kept.
-    """
-    import pandas as pd
-    import yaml
-
-    spec = yaml.safe_load(yaml_path.read_text())
-    names = spec.get("survival") or {}
-    if names in ({}, {"time": "time", "event": "event"}):
-        return None
-    manifest = yaml_path.parent / spec["manifest"]
-    df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    df.rename(columns={names["time"]: "time", names["event"]: "event"}).to_csv(
-        manifest, index=False, lineterminator="\n"
-    )
-    spec["survival"] = {"time": "time", "event": "event"}
-    yaml_path.write_text(yaml.safe_dump(spec, sort_keys=False, default_flow_style=None))
-    return dict(names)
-
-
 def run_style(kind: str, style: int, n: int, config: Path, overrides: list[str], work: Path) -> dict[str, Any]:
     """Synthesizes, builds, trains and evaluates one style; returns its row of the table."""
     from medvlp.config import load_config
@@ -86,10 +62,7 @@ def run_style(kind: str, style: int, n: int, config: Path, overrides: list[str],
     t0 = time.perf_counter()
     yaml_path = work / "cohort" / "cohort.yaml"
     if not yaml_path.is_file():
-        yaml_path = synthesize(kind, n, work / "cohort", seed=0, style=style)
-        renamed = canonical_survival_names(yaml_path)
-        (work / "survival_renamed.json").write_text(json.dumps(renamed))
-    renamed = json.loads((work / "survival_renamed.json").read_text())
+        yaml_path = synthesize(kind, n, work / "cohort", seed=0, style=style)  # its own column names, as they are
     build_cohort(yaml_path, work / "cache")
     timings["synth_and_build_s"] = round(time.perf_counter() - t0, 1)
     cfg = load_config(config, ["seed=0", *overrides])
@@ -105,8 +78,6 @@ def run_style(kind: str, style: int, n: int, config: Path, overrides: list[str],
         f: get(m, ("auroc",)) for f, m in ((metrics.get("zero_shot") or {}).get("per_finding") or {}).items()
     }
     row["seconds"] = timings
-    if renamed:
-        row["workaround"] = f"survival columns {renamed} renamed to time/event: evaluate reads fixed names"
     return row
 
 
