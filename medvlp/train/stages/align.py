@@ -146,7 +146,13 @@ class AlignStage:
     def training_forward(self, module: nn.Module, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         tokens = {k: v.to(batch["image"].device) for k, v in batch["tokens"].items()}
         out = module(batch["image"], tokens)
-        terms = self.loss(
+        terms = self._terms(self.loss, out, batch)
+        terms["logit_scale"] = out["logit_scale"].detach()
+        return terms
+
+    def _terms(self, loss: nn.Module, out: dict[str, Any], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The contrastive loss terms of one forward pass (training or validation)."""
+        return loss(
             out["image_features"],
             out["text_features"],
             out["logit_scale"],
@@ -156,8 +162,6 @@ class AlignStage:
             text_tokens=out.get("text_tokens"),
             text_mask=out.get("text_mask"),
         )
-        terms["logit_scale"] = out["logit_scale"].detach()
-        return terms
 
     @torch.no_grad()
     def validate(self, batch_size: int) -> dict[str, float]:
@@ -186,16 +190,7 @@ class AlignStage:
             for start in range(0, len(ds), batch_size):
                 batch = self.collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
                 out = self.net(batch["image"].to(device), {k: v.to(device) for k, v in batch["tokens"].items()})
-                terms = self.val_loss(
-                    out["image_features"],
-                    out["text_features"],
-                    out["logit_scale"],
-                    out["logit_bias"],
-                    keys=self._keys(batch),
-                    image_tokens=out.get("image_tokens"),
-                    text_tokens=out.get("text_tokens"),
-                    text_mask=out.get("text_mask"),
-                )
+                terms = self._terms(self.val_loss, out, batch)
                 loss_sum += float(terms["loss"]) * len(batch["index"])
                 images.append(out["image_features"].float().cpu())  # [b, E]
                 texts.append(out["text_features"].float().cpu())  # [b, E]
