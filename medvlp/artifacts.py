@@ -80,20 +80,28 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _is_model_dir(folder: Path) -> bool:
-    from medvlp.models.vlm import CONFIG_FILE, FORMAT
+    """Whether ``folder`` holds a medvlp model; a model of another format version raises ValueError."""
+    from medvlp.models.vlm import _read_meta
 
-    meta = _read_json(folder / CONFIG_FILE)
-    return meta is not None and meta.get("format") == FORMAT
+    return _read_meta(folder) is not None
 
 
 def find_model_dir(path: str | Path) -> Path:
-    """The model folder of ``path``: the folder itself, ``stage2-align/model``, ``model``, or the newest ``*/model``.
+    """The model folder of ``path``: the folder itself, ``stage2-align/model``, ``model``, or the ``*/model`` whose
+    ``config.json`` is newest.
 
     Raises:
         FileNotFoundError: nothing found; the message lists the places looked at.
+        ValueError: a model folder of a format this medvlp does not read.
     """
+    from medvlp.models.vlm import CONFIG_FILE
+
     root = Path(path)
-    others = sorted((p for p in root.glob("*/model") if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    others = sorted(
+        (p for p in root.glob("*/model") if (p / CONFIG_FILE).is_file()),
+        key=lambda p: (p / CONFIG_FILE).stat().st_mtime,
+        reverse=True,
+    )
     for folder in (root, root / MODEL_SUBDIR, root / "model", *others):
         if _is_model_dir(folder):
             return folder
