@@ -152,7 +152,7 @@ def _process(task: _Task) -> dict[str, Any]:
         "shape": list(out.array.shape),
         "source_shape": list(image.array.shape),
         "source_spacing": [float(s) for s in image.spacing],
-        "source_axes": list(output_axes(image.affine, task.preprocess.orientation)),
+        "source_axes": list(output_axes(image.affine, task.preprocess.orientation, len(image.spacing))),
         "source": {k: image.meta[k] for k in _SAFE_META if k in image.meta},
         "affine": out.affine.tolist(),
         "boxes": np.asarray(boxes, dtype=float).tolist(),
@@ -317,7 +317,7 @@ def _proposal(cohort: Cohort, study_of: dict[str, str], items: dict[str, dict[st
     boxes = [by_study.get(study_of[st], np.zeros((0, len(box_cols)))) for st in chosen]
     try:
         proposal = proposal_from_items([items[st] for st in chosen], boxes)
-    except ValueError as exc:  # e.g. a 1-voxel-thick source: say so, keep the build
+    except (ValueError, IndexError, KeyError, TypeError) as exc:  # an advisory key never costs the build
         logger.warning("no resolution proposal: %s", exc)
         return None
     if proposal is not None:

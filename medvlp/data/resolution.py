@@ -146,15 +146,15 @@ def propose_resolution(
     )
 
 
-def output_axes(affine: np.ndarray, orientation: str | None) -> tuple[int, ...]:
+def output_axes(affine: np.ndarray, orientation: str | None, dims: int = 3) -> tuple[int, ...]:
     """For each output axis, the stored-image axis it comes from (preprocessing reorients to ``orientation``).
 
     Args:
-        affine: the stored image's voxel -> RAS mm affine (``(D + 1) x (D + 1)``).
+        affine: the stored image's voxel -> RAS mm affine (4 x 4).
         orientation: the preprocessing's axis codes (e.g. ``"RAS"``), or None (axes kept as stored).
+        dims: the image's spatial dims (2D images keep their axes).
     """
     affine = np.asarray(affine, dtype=np.float64)
-    dims = affine.shape[0] - 1
     if orientation is None or dims != 3:
         return tuple(range(dims))
     linear = np.abs(affine[:3, :3])

@@ -87,6 +87,7 @@ def test_bad_arguments(kwargs: dict, match: str) -> None:
 def test_output_axes_follow_the_orientation() -> None:
     axial = np.diag([-4.0, -4.0, 5.0, 1.0])
     assert output_axes(axial, "RAS") == (0, 1, 2) and output_axes(axial, None) == (0, 1, 2)
+    assert output_axes(np.eye(4), "RAS", dims=2) == (0, 1)
     coronal = np.array([[1.0, 0, 0, 0], [0, 0, 2.0, 0], [0, -3.0, 0, 0], [0, 0, 0, 1]])  # j runs I->S, k A->P
     assert output_axes(coronal, "RAS") == (0, 2, 1) and output_axes(coronal, "SAR") == (1, 2, 0)
 
@@ -140,3 +141,11 @@ def test_summary_carries_the_proposal(ct_cohort: Path, tmp_path: Path) -> None:
     assert p["smallest_box_mm"] == [4.0, 4.0, 5.0] and p["limited_by"] == "budget" and not p["fits"]
     assert p["voxels"] <= 64 * 64 * 32 and p["voxels"] == int(np.prod(p["size"]))
     assert summary["preprocess"]["size"] == [64, 64, 32]  # the proposal is not used unless the YAML asks
+
+
+def test_summary_carries_the_proposal_in_2d(cxr_cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cache"
+    build_cohort(cxr_cohort, out, workers=0)
+    p = json.loads((out / "summary.json").read_text())["resolution_proposal"]
+    assert len(p["spacing"]) == len(p["size"]) == 2 and p["budget"] == 128 * 128
+    assert p["voxels"] <= p["budget"] and p["smallest_box_mm"] is not None
