@@ -41,7 +41,7 @@ from medvlp.data.image import ImageReadError
 from medvlp.data.preprocess import map_boxes, preprocess_image
 from medvlp.data.privacy import load_or_create_key, pseudonym
 from medvlp.data.readers import read_image
-from medvlp.data.resolution import output_axes, proposal_from_items
+from medvlp.data.resolution import output_axes, proposal_from_items, resolve_auto_preprocess
 from medvlp.data.validate import precheck
 
 logger = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ def _build_locked(
     handler = _setup_log(out)
     try:
         key = load_or_create_key(out)
-        pp = spec.preprocessing
+        pp = resolve_auto_preprocess(cohort)  # size: auto -> measured from the cohort; otherwise the YAML's
         box_cols = list(spec.box_columns)
         by_study = {s: g[box_cols].to_numpy(float) for s, g in cohort.grounding.groupby("study_id")}
         empty = np.zeros((0, len(box_cols)))
@@ -316,7 +316,10 @@ def _proposal(cohort: Cohort, study_of: dict[str, str], items: dict[str, dict[st
     chosen = [st for st in sorted(items) if "source_shape" in items[st] and "source_spacing" in items[st]]
     boxes = [by_study.get(study_of[st], np.zeros((0, len(box_cols)))) for st in chosen]
     try:
-        proposal = proposal_from_items([items[st] for st in chosen], boxes)
+        asked = cohort.spec.preprocessing  # the YAML's voxel_budget and min_lesion_voxels (defaults without auto)
+        proposal = proposal_from_items(
+            [items[st] for st in chosen], boxes, budget=asked.voxel_budget, min_voxels=asked.min_lesion_voxels
+        )
     except (ValueError, IndexError, KeyError, TypeError) as exc:  # an advisory key never costs the build
         logger.warning("no resolution proposal: %s", exc)
         return None

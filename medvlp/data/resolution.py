@@ -9,6 +9,7 @@ says that the smallest box then falls below ``min_voxels`` (``fits: False``).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -16,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_BUDGET", "ResolutionProposal", "output_axes", "propose_resolution"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_BUDGET", "ResolutionProposal", "output_axes", "propose_resolution", "resolve_auto_preprocess"]
 
 DEFAULT_BUDGET = {2: 128 * 128, 3: 64 * 64 * 32}  # voxels per image, as today's CPU defaults
 _WORLD_AXIS = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
@@ -185,3 +188,46 @@ def proposal_from_items(
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 2 * len(spacing))
         extents.append((boxes[:, len(spacing) :] * spacing)[:, axes])
     return propose_resolution(spacings, shapes, np.concatenate(extents), **options)
+
+
+def resolve_auto_preprocess(cohort: Any) -> Any:
+    """The concrete :class:`~medvlp.data.cohort.PreprocessSpec` for a cohort whose YAML says ``size: auto``.
+
+    Every study's geometry is read (decoded once more than the build itself needs; unreadable studies are left to
+    the build's quarantine) and :func:`propose_resolution` chooses spacing and size, with ``crop_or_pad``; the
+    YAML's orientation and intensity are kept. A cohort without ``size: auto`` is returned unchanged.
+
+    Args:
+        cohort: a loaded :class:`~medvlp.data.cohort.Cohort`.
+
+    Raises:
+        CohortError: when no study of the cohort can be read.
+    """
+    from medvlp.data.cohort import CohortError
+    from medvlp.data.image import ImageReadError
+    from medvlp.data.readers import read_image
+
+    spec, pp = cohort.spec, cohort.spec.preprocessing
+    if not pp.auto:
+        return pp
+    box_cols = list(spec.box_columns)
+    by_study = {s: g[box_cols].to_numpy(float) for s, g in cohort.grounding.groupby("study_id")}
+    items, boxes = [], []
+    for sid, image_path in zip(cohort.manifest["study_id"], cohort.manifest["image"], strict=True):
+        try:
+            image = read_image(spec.resolve(image_path))
+        except (ImageReadError, ValueError, OSError):
+            continue
+        if image.spatial_dims != spec.spatial_dims:
+            continue
+        axes = output_axes(image.affine, pp.orientation, image.spatial_dims)
+        items.append({"source_shape": list(image.array.shape), "source_spacing": image.spacing, "source_axes": axes})
+        boxes.append(by_study.get(sid, np.zeros((0, len(box_cols)))))
+    proposal = proposal_from_items(items, boxes, budget=pp.voxel_budget, min_voxels=pp.min_lesion_voxels)
+    if proposal is None:
+        raise CohortError(spec.name, ["preprocess size: auto needs at least one readable image to measure"])
+    logger.info("size: auto -> spacing %s mm, size %s (%s)", proposal.spacing, proposal.size, proposal.limited_by)
+    fields = pp.model_dump(exclude={"size", "spacing", "fit", "voxel_budget", "min_lesion_voxels"})
+    return type(pp).model_validate(
+        {**fields, "size": proposal.size, "spacing": [round(s, 4) for s in proposal.spacing], "fit": "crop_or_pad"}
+    )

@@ -61,10 +61,15 @@ def lesion_warnings(cohort: Cohort, min_voxels: float = 1.0) -> list[str]:
     from medvlp.data.image import ImageReadError
     from medvlp.data.preprocess import map_boxes, preprocess_image
     from medvlp.data.readers import read_image
+    from medvlp.data.resolution import resolve_auto_preprocess
 
-    spec, pp = cohort.spec, cohort.spec.preprocessing
     if cohort.grounding.empty:
         return []
+    try:
+        pp = resolve_auto_preprocess(cohort)  # size: auto is checked as the build will resolve it
+    except ValueError:  # no readable image: record_problems says why
+        return []
+    spec = cohort.spec
     name = spec.grounding_path.name if spec.grounding_path is not None else "grounding"
     box_cols = list(spec.box_columns)
     images = dict(zip(cohort.manifest["study_id"], cohort.manifest["image"], strict=True))

@@ -149,3 +149,44 @@ def test_summary_carries_the_proposal_in_2d(cxr_cohort: Path, tmp_path: Path) ->
     p = json.loads((out / "summary.json").read_text())["resolution_proposal"]
     assert len(p["spacing"]) == len(p["size"]) == 2 and p["budget"] == 128 * 128
     assert p["voxels"] <= p["budget"] and p["smallest_box_mm"] is not None
+
+
+def test_size_auto_builds_at_the_proposed_resolution(ct_cohort: Path, tmp_path: Path) -> None:
+    spec = yaml.safe_load(ct_cohort.read_text())
+    spec["preprocess"] = {
+        "size": "auto",
+        "voxel_budget": 48 * 48 * 24,
+        "orientation": "RAS",
+        "intensity": {"mode": "window", "center": 40, "width": 400},
+    }
+    ct_cohort.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "cache"
+    build_cohort(ct_cohort, out, workers=0)
+    summary = json.loads((out / "summary.json").read_text())
+    proposal, used = summary["resolution_proposal"], summary["preprocess"]
+    assert used["size"] == proposal["size"] and used["spacing"] == pytest.approx(proposal["spacing"], abs=1e-4)
+    assert used["fit"] == "crop_or_pad" and used["orientation"] == "RAS" and used["intensity"]["mode"] == "window"
+    assert proposal["budget"] == 48 * 48 * 24 and proposal["voxels"] <= 48 * 48 * 24
+    assert "voxel_budget" not in used  # the summary records the concrete spec only
+    from medvlp.data.cache import CachedCohort
+
+    cache = CachedCohort.open(out)
+    assert cache.load_image(cache.records["study"][0]).shape == (1, *proposal["size"])
+
+
+@pytest.mark.parametrize(
+    ("preprocess", "match"),
+    [
+        ({"size": "auto", "spacing": [1.0, 1.0, 1.0]}, "size: auto chooses the spacing"),
+        ({"size": [64, 64, 32], "voxel_budget": 1000}, "only apply with size: auto"),
+        ({"size": "auto", "voxel_budget": 0}, "voxel_budget"),
+    ],
+)
+def test_size_auto_options_are_checked(ct_cohort: Path, preprocess: dict, match: str) -> None:
+    from medvlp.data.cohort import CohortError
+
+    spec = yaml.safe_load(ct_cohort.read_text())
+    spec["preprocess"] = preprocess
+    ct_cohort.write_text(yaml.safe_dump(spec))
+    with pytest.raises(CohortError, match=match):
+        load_cohort(ct_cohort)
