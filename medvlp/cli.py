@@ -78,7 +78,7 @@ def cohort_synth(
 def cohort_validate(cohort: Annotated[Path, typer.Argument(help="The cohort YAML.")]) -> None:
     """Check a cohort (YAML, manifest, grounding, files present, reports not empty) without building it."""
     from medvlp.data.cohort import CohortError, load_cohort
-    from medvlp.data.validate import record_problems
+    from medvlp.data.validate import lesion_warnings, record_problems
 
     try:
         c = load_cohort(cohort)
@@ -93,6 +93,8 @@ def cohort_validate(cohort: Annotated[Path, typer.Argument(help="The cohort YAML
     )
     for study_id, reason in problems:
         console.print(f"  would quarantine {study_id}: {reason}", highlight=False)
+    for warning in lesion_warnings(c):
+        console.print(f"  [yellow]warning[/]: {warning}", highlight=False)
     console.print(f"[green]valid[/]: {len(c.manifest) - len(problems)} usable, {len(problems)} would be quarantined")
 
 

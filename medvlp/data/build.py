@@ -41,6 +41,7 @@ from medvlp.data.image import ImageReadError
 from medvlp.data.preprocess import map_boxes, preprocess_image
 from medvlp.data.privacy import load_or_create_key, pseudonym
 from medvlp.data.readers import read_image
+from medvlp.data.resolution import output_axes, proposal_from_items, resolve_auto_preprocess
 from medvlp.data.validate import precheck
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ def _process(task: _Task) -> dict[str, Any]:
         "shape": list(out.array.shape),
         "source_shape": list(image.array.shape),
         "source_spacing": [float(s) for s in image.spacing],
+        "source_axes": list(output_axes(image.affine, task.preprocess.orientation, len(image.spacing))),
         "source": {k: image.meta[k] for k in _SAFE_META if k in image.meta},
         "affine": out.affine.tolist(),
         "boxes": np.asarray(boxes, dtype=float).tolist(),
@@ -221,7 +223,7 @@ def _build_locked(
     handler = _setup_log(out)
     try:
         key = load_or_create_key(out)
-        pp = spec.preprocessing
+        pp = resolve_auto_preprocess(cohort)  # size: auto -> measured from the cohort; otherwise the YAML's
         box_cols = list(spec.box_columns)
         by_study = {s: g[box_cols].to_numpy(float) for s, g in cohort.grounding.groupby("study_id")}
         empty = np.zeros((0, len(box_cols)))
@@ -297,6 +299,7 @@ def _build_locked(
                 for s, n in df[df["study_id"].isin(set(study_of[s] for s in items))]["split"].value_counts().items()
             },
             "seconds": round(seconds, 3),
+            "resolution_proposal": _proposal(cohort, study_of, items),
         }
         atomic_write_json(out / "summary.json", summary)
         logger.info("built %s: %d ingested, %d quarantined in %.1f s", spec.name, len(items), len(quarantine), seconds)
@@ -304,6 +307,25 @@ def _build_locked(
     finally:
         logger.removeHandler(handler)
         handler.close()
+
+
+def _proposal(cohort: Cohort, study_of: dict[str, str], items: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The resolution the cohort's own spacings, extents and smallest boxes call for (see medvlp.data.resolution)."""
+    box_cols = list(cohort.spec.box_columns)
+    by_study = {s: g[box_cols].to_numpy(float) for s, g in cohort.grounding.groupby("study_id")}
+    chosen = [st for st in sorted(items) if "source_shape" in items[st] and "source_spacing" in items[st]]
+    boxes = [by_study.get(study_of[st], np.zeros((0, len(box_cols)))) for st in chosen]
+    try:
+        asked = cohort.spec.preprocessing  # the YAML's voxel_budget and min_lesion_voxels (defaults without auto)
+        proposal = proposal_from_items(
+            [items[st] for st in chosen], boxes, budget=asked.voxel_budget, min_voxels=asked.min_lesion_voxels
+        )
+    except (ValueError, IndexError, KeyError, TypeError) as exc:  # an advisory key never costs the build
+        logger.warning("no resolution proposal: %s", exc)
+        return None
+    if proposal is not None:
+        logger.info("resolution proposal: spacing %s mm, size %s", proposal.spacing, proposal.size)
+    return None if proposal is None else proposal.to_dict()
 
 
 def _run(

@@ -65,20 +65,39 @@ class PreprocessSpec(_Strict):
     Order: orientation (3D), resampling to ``spacing``, intensity scaling to [0, 1], then ``fit``:
     ``resize`` scales the image (keeping its aspect ratio) to fit inside ``size`` and pads;
     ``crop_or_pad`` keeps the physical scale and center-crops or pads to ``size``.
+
+    ``size: auto`` (opt-in) lets `medvlp cohort build` choose spacing and size from the cohort itself
+    (:mod:`medvlp.data.resolution`): the smallest annotated box keeps ``min_lesion_voxels`` voxels on every axis
+    within ``voxel_budget`` voxels per image when it can. The build records the resolved spec in summary.json.
     """
 
-    size: tuple[int, ...]
+    size: tuple[int, ...] | Literal["auto"]
     spacing: tuple[float, ...] | None = None
     orientation: str | None = None
     intensity: Intensity = PercentileIntensity(mode="percentile")
     fit: Literal["resize", "crop_or_pad"] | None = None
+    voxel_budget: int | None = Field(default=None, gt=0, exclude=True)  # size: auto only; default 64*64*32 in 3D
+    min_lesion_voxels: float = Field(default=3.0, gt=0, exclude=True)  # size: auto only
 
     @field_validator("size")
     @classmethod
-    def _positive_size(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if any(s < 4 for s in v):
+    def _positive_size(cls, v: tuple[int, ...] | str) -> tuple[int, ...] | str:
+        if v != "auto" and any(s < 4 for s in v):
             raise ValueError(f"every size must be at least 4 voxels, got {list(v)}")
         return v
+
+    @model_validator(mode="after")
+    def _auto_alone(self) -> PreprocessSpec:
+        if self.size == "auto" and self.spacing is not None:
+            raise ValueError("size: auto chooses the spacing too; remove preprocess.spacing or give a size")
+        if self.size != "auto" and (self.voxel_budget is not None or "min_lesion_voxels" in self.model_fields_set):
+            raise ValueError("voxel_budget and min_lesion_voxels only apply with size: auto")
+        return self
+
+    @property
+    def auto(self) -> bool:
+        """Whether `cohort build` chooses spacing and size from the cohort (``size: auto``)."""
+        return self.size == "auto"
 
     @field_validator("orientation")
     @classmethod
@@ -147,7 +166,7 @@ class CohortSpec(_Strict):
         pp = self.preprocess
         if pp is None:
             return self
-        if len(pp.size) != self.spatial_dims:
+        if not pp.auto and len(pp.size) != self.spatial_dims:
             raise ValueError(f"preprocess.size {list(pp.size)} needs {self.spatial_dims} values (spatial_dims)")
         if pp.spacing is not None and len(pp.spacing) != self.spatial_dims:
             raise ValueError(f"preprocess.spacing {list(pp.spacing)} needs {self.spatial_dims} values (spatial_dims)")

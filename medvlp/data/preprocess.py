@@ -57,6 +57,8 @@ def preprocess_image(image: MedicalImage, spec: PreprocessSpec) -> Preprocessed:
     Raises:
         ValueError: when the image's dimensionality does not match the spec.
     """
+    if spec.auto:
+        raise ValueError("preprocess size: auto is resolved by `medvlp cohort build`: use the cache's summary.json")
     dims = len(spec.size)
     if image.spatial_dims != dims:
         raise ValueError(

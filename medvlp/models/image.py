@@ -158,7 +158,7 @@ class TimmImageEncoder(ImageEncoder):
         self.output_fmt = str(getattr(self.backbone, "output_fmt", "NCHW"))
         was_training = self.backbone.training
         with torch.no_grad():
-            out = self.eval()._forward(torch.zeros(1, 1, *self.image_size))
+            out = self.eval()._forward(torch.zeros(1, int(kwargs["in_chans"]), *self.image_size))
         self.train(was_training)
         self.embed_dim, self.token_dim = int(out.embedding.shape[-1]), int(out.tokens.shape[-1])
 

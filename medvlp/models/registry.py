@@ -25,6 +25,7 @@ from medvlp.models.image import (
     MonaiViTEncoder,
     TimmImageEncoder,
 )
+from medvlp.models.slices import SliceImageEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -178,10 +179,22 @@ def monai_swin(spatial_dims: int, image_size: Sequence[int], **kwargs: Any) -> I
     return MonaiSwinEncoder(spatial_dims, image_size, **kwargs)
 
 
+@register_image_encoder("timm_slices", spatial_dims=(3,))
+def timm_slices(
+    spatial_dims: int, image_size: Sequence[int], model_name: str | None = None, **kwargs: Any
+) -> ImageEncoder:
+    """2.5D: a timm 2D backbone over axial slabs, shared weights, pooled across slices (slab, pooling...)."""
+    if not model_name:
+        raise ValueError('the "timm_slices" image encoder needs model_name=<a timm architecture>, e.g. "resnet10t"')
+    return SliceImageEncoder(spatial_dims, image_size, model_name, **kwargs)
+
+
 _VIT_S = {"patch_size": 16, "hidden_size": 384, "mlp_dim": 1536, "num_layers": 12, "num_heads": 6}
 _VIT_B = {"patch_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_layers": 12, "num_heads": 12}
 _TINY_VIT = {"patch_size": 8, "hidden_size": 32, "mlp_dim": 64, "num_layers": 2, "num_heads": 2}
 _TINY_RESNET = {"depth": 10, "block_inplanes": (8, 16, 32, 64)}
+_TINY_SLICES = {"model_name": "test_resnet", "slab": 3, "pooling": "attention"}
+_SLICES = {"model_name": "resnet10t", "slab": 3, "pooling": "attention"}
 _TINY_SWIN = {"feature_size": 12, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 2, 4), "window_size": 4}
 
 # name: (family, spatial dims, description, default arguments that callers may override)
@@ -193,7 +206,9 @@ PRESETS: dict[str, tuple[str, tuple[int, ...], str, dict[str, Any]]] = {
     "tiny_vit": ("monai_vit", (2, 3), "MONAI ViT, hidden 32, 2 layers, 2 heads, patch 8", _TINY_VIT),
     "tiny_resnet": ("monai_resnet", (2, 3), "MONAI ResNet-10, widths 8/16/32/64", _TINY_RESNET),
     "tiny_swin": ("monai_swin", (2, 3), "SwinUNETR encoder, feature_size 12, depths 1x4, window 4", _TINY_SWIN),
+    "tiny_slices": ("timm_slices", (3,), "2.5D: timm test_resnet over 3-slice slabs, attention pooling", _TINY_SLICES),
     # CPU / demo defaults
+    "resnet10t_slices": ("timm_slices", (3,), "2.5D: timm resnet10t over 3-slice slabs, attention pooling", _SLICES),
     "resnet18_2d": ("timm", (2,), "timm resnet18, one channel", {"model_name": "resnet18"}),
     "resnet10_3d": ("monai_resnet", (3,), "MONAI ResNet-10 (MedicalNet layout)", {"depth": 10}),
     "vit_small_3d": ("monai_vit", (3,), "MONAI ViT-S/16: hidden 384, 12 layers, 6 heads", _VIT_S),
@@ -202,7 +217,13 @@ PRESETS: dict[str, tuple[str, tuple[int, ...], str, dict[str, Any]]] = {
     "vit_base_3d": ("monai_vit", (3,), "MONAI ViT-B/16: hidden 768, 12 layers, 12 heads", _VIT_B),
     "swin_unetr": ("monai_swin", (2, 3), "SwinUNETR encoder, feature_size 48", {"feature_size": 48}),
 }
-_FAMILIES = {"timm": timm_encoder, "monai_vit": monai_vit, "monai_resnet": monai_resnet, "monai_swin": monai_swin}
+_FAMILIES = {
+    "timm": timm_encoder,
+    "timm_slices": timm_slices,
+    "monai_vit": monai_vit,
+    "monai_resnet": monai_resnet,
+    "monai_swin": monai_swin,
+}
 
 
 def _preset_builder(family: str, defaults: dict[str, Any]) -> Any:
@@ -247,6 +268,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
 def _candidate_keys(key: str) -> Iterator[str]:
     yield key
     yield "backbone." + key
+    yield "slices.backbone." + key  # a 2D checkpoint into the slice tower's shared backbone
     while True:
         prefix = next((p for p in (*_PREFIXES, *_PREFIXES_MORE) if key.startswith(p)), None)
         if prefix is None:
@@ -254,6 +276,7 @@ def _candidate_keys(key: str) -> Iterator[str]:
         key = key[len(prefix) :]
         yield key
         yield "backbone." + key
+        yield "slices.backbone." + key
 
 
 def _resample_pos_embed(src: Tensor, dst: Tensor, encoder: ImageEncoder) -> Tensor | None:

@@ -15,6 +15,9 @@ from medvlp.models.registry import get_image_encoder_spec
 
 SIZE_2D = (64, 96)
 SIZE_3D = (32, 48, 40)
+# The 2.5D slice tower keeps one token layer per slice (Z is not downsampled), so its grid follows the input's axis
+# order only when Z is the longest axis; its per-slice grid is checked in tests/models/test_slices.py.
+SIZE_SLICES = (32, 48, 56)
 
 CASES = [
     ("tiny_timm_vit", 2, SIZE_2D),
@@ -29,6 +32,8 @@ CASES = [
     ("tiny_swin", 2, SIZE_2D),
     ("tiny_swin", 3, (64, 64, 32)),
     ("tiny_swin", 3, SIZE_3D),
+    ("tiny_slices", 3, SIZE_SLICES),
+    ("resnet10t_slices", 3, SIZE_SLICES),
 ]
 
 
@@ -75,7 +80,9 @@ def test_shapes_and_gradients(case: tuple) -> None:
 
 
 @pytest.mark.parametrize(
-    "case", [("tiny_vit", 3, SIZE_3D), ("tiny_swin", 2, SIZE_2D), ("tiny_timm_vit", 2, SIZE_2D)], ids=_ids
+    "case",
+    [("tiny_vit", 3, SIZE_3D), ("tiny_swin", 2, SIZE_2D), ("tiny_timm_vit", 2, SIZE_2D), ("tiny_slices", 3, SIZE_3D)],
+    ids=_ids,
 )
 def test_grad_checkpointing_is_exact(case: tuple) -> None:
     name, dims, size = case
