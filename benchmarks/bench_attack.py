@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -83,23 +83,6 @@ def _status(answer: bytes) -> int:
         return int(answer.split(b" ", 2)[1])
     except (IndexError, ValueError):
         return 0
-
-
-class _Pacs(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", 'multipart/related; type="application/dicom"; boundary=b')
-        self.end_headers()
-        try:
-            for _ in range(80):
-                self.wfile.write(b"-")
-                self.wfile.flush()
-                time.sleep(0.5)
-        except OSError:
-            pass
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 def _cases(port: int, pacs: str, disconnects: int) -> dict[str, Callable[[], Any]]:
@@ -190,7 +173,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-attack-"))
     model = args.model or _demo_model(tmp / "model")
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Pacs)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), bombs.TricklingPacs)
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     pacs = f"http://127.0.0.1:{httpd.server_address[1]}/dicom-web"

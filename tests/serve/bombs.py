@@ -7,8 +7,10 @@ from __future__ import annotations
 import gzip
 import io
 import struct
+import time
 import zlib
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 
 import nibabel as nib
 import numpy as np
@@ -164,3 +166,22 @@ def dicom_with(modality: str | None = None, photometric: str | None = None, side
     buf = io.BytesIO()
     dcmwrite(buf, ds, enforce_file_format=True)
     return buf.getvalue()
+
+
+class TricklingPacs(BaseHTTPRequestHandler):
+    """A DICOMweb server that answers at once, then trickles its body a byte every half second (for a minute)."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", 'multipart/related; type="application/dicom"; boundary=b')
+        self.end_headers()
+        try:
+            for _ in range(120):
+                self.wfile.write(b"-")
+                self.wfile.flush()
+                time.sleep(0.5)
+        except OSError:
+            pass
+
+    def log_message(self, *args: object) -> None:
+        pass

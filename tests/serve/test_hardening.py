@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -210,28 +210,9 @@ def test_an_unexpected_error_is_one_500_line_with_its_status(caplog: pytest.LogC
     assert "DOE^JANE" not in caplog.text
 
 
-class _Pacs(BaseHTTPRequestHandler):
-    """A DICOMweb server that answers at once, then trickles its body a byte every half second."""
-
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", 'multipart/related; type="application/dicom"; boundary=b')
-        self.end_headers()
-        try:
-            for _ in range(120):
-                self.wfile.write(b"-")
-                self.wfile.flush()
-                time.sleep(0.5)
-        except OSError:
-            pass
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture()
 def trickling_pacs() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Pacs)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), bombs.TricklingPacs)
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}/dicom-web"
