@@ -92,6 +92,17 @@ class AlignStageConfig(OptimConfig):
     uniformity_weight: float = Field(default=0.0, ge=0)
     alignment_weight: float = Field(default=0.0, ge=0)
     local_weight: float = Field(default=0.0, ge=0)
+    sentence_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of the sentence term: each image also aligned with one sentence of its report, every "
+        "image whose report has that sentence a positive; 0: report-level only",
+    )
+    hard_negatives: list[Literal["negate", "laterality"]] = Field(
+        default_factory=list,
+        description="rule-made twins of the sampled sentence (negated; left and right swapped) as extra negatives "
+        "for its image in the sentence term",
+    )
     chunk_size: int | None = Field(default=None, ge=1)
     lock_text_layers: int | None = Field(default=None, ge=0, description="freeze all but the last N text layers")
     text_lr_scale: float = Field(
@@ -115,6 +126,8 @@ class AlignStageConfig(OptimConfig):
 
     @model_validator(mode="after")
     def _selection_needs_validation(self) -> AlignStageConfig:
+        if self.hard_negatives and not self.sentence_weight:
+            raise ValueError(f"hard_negatives {self.hard_negatives} enter the sentence term: set sentence_weight > 0")
         if self.select_metric is not None and self.val_every is None:
             raise ValueError(f"select_metric {self.select_metric!r} needs val_every (how often to evaluate on val)")
         if self.patience is not None and self.select_metric is None:

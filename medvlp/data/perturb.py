@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["negate", "swap_laterality"]
+__all__ = ["PERTURBATIONS", "negate", "swap_laterality", "twins"]
 
 _NEGATED = re.compile(
     r"\b(no|not|without|negative for|absent|free of|resolved|cannot be excluded|possible|possibly|may|"
@@ -64,3 +64,15 @@ def swap_laterality(sentence: str) -> str | None:
         return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
 
     return _SIDE.sub(swap, sentence)
+
+
+#: The perturbations by name, as configs and reports name them.
+PERTURBATIONS = {"negate": negate, "laterality": swap_laterality}
+
+
+def twins(sentence: str, kinds: list[str] | tuple[str, ...] = tuple(PERTURBATIONS)) -> list[str]:
+    """The sentence's twins under each perturbation of ``kinds`` that applies (in that order)."""
+    unknown = [k for k in kinds if k not in PERTURBATIONS]
+    if unknown:
+        raise ValueError(f"unknown perturbations {unknown} (known: {', '.join(PERTURBATIONS)})")
+    return [t for t in (PERTURBATIONS[k](sentence) for k in kinds) if t is not None]

@@ -54,5 +54,9 @@ def normalize_report(text: str) -> str:
 
 def report_sentences(report: str, sections: list[str] | tuple[str, ...] = ("findings", "impression")) -> list[str]:
     """The sentences of a report's chosen sections (what a user might ask the model to ground)."""
-    text = report_text(report, list(sections))
+    return text_sentences(report_text(report, list(sections)))
+
+
+def text_sentences(text: str) -> list[str]:
+    """The sentences of a text (split after ``.``, ``!`` or ``?``), fragments of 3 characters or less left out."""
     return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if len(s.strip()) > 3]

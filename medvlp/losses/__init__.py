@@ -23,7 +23,14 @@ from __future__ import annotations
 
 from medvlp.losses.contrastive import clip_logits, clip_loss, duplicate_groups, duplicate_targets, siglip_loss
 from medvlp.losses.module import LOSSES, ContrastiveLoss, ContrastiveLossConfig
-from medvlp.losses.terms import alignment_loss, local_alignment_loss, local_similarity, noise_weights, uniformity_loss
+from medvlp.losses.terms import (
+    alignment_loss,
+    local_alignment_loss,
+    local_similarity,
+    noise_weights,
+    sentence_alignment_loss,
+    uniformity_loss,
+)
 
 __all__ = [
     "LOSSES",
@@ -37,6 +44,7 @@ __all__ = [
     "local_alignment_loss",
     "local_similarity",
     "noise_weights",
+    "sentence_alignment_loss",
     "siglip_loss",
     "uniformity_loss",
 ]

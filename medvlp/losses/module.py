@@ -14,7 +14,13 @@ from torch import Tensor, nn
 from medvlp import distributed as mdist
 from medvlp.losses.contrastive import clip_loss, duplicate_groups, siglip_loss
 from medvlp.losses.kernels import _check_chunk
-from medvlp.losses.terms import alignment_loss, local_alignment_loss, noise_weights, uniformity_loss
+from medvlp.losses.terms import (
+    alignment_loss,
+    local_alignment_loss,
+    noise_weights,
+    sentence_alignment_loss,
+    uniformity_loss,
+)
 
 
 # ------------------------------------------------------------------------------------ registry + module
@@ -90,8 +96,10 @@ class ContrastiveLossConfig:
         uniformity_t: its temperature.
         local_weight: weight of the GLoRIA/MGCA-style `local_alignment_loss` (needs image/text tokens).
         local_attention_scale, local_word_scale, local_logit_scale: its inverse temperatures.
+        sentence_weight: weight of `sentence_alignment_loss` (one sentence of each report, multi-positive, with
+            optional hard-negative twins; needs `sentence_features` and `sentence_positives`).
 
-    The alignment, uniformity and local terms use this rank's local batch only.
+    The alignment, uniformity, local and sentence terms use this rank's local batch only.
     """
 
     kind: str = "clip"
@@ -107,6 +115,7 @@ class ContrastiveLossConfig:
     local_attention_scale: float = 4.0
     local_word_scale: float = 5.0
     local_logit_scale: float = 10.0
+    sentence_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self.kind = _look_up(self.kind, list(LOSSES), "loss kind")
@@ -116,7 +125,7 @@ class ContrastiveLossConfig:
         for name in ("noise_tau", "uniformity_t"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("alignment_weight", "uniformity_weight", "local_weight"):
+        for name in ("alignment_weight", "uniformity_weight", "local_weight", "sentence_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -149,6 +158,10 @@ class ContrastiveLoss(nn.Module):
         image_tokens: Tensor | None = None,
         text_tokens: Tensor | None = None,
         text_mask: Tensor | None = None,
+        sentence_features: Tensor | None = None,
+        sentence_positives: Tensor | None = None,
+        hard_features: Tensor | None = None,
+        hard_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Compute the loss terms.
 
@@ -162,6 +175,9 @@ class ContrastiveLoss(nn.Module):
             image_tokens: [b, P, D] patch embeddings (local term).
             text_tokens: [b, T, D] word embeddings (local term).
             text_mask: [b, T] real-word mask (local term).
+            sentence_features: [b, D] one sentence per report (sentence term).
+            sentence_positives: [b, b] bool, report i contains sentence j (sentence term).
+            hard_features: [b, D] hard-negative twins of the sentences, with `hard_mask` [b] (sentence term).
 
         Returns:
             Dict of scalar tensors: "loss" (weighted total), "contrastive", and each enabled term.
@@ -177,6 +193,7 @@ class ContrastiveLoss(nn.Module):
             "alignment": cfg.alignment_weight,
             "uniformity": cfg.uniformity_weight,
             "local": cfg.local_weight,
+            "sentence": cfg.sentence_weight,
         }
         if cfg.alignment_weight:
             terms["alignment"] = alignment_loss(image_features, text_features)
@@ -192,6 +209,12 @@ class ContrastiveLoss(nn.Module):
                 attention_scale=cfg.local_attention_scale,
                 word_scale=cfg.local_word_scale,
                 logit_scale=cfg.local_logit_scale,
+            )
+        if cfg.sentence_weight:
+            if sentence_features is None or sentence_positives is None:
+                raise ValueError("sentence_weight > 0 needs sentence_features and sentence_positives")
+            terms["sentence"] = sentence_alignment_loss(
+                image_features, sentence_features, logit_scale, sentence_positives, hard_features, hard_mask
             )
         total = sum(weights[k] * v for k, v in terms.items())
         return {"loss": total, **terms}

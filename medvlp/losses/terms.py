@@ -1,4 +1,4 @@
-"""Auxiliary terms: noise weights, alignment, uniformity and the local token-phrase loss."""
+"""Auxiliary terms: noise weights, alignment, uniformity, the local token-phrase loss and the sentence loss."""
 
 from __future__ import annotations
 
@@ -95,3 +95,48 @@ def local_alignment_loss(
     )  # [B, B]
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def sentence_alignment_loss(
+    image_features: Tensor,
+    sentence_features: Tensor,
+    logit_scale: Tensor | float,
+    positives: Tensor,
+    hard_features: Tensor | None = None,
+    hard_mask: Tensor | None = None,
+) -> Tensor:
+    """Image-sentence InfoNCE with multi-positive targets and optional hard-negative texts.
+
+    Each image has one sentence sampled from its own report; a sentence is a positive for every image whose report
+    contains it (``positives``), so "No pneumothorax." drawn from one normal report is not pushed away from the other
+    normal images. In the image direction, each row may also see one extra text that must lose: a rule-made twin of
+    its own sentence (negated, or left and right swapped; :mod:`medvlp.data.perturb`). Twins enter only their own
+    image's row, as negatives.
+
+    Args:
+        image_features: [B, D] L2-normalized.
+        sentence_features: [B, D] L2-normalized, row i sampled from image i's report.
+        logit_scale: scalar multiplier (already exponentiated).
+        positives: [B, B] bool, image i's report contains sentence j (the diagonal is true).
+        hard_features: [B, D] L2-normalized twin of sentence i (any row where ``hard_mask`` is false is ignored).
+        hard_mask: [B] bool, row i has a twin that is false for image i.
+
+    Returns:
+        The mean of the image->sentence and sentence->image cross-entropies.
+    """
+    if positives.shape != (image_features.shape[0], sentence_features.shape[0]):
+        raise ValueError(f"positives must be [B, B], got {tuple(positives.shape)}")
+    pos = positives.to(image_features.dtype)
+    logits = logit_scale * image_features @ sentence_features.T  # [B, B]
+    rows = logits
+    if hard_features is not None:
+        if hard_mask is None:
+            raise ValueError("hard_features needs hard_mask")
+        twin = logit_scale * (image_features * hard_features).sum(-1)  # [B]
+        twin = twin.masked_fill(~hard_mask.bool(), float("-inf"))
+        rows = torch.cat([logits, twin[:, None]], dim=1)  # [B, B + 1]
+        pos = torch.cat([pos, torch.zeros_like(pos[:, :1])], dim=1)
+    image_ce = -(pos / pos.sum(1, keepdim=True) * rows.log_softmax(1).clamp_min(-1e4)).sum(1).mean()
+    cols = positives.T.to(image_features.dtype)  # sentence j's positives are the images whose report has it
+    text_ce = -(cols / cols.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
+    return (image_ce + text_ce) / 2

@@ -169,7 +169,7 @@ class CachedImages(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         i, epoch = key if isinstance(key, tuple) else (key, 0)
         x = self.image(i)
-        out: dict[str, Any] = {"index": i, "text": self.text(i), "labels": self.labels[i]}
+        out: dict[str, Any] = {"index": i, "epoch": epoch, "text": self.text(i), "labels": self.labels[i]}
         if self._aug is None:
             out["image"] = x
             return out
@@ -186,6 +186,7 @@ class CachedImages(Dataset):
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     batch: dict[str, Any] = {
         "index": torch.tensor([it["index"] for it in items]),
+        "epoch": torch.tensor([it.get("epoch", 0) for it in items]),
         "text": [it["text"] for it in items],
         "labels": torch.stack([it["labels"] for it in items]),
         "image": torch.stack([it["image"] for it in items]),

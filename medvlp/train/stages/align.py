@@ -2,6 +2,11 @@
 
 Studies whose normalized reports are the same (the many near-identical normal reports), or whose label
 vectors are the same, are not pushed apart as negatives: they share the target mass of their row.
+
+With ``sentence_weight`` each image is also aligned with one sentence drawn from its own report (seeded by the run's
+seed, the epoch and the study), so that one-finding texts such as a zero-shot prompt land where the image is; with
+``hard_negatives`` the drawn sentence's rule-made twin (negated, or left and right swapped) is an extra negative for
+its image.
 """
 
 from __future__ import annotations
@@ -12,21 +17,24 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from medvlp.config import AlignStageConfig
 from medvlp.data.cache import COHORT_RECORD, CachedCohort, atomic_write_json, cohort_record
-from medvlp.data.reports import normalize_report
+from medvlp.data.perturb import twins
+from medvlp.data.reports import normalize_report, text_sentences
 from medvlp.losses import ContrastiveLoss
 from medvlp.models import MedVLP, ModelConfig
-from medvlp.train.data import CachedImages, collate
+from medvlp.train.data import CachedImages, collate, sample_seed
 from medvlp.train.loop import LrPlan
 
 logger = logging.getLogger(__name__)
 
 MAX_LOG_SCALE = math.log(100.0)  # open_clip's bound: the logit scale stays in [1, 100]
+SENTENCE_STREAM = 0x53454E54  # keeps sentence draws apart from augmentation seeds
 
 
 def set_dropout(module: nn.Module, p: float) -> None:
@@ -48,7 +56,18 @@ class AlignNet(nn.Module):
         super().__init__()
         self.model, self.with_tokens = model, with_tokens
 
-    def forward(self, images: torch.Tensor, tokens: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def forward(
+        self,
+        images: torch.Tensor,
+        tokens: dict[str, torch.Tensor],
+        extra_tokens: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, Any]:
+        out = self._pairs(images, tokens)
+        if extra_tokens is not None:  # the sentences (and their twins) in the same pass, so DDP sees their gradients
+            out["extra_text_features"] = self.model.encode_text(extra_tokens)
+        return out
+
+    def _pairs(self, images: torch.Tensor, tokens: dict[str, torch.Tensor]) -> dict[str, Any]:
         if self.with_tokens:
             out = self.model(images, tokens)
             return {
@@ -97,6 +116,7 @@ class AlignStage:
             uniformity_weight=cfg.uniformity_weight,
             alignment_weight=cfg.alignment_weight,
             local_weight=cfg.local_weight,
+            sentence_weight=cfg.sentence_weight,
         )
         # the val loss: the same terms on rank 0's whole val batches, never gathered across ranks
         self.val_loss = ContrastiveLoss(config=replace(self.loss.config, gather=False, local_loss=False))
@@ -130,7 +150,32 @@ class AlignStage:
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch = collate(items)
         batch["tokens"] = dict(self.model.text_encoder.tokenize(batch["text"]))
+        if self.config.sentence_weight:
+            batch.update(self._sentences(batch))
         return batch
+
+    def _sentences(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """One sentence per study drawn from its report, the positives matrix and the hard-negative twins."""
+        drawn, hard, has_hard, own = [], [], [], []
+        for text, index, epoch in zip(batch["text"], batch["index"].tolist(), batch["epoch"].tolist(), strict=True):
+            sentences = text_sentences(text) or [text]
+            own.append({normalize_report(x) for x in sentences})
+            rng = np.random.default_rng(sample_seed(self.seed, epoch, index, SENTENCE_STREAM))
+            sentence = sentences[int(rng.integers(len(sentences)))]
+            # a twin that the report itself states (a swapped side the report also names) is no negative
+            options = [t for t in twins(sentence, self.config.hard_negatives) if normalize_report(t) not in own[-1]]
+            drawn.append(sentence)
+            hard.append(options[int(rng.integers(len(options)))] if options else sentence)
+            has_hard.append(bool(options))
+        keys = [normalize_report(x) for x in drawn]
+        positives = torch.tensor([[k in mine for k in keys] for mine in own])  # [b, b]: report i states sentence j
+        texts = drawn + (hard if self.config.hard_negatives else [])
+        return {
+            "sentences": drawn,
+            "sentence_positives": positives,
+            "hard_mask": torch.tensor(has_hard) if self.config.hard_negatives else None,
+            "extra_tokens": dict(self.model.text_encoder.tokenize(texts)),
+        }
 
     def _keys(self, batch: dict[str, Any]) -> Any:
         mode = self.config.false_negatives
@@ -144,14 +189,29 @@ class AlignStage:
         return None
 
     def training_forward(self, module: nn.Module, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-        tokens = {k: v.to(batch["image"].device) for k, v in batch["tokens"].items()}
-        out = module(batch["image"], tokens)
+        out = module(batch["image"], *self._tokens(batch, batch["image"].device))
         terms = self._terms(self.loss, out, batch)
         terms["logit_scale"] = out["logit_scale"].detach()
         return terms
 
+    @staticmethod
+    def _tokens(batch: dict[str, Any], device: torch.device) -> tuple[dict[str, torch.Tensor], ...]:
+        """The report tokens, and the sentence tokens when the batch has them, on ``device``."""
+        found = [batch["tokens"]] + ([batch["extra_tokens"]] if "extra_tokens" in batch else [])
+        return tuple({k: v.to(device) for k, v in t.items()} for t in found)
+
     def _terms(self, loss: nn.Module, out: dict[str, Any], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The contrastive loss terms of one forward pass (training or validation)."""
+        extra: dict[str, Any] = {}
+        if "extra_text_features" in out:
+            features, b = out["extra_text_features"], len(batch["sentences"])
+            device = features.device
+            extra = {
+                "sentence_features": features[:b],
+                "sentence_positives": batch["sentence_positives"].to(device),
+            }
+            if batch["hard_mask"] is not None:
+                extra.update(hard_features=features[b:], hard_mask=batch["hard_mask"].to(device))
         return loss(
             out["image_features"],
             out["text_features"],
@@ -161,6 +221,7 @@ class AlignStage:
             image_tokens=out.get("image_tokens"),
             text_tokens=out.get("text_tokens"),
             text_mask=out.get("text_mask"),
+            **extra,
         )
 
     @torch.no_grad()
@@ -189,7 +250,7 @@ class AlignStage:
             images, texts, loss_sum = [], [], 0.0
             for start in range(0, len(ds), batch_size):
                 batch = self.collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
-                out = self.net(batch["image"].to(device), {k: v.to(device) for k, v in batch["tokens"].items()})
+                out = self.net(batch["image"].to(device), *self._tokens(batch, device))
                 terms = self._terms(self.val_loss, out, batch)
                 loss_sum += float(terms["loss"]) * len(batch["index"])
                 images.append(out["image_features"].float().cpu())  # [b, E]
