@@ -98,7 +98,7 @@ class AlignStageConfig(OptimConfig):
         description="weight of the sentence term: each image also aligned with one sentence of its report, every "
         "image whose report has that sentence a positive; 0: report-level only",
     )
-    hard_negatives: list[Literal["negate", "laterality"]] = Field(
+    hard_negatives: list[Literal["negation", "laterality"]] = Field(
         default_factory=list,
         description="rule-made twins of the sampled sentence (negated; left and right swapped) as extra negatives "
         "for its image in the sentence term",

@@ -67,7 +67,7 @@ def swap_laterality(sentence: str) -> str | None:
 
 
 #: The perturbations by name, as configs and reports name them.
-PERTURBATIONS = {"negate": negate, "laterality": swap_laterality}
+PERTURBATIONS = {"negation": negate, "laterality": swap_laterality}
 
 
 def twins(sentence: str, kinds: list[str] | tuple[str, ...] = tuple(PERTURBATIONS)) -> list[str]:

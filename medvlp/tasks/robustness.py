@@ -15,12 +15,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from medvlp.data.perturb import negate, swap_laterality
+from medvlp.data.perturb import PERTURBATIONS
 from medvlp.tasks.grounding import grounding_pairs
 
 __all__ = ["PERTURBATIONS", "robustness_cases", "robustness_suite"]
 
-PERTURBATIONS = {"negation": negate, "laterality": swap_laterality}
 
 
 def robustness_cases(cache: Any, split: str = "test") -> pd.DataFrame:

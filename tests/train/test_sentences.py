@@ -58,16 +58,16 @@ def test_a_hard_negative_twin_raises_the_loss_only_where_it_is_unmasked() -> Non
 
 def test_twins_follow_the_named_rules() -> None:
     s = "Small left pleural effusion."
-    assert twins(s, ["negate"]) == [negate(s)]
+    assert twins(s, ["negation"]) == [negate(s)]
     assert twins(s, ["laterality"]) == [swap_laterality(s)] == ["Small right pleural effusion."]
-    assert twins("No pneumothorax.", ["negate", "laterality"]) == []
+    assert twins("No pneumothorax.", ["negation", "laterality"]) == []
     with pytest.raises(ValueError, match="unknown perturbations"):
         twins(s, ["shuffle"])
 
 
 def test_hard_negatives_need_the_sentence_term() -> None:
     with pytest.raises(ValidationError, match="sentence_weight"):
-        AlignStageConfig(steps=1, batch_size=2, lr=1e-3, hard_negatives=["negate"])
+        AlignStageConfig(steps=1, batch_size=2, lr=1e-3, hard_negatives=["negation"])
     with pytest.raises(ValidationError):
         AlignStageConfig(steps=1, batch_size=2, lr=1e-3, sentence_weight=1.0, hard_negatives=["reverse"])
     with pytest.raises(ValueError, match="sentence_features"):
@@ -75,7 +75,7 @@ def test_hard_negatives_need_the_sentence_term() -> None:
 
 
 def test_the_stage_draws_a_sentence_of_each_report_seeded_by_epoch_and_study(cache: CachedCohort) -> None:  # noqa: F811
-    stage = _stage(cache, sentence_weight=1.0, hard_negatives=["negate", "laterality"])
+    stage = _stage(cache, sentence_weight=1.0, hard_negatives=["negation", "laterality"])
     ds = stage.dataset()
     keys = [(i, 0) for i in range(8)]
     batch = stage.collate([ds[k] for k in keys])
@@ -108,7 +108,7 @@ def test_training_with_sentences_and_twins_logs_the_term_and_moves_the_text_towe
     cache: CachedCohort,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    stage = _stage(cache, steps=3, sentence_weight=1.0, hard_negatives=["negate", "laterality"])
+    stage = _stage(cache, steps=3, sentence_weight=1.0, hard_negatives=["negation", "laterality"])
     before = {n: p.detach().clone() for n, p in stage.model.text_encoder.named_parameters()}
     run_stage(stage, tmp_path, CPU, seed=0)
     logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]

@@ -1,0 +1,197 @@
+"""The zero-shot ablation: each stage-2 method on and off, on the built-in cohort and on other hospital styles.
+
+    python benchmarks/bench_ablation.py [--kind cxr|ct] [--styles 0,1,2] [--arms report,sentence,sentence_hard]
+        [--n 500] [--keep DIR]
+
+For each style (0 = the built-in cohort; others from `medvlp cohort synth --style`) the cohort and its cache are made
+once; then each arm trains the demo config (configs/demo-2d.yaml or demo-3d.yaml) with the arm's overrides, same
+seed, and is evaluated by `medvlp.evaluate.evaluate`. Per (style, arm): zero-shot AUROC and its gap to the linear
+probe on the same embeddings, the worst finding, ECE after and before the calibration fitted on val, retrieval,
+grounding, survival, the negation/laterality robustness suite, the training-label prompt prototypes when the
+evaluation reports them, and the training time. A method "pays" only when it beats the `report` arm's zero-shot
+AUROC on every style. Writes benchmarks/results/ablation-<kind>.json after every run (an interrupted benchmark keeps
+what it finished; with --keep, a rerun reuses finished runs and resumes unfinished ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench_styles import worst_finding  # noqa: E402
+
+from medvlp.card import get  # noqa: E402
+
+#: The arms: config overrides on top of the demo config (the `report` arm is the demo config itself).
+ARMS: dict[str, list[str]] = {
+    "report": [],
+    "sentence": ["stages.stage2-align.sentence_weight=1.0"],
+    "sentence_hard": [
+        "stages.stage2-align.sentence_weight=1.0",
+        "stages.stage2-align.hard_negatives=[negation,laterality]",
+    ],
+    "select": ["stages.stage2-align.select_metric=val/zero_shot_auroc"],
+}
+COLUMNS = {
+    "zero_shot_auroc": ("zero_shot", "mean_auroc"),
+    "zero_shot_ece": ("zero_shot", "mean_ece"),
+    "zero_shot_ece_uncalibrated": ("zero_shot", "mean_ece_uncalibrated"),
+    "linear_probe_auroc": ("linear_probe", "mean_auroc"),
+    "prompt_prototype_auroc": ("prompt_prototype", "mean_auroc"),
+    "retrieval_i2r_R@10": ("retrieval", "image_to_report", "R@10"),
+    "retrieval_r2i_R@10": ("retrieval", "report_to_image", "R@10"),
+    "grounding_cnr": ("grounding", "mean_cnr"),
+    "grounding_miou": ("grounding", "mean_miou"),
+    "survival_c_index": ("survival", "c_index"),
+    "robustness": ("robustness", "mean_accuracy"),
+    "robustness_negation": ("robustness", "per_perturbation", "negation", "accuracy"),
+    "robustness_laterality": ("robustness", "per_perturbation", "laterality", "accuracy"),
+}
+GOALS = {"gap_to_probe": 0.05, "worst_finding_auroc": 0.85, "zero_shot_ece": 0.05, "robustness": 0.95}
+
+
+def prepare(kind: str, style: int, n: int, work: Path) -> tuple[Path, Path, float]:
+    """The style's cohort and its cache, made once (reused when already there); returns (yaml, cache, seconds)."""
+    from medvlp.data.build import build_cohort
+    from medvlp.data.synthetic import synthesize
+
+    t0 = time.perf_counter()
+    yaml_path = work / "cohort" / "cohort.yaml"
+    if not yaml_path.is_file():
+        yaml_path = synthesize(kind, n, work / "cohort", seed=0, style=style)
+    build_cohort(yaml_path, work / "cache")
+    return yaml_path, work / "cache", round(time.perf_counter() - t0, 1)
+
+
+def row_of(metrics: dict[str, Any]) -> dict[str, Any]:
+    """One table row from a metrics.json: the columns, the worst finding, the gap and which goals are met."""
+    row: dict[str, Any] = {name: get(metrics, path) for name, path in COLUMNS.items()}
+    row["worst_finding"], row["worst_finding_auroc"] = worst_finding(metrics)
+    row["zero_shot_per_finding"] = {
+        f: get(m, ("auroc",)) for f, m in ((metrics.get("zero_shot") or {}).get("per_finding") or {}).items()
+    }
+    zs, probe = row["zero_shot_auroc"], row["linear_probe_auroc"]
+    row["gap_to_probe"] = None if zs is None or probe is None else probe - zs
+    met = {}
+    for key, bound in GOALS.items():
+        v = row.get(key)
+        ok = v is not None and math.isfinite(v)
+        met[key] = ok and (v <= bound if key in ("gap_to_probe", "zero_shot_ece") else v >= bound)
+    row["goals_met"] = met
+    return row
+
+
+def run_arm(config: Path, overrides: list[str], yaml_path: Path, cache: Path, out: Path) -> dict[str, Any]:
+    """Trains (resuming) and evaluates one arm; a finished arm's metrics.json is read back, not recomputed."""
+    from medvlp.config import load_config
+    from medvlp.evaluate import evaluate
+    from medvlp.train.run import train
+
+    seconds: dict[str, float] = {}
+    done = out / "card" / "metrics.json"
+    if done.is_file():
+        metrics = json.loads(done.read_text())
+        seconds = json.loads((out / "seconds.json").read_text()) if (out / "seconds.json").is_file() else {}
+    else:
+        t0 = time.perf_counter()
+        train(load_config(config, ["seed=0", *overrides]), yaml_path, out / "run", cache_dir=cache, resume=True)
+        seconds["train_s"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        metrics = evaluate(out / "run", yaml_path, out / "card", baselines=False, cache_dir=cache)
+        seconds["evaluate_s"] = round(time.perf_counter() - t0, 1)
+        (out / "seconds.json").write_text(json.dumps(seconds) + "\n")
+    return {**row_of(metrics), "seconds": seconds}
+
+
+def verdicts(rows: dict[str, dict[str, dict[str, Any]]], base: str = "report") -> dict[str, Any]:
+    """Per arm: its zero-shot AUROC minus the base arm's, per style, and whether it pays on every style."""
+    out: dict[str, Any] = {}
+    arms = {a for per in rows.values() for a in per}
+    for arm in sorted(arms - {base}):
+        deltas = {}
+        for style, per in rows.items():
+            a, b = (per.get(arm) or {}).get("zero_shot_auroc"), (per.get(base) or {}).get("zero_shot_auroc")
+            deltas[style] = None if a is None or b is None else a - b
+        known = [d for d in deltas.values() if d is not None]
+        pays = bool(known) and len(known) == len(rows) and min(known) > 0
+        out[arm] = {"zero_shot_delta": deltas, "pays_on_all": pays}
+    return out
+
+
+def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
+    def f(v: float | None) -> str:
+        return "–" if v is None else f"{v:.3f}"
+
+    head = (
+        "| style | arm | zero-shot | gap to probe | worst finding | ECE (uncal.) | probe | prototypes | "
+        "i2r R@10 | CNR | C-index | robustness (neg., lat.) | train s |"
+    )
+    lines = [head, "|" + "---|" * 13]
+    for style, per in rows.items():
+        for arm, r in per.items():
+            worst = f"{r['worst_finding']} {f(r['worst_finding_auroc'])}" if r["worst_finding"] else "–"
+            rob = f"{f(r['robustness'])} ({f(r['robustness_negation'])}, {f(r['robustness_laterality'])})"
+            lines.append(
+                f"| {style} | {arm} | {f(r['zero_shot_auroc'])} | {f(r['gap_to_probe'])} | {worst} | "
+                f"{f(r['zero_shot_ece'])} ({f(r['zero_shot_ece_uncalibrated'])}) | {f(r['linear_probe_auroc'])} | "
+                f"{f(r['prompt_prototype_auroc'])} | {f(r['retrieval_i2r_R@10'])} | {f(r['grounding_cnr'])} | "
+                f"{f(r['survival_c_index'])} | {rob} | {r['seconds'].get('train_s', '–')} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kind", default="cxr", choices=["cxr", "ct"])
+    ap.add_argument("--styles", default="0,1,2", help="comma-separated style seeds (0 = built-in)")
+    ap.add_argument("--arms", default="report,sentence,sentence_hard", help=f"comma-separated, of {', '.join(ARMS)}")
+    ap.add_argument("--n", type=int, default=500, help="studies per cohort (the demo's default)")
+    ap.add_argument("--config", type=Path, help="default: configs/demo-2d.yaml or demo-3d.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="override for every arm")
+    ap.add_argument("--keep", type=Path, help="work in this folder and keep it (reuses its cohorts and runs)")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    styles = [int(s) for s in args.styles.split(",") if s.strip()]
+    arms = [a for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms or not styles:
+        ap.error(f"--arms must name some of {', '.join(ARMS)} (got {args.arms!r}), --styles some seeds")
+    config = args.config or ROOT / "configs" / ("demo-2d.yaml" if args.kind == "cxr" else "demo-3d.yaml")
+    out_json = args.out or ROOT / "benchmarks" / "results" / f"ablation-{args.kind}.json"
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = args.keep or Path(tmp)
+        for style in styles:
+            yaml_path, cache, _ = prepare(args.kind, style, args.n, base / f"style{style}")
+            for arm in arms:
+                row = run_arm(config, [*args.overrides, *ARMS[arm]], yaml_path, cache, base / f"style{style}" / arm)
+                rows.setdefault(str(style), {})[arm] = row
+                print(f"style {style} {arm}:", json.dumps({k: v for k, v in row.items() if k != "seconds"}), flush=True)
+                result = {
+                    "benchmark": f"bench_ablation --kind {args.kind} --styles {args.styles} --arms {args.arms} "
+                    f"--n {args.n} --config {config.name} " + " ".join(f"--set {o}" for o in args.overrides),
+                    "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                    "arms": {a: ARMS[a] for a in arms},
+                    "goals": GOALS,
+                    "complete": sum(len(v) for v in rows.values()) == len(styles) * len(arms),
+                    "styles": rows,
+                    "verdicts": verdicts(rows),
+                }
+                out_json.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
