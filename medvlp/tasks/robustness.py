@@ -21,7 +21,6 @@ from medvlp.tasks.grounding import grounding_pairs
 __all__ = ["PERTURBATIONS", "robustness_cases", "robustness_suite"]
 
 
-
 def robustness_cases(cache: Any, split: str = "test") -> pd.DataFrame:
     """One row per (study, phrase, perturbation) that has a twin: ``study, finding, phrase, perturbation, twin``."""
     rows = []
