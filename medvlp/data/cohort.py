@@ -62,7 +62,8 @@ Intensity = Annotated[WindowIntensity | PercentileIntensity, Field(discriminator
 class PreprocessSpec(_Strict):
     """How `medvlp cohort build` turns a decoded image into a fixed-size training array.
 
-    Order: orientation (3D), resampling to ``spacing``, intensity scaling to [0, 1], then ``fit``:
+    Order: orientation (3D), the crop to the body (``crop_foreground``, off by default), resampling to ``spacing``,
+    intensity scaling to [0, 1], then ``fit``:
     ``resize`` scales the image (keeping its aspect ratio) to fit inside ``size`` and pads;
     ``crop_or_pad`` keeps the physical scale and center-crops or pads to ``size``.
 
@@ -76,6 +77,11 @@ class PreprocessSpec(_Strict):
     orientation: str | None = None
     intensity: Intensity = PercentileIntensity(mode="percentile")
     fit: Literal["resize", "crop_or_pad"] | None = None
+    crop_foreground: bool = Field(
+        default=False,
+        description="crop to the body before resampling (the bounding box of voxels above a tenth of the way from "
+        "the image's minimum to its 99.5th percentile, plus a margin), so that the air around it costs no voxels",
+    )
     voxel_budget: int | None = Field(default=None, gt=0, exclude=True)  # size: auto only; default 64*64*32 in 3D
     min_lesion_voxels: float = Field(default=3.0, gt=0, exclude=True)  # size: auto only
 

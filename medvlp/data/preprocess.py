@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import (
+    CropForeground,
     Orientation,
     Resize,
     ResizeWithPadOrCrop,
@@ -23,6 +24,26 @@ from monai.transforms import (
 
 from medvlp.data.cohort import PreprocessSpec, WindowIntensity
 from medvlp.data.image import MedicalImage
+
+
+FOREGROUND_FRACTION = 0.1  # of the way from the image's minimum to its 99.5th percentile
+FOREGROUND_MARGIN = 2  # voxels kept around the body
+
+
+def body_threshold(array: np.ndarray) -> float:
+    """The intensity above which a voxel is body, not air: a tenth of the way from the minimum to the 99.5th
+    percentile (CT: about -900 HU; MR and radiographs: a tenth of the bright range), whatever the units."""
+    lo, hi = float(np.min(array)), float(np.percentile(array, 99.5))
+    return lo + FOREGROUND_FRACTION * (hi - lo)
+
+
+def crop_to_body(x: MetaTensor) -> MetaTensor:
+    """The bounding box of the body (voxels above :func:`body_threshold`) plus a margin; the affine follows, so
+    boxes map as before. An image with no voxel above the threshold (a constant image) is returned whole."""
+    t = body_threshold(x.as_tensor().numpy())
+    if not bool((x > t).any()):
+        return x
+    return CropForeground(select_fn=lambda a: a > t, margin=FOREGROUND_MARGIN, allow_smaller=True)(x)
 
 
 @dataclass
@@ -68,6 +89,8 @@ def preprocess_image(image: MedicalImage, spec: PreprocessSpec) -> Preprocessed:
     x = MetaTensor(torch.from_numpy(np.ascontiguousarray(image.array, dtype=np.float32))[None], affine=affine_in)
     if spec.orientation is not None:
         x = Orientation(axcodes=spec.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))(x)
+    if spec.crop_foreground:
+        x = crop_to_body(x)
     if spec.spacing is not None:
         x = Spacing(pixdim=spec.spacing, mode="bilinear", padding_mode="border")(x)
     x = _intensity(spec, x.as_tensor().numpy())(x)
