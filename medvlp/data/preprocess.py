@@ -25,7 +25,6 @@ from monai.transforms import (
 from medvlp.data.cohort import PreprocessSpec, WindowIntensity
 from medvlp.data.image import MedicalImage
 
-
 FOREGROUND_FRACTION = 0.1  # of the way from the image's minimum to its 99.5th percentile
 FOREGROUND_MARGIN = 2  # voxels kept around the body
 
