@@ -76,6 +76,18 @@ def write_model_card(out: Path, metrics: dict[str, Any], model_path: Path) -> Pa
                 f"| {f} | {_fmt(m.get('auroc'))} | {_fmt(m.get('auprc'))} | {_fmt(m.get('f1'))} | "
                 f"{_fmt(m.get('ece'))} | {m.get('n_pos')} / {m.get('n_neg')} |"
             )
+    ground = (metrics.get("grounding") or {}).get("per_category") or {}
+    if ground:
+        lines += [
+            "",
+            "## Grounding per finding (similarity map against the phrase's boxes)",
+            "",
+            "| finding | CNR | IoU | mIoU | phrases |",
+            "|---|---|---|---|---|",
+        ]
+        for f, m in ground.items():
+            cells = [_fmt(m.get(k)) for k in ("cnr", "iou", "miou")]
+            lines.append(f"| {f} | " + " | ".join(cells) + f" | {m.get('n')} |")
     rob = metrics.get("robustness") or {}
     if rob.get("per_finding"):
         perts = sorted(rob["per_perturbation"])

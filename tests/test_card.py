@@ -1,0 +1,32 @@
+"""The model card renders what metrics.json holds, section by section."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medvlp.card import write_model_card
+
+
+COHORT = {"cohort": {"name": "ct-demo", "test_studies": 12, "findings": ["kidney_stone", "renal_mass"]}}
+
+
+def test_grounding_is_shown_per_finding(tmp_path: Path) -> None:
+    metrics = COHORT | {
+        "grounding": {
+            "n": 5,
+            "mean_cnr": 1.1,
+            "per_category": {
+                "kidney_stone": {"cnr": 0.412, "iou": 0.051, "miou": 0.033, "n": 2},
+                "renal_mass": {"cnr": 1.573, "iou": 0.214, "miou": 0.188, "n": 3},
+            },
+        }
+    }
+    text = write_model_card(tmp_path, metrics, tmp_path / "model").read_text()
+    assert "## Grounding per finding" in text
+    assert "| kidney_stone | 0.412 | 0.051 | 0.033 | 2 |" in text
+    assert "| renal_mass | 1.573 | 0.214 | 0.188 | 3 |" in text
+
+
+def test_a_card_without_grounding_has_no_grounding_section(tmp_path: Path) -> None:
+    text = write_model_card(tmp_path, COHORT | {"grounding": {"n": 0, "per_category": {}}}, tmp_path / "model").read_text()
+    assert "Grounding per finding" not in text
