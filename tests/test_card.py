@@ -6,7 +6,6 @@ from pathlib import Path
 
 from medvlp.card import write_model_card
 
-
 COHORT = {"cohort": {"name": "ct-demo", "test_studies": 12, "findings": ["kidney_stone", "renal_mass"]}}
 
 
@@ -28,5 +27,6 @@ def test_grounding_is_shown_per_finding(tmp_path: Path) -> None:
 
 
 def test_a_card_without_grounding_has_no_grounding_section(tmp_path: Path) -> None:
-    text = write_model_card(tmp_path, COHORT | {"grounding": {"n": 0, "per_category": {}}}, tmp_path / "model").read_text()
+    metrics = COHORT | {"grounding": {"n": 0, "per_category": {}}}
+    text = write_model_card(tmp_path, metrics, tmp_path / "model").read_text()
     assert "Grounding per finding" not in text
