@@ -1,0 +1,131 @@
+"""3D image towers at equal wall-clock: each trains stage 2 for the same number of seconds, then is evaluated.
+
+    python benchmarks/bench_towers.py [--style 0] [--n 500] [--budget-s 300]
+        [--towers resnet3d,slices,vit3d,resnet3d_bf16] [--keep DIR]
+
+The CT cohort of the style (0 = the built-in one, others `medvlp cohort synth --kind ct --style`) is made once. For
+each tower a short timing run (`--probe-steps` stage-2 steps, stage 1 off) measures its training samples/s on this
+machine; the real run then gets `budget_s * samples_per_s / batch_size` stage-2 steps of configs/demo-3d.yaml (its
+warm-up and validation scaled to the step count), so every tower spends about the same seconds learning. Per tower:
+samples/s, steps, training seconds, zero-shot AUROC per finding, linear probe AUROC, image-to-report R@10, grounding
+CNR. Writes benchmarks/results/towers-ct.json after every tower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench_ablation import prepare, row_of  # noqa: E402
+
+#: Tower name -> config overrides on top of configs/demo-3d.yaml.
+TOWERS: dict[str, list[str]] = {
+    "resnet3d": [],  # the demo's narrow MONAI ResNet-10
+    "resnet3d_bf16": ["stages.stage2-align.precision=bf16"],
+    "slices": ["model.image_encoder=resnet10t_slices", "model.image_encoder_args={}"],
+    "vit3d": [
+        "model.image_encoder=monai_vit",
+        "model.image_encoder_args={patch_size: [16, 16, 8], hidden_size: 192, mlp_dim: 768, num_layers: 6, "
+        "num_heads: 4}",
+    ],
+}
+
+
+def samples_per_s(config: Path, overrides: list[str], yaml_path: Path, cache: Path, out: Path, steps: int) -> float:
+    """Training samples/s of stage 2 over a short run (the loop's own measure, validation excluded)."""
+    from medvlp.config import load_config
+    from medvlp.train.run import train
+
+    probe = [
+        *overrides,
+        "stages.stage1-text.enabled=false",
+        f"stages.stage2-align.steps={steps}",
+        "stages.stage2-align.warmup_steps=0",
+        "stages.stage2-align.val_every=null",
+        f"stages.stage2-align.log_every={max(1, steps // 2)}",
+    ]
+    train(load_config(config, ["seed=0", *probe]), yaml_path, out, cache_dir=cache, resume=True)
+    logged = [json.loads(x) for x in (out / "stage2-align" / "log.jsonl").read_text().splitlines()]
+    rates = [r["samples_per_s"] for r in logged if "samples_per_s" in r]
+    return float(rates[-1])  # the last window: past the first step's warm-up
+
+
+def run_tower(
+    name: str, config: Path, yaml_path: Path, cache: Path, work: Path, budget_s: float, probe_steps: int
+) -> dict[str, Any]:
+    from medvlp.config import load_config
+    from medvlp.evaluate import evaluate
+    from medvlp.train.run import train
+
+    overrides = TOWERS[name]
+    rate = samples_per_s(config, overrides, yaml_path, cache, work / "probe", probe_steps)
+    batch = load_config(config, overrides).stages.stage2_align.batch_size
+    steps = max(10, round(budget_s * rate / batch))
+    full = [
+        *overrides,
+        f"stages.stage2-align.steps={steps}",
+        f"stages.stage2-align.warmup_steps={max(1, steps // 10)}",
+        f"stages.stage2-align.val_every={max(1, steps // 3)}",
+        f"stages.stage2-align.checkpoint_every={max(1, steps // 3)}",
+    ]
+    t0 = time.perf_counter()
+    train(load_config(config, ["seed=0", *full]), yaml_path, work / "run", cache_dir=cache, resume=True)
+    train_s = round(time.perf_counter() - t0, 1)
+    metrics = evaluate(work / "run", yaml_path, work / "card", baselines=False, cache_dir=cache)
+    return {"overrides": overrides, "samples_per_s": rate, "steps": steps, "train_s": train_s, **row_of(metrics)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--style", type=int, default=0)
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--budget-s", type=float, default=300.0, help="stage-2 training seconds per tower")
+    ap.add_argument("--probe-steps", type=int, default=6)
+    ap.add_argument("--towers", default=",".join(TOWERS), help=f"comma-separated, of {', '.join(TOWERS)}")
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "demo-3d.yaml")
+    ap.add_argument("--keep", type=Path)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "towers-ct.json")
+    args = ap.parse_args()
+    towers = [t for t in args.towers.split(",") if t.strip()]
+    if not towers or any(t not in TOWERS for t in towers):
+        ap.error(f"--towers must name some of {', '.join(TOWERS)}, got {args.towers!r}")
+    rows: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = args.keep or Path(tmp)
+        yaml_path, cache, _ = prepare("ct", args.style, args.n, base / f"style{args.style}")
+        for name in towers:
+            rows[name] = run_tower(name, args.config, yaml_path, cache, base / name, args.budget_s, args.probe_steps)
+            print(name, json.dumps(rows[name]), flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(
+                json.dumps(
+                    {
+                        "benchmark": f"bench_towers --style {args.style} --n {args.n} --budget-s {args.budget_s} "
+                        f"--towers {args.towers}",
+                        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                        "complete": len(rows) == len(towers),
+                        "towers": rows,
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
+    for name, r in rows.items():
+        print(
+            f"{name:14s} {r['samples_per_s']:6.1f} samples/s {r['steps']:4d} steps  zero-shot {r['zero_shot_auroc']}  "
+            f"probe {r['linear_probe_auroc']}  R@10 {r['retrieval_i2r_R@10']}  CNR {r['grounding_cnr']}"
+        )
+
+
+if __name__ == "__main__":
+    main()
