@@ -114,8 +114,9 @@ def select_prototypes(
         raise ValueError(f"min_count must be at least 1, got {min_count}")
     if min_log_ratio < 0:
         raise ValueError(f"min_log_ratio must not be negative, got {min_log_ratio}")
-    labels = np.asarray(labels, dtype=np.float64).reshape(len(reports), -1)
-    if labels.shape[1] != len(findings):
+    labels = np.asarray(labels, dtype=np.float64)
+    labels = labels.reshape(-1, 1) if labels.ndim == 1 else labels
+    if labels.shape != (len(reports), len(findings)):
         raise ValueError(f"labels {labels.shape} and {len(findings)} findings do not agree")
     subjects = [str(i) for i in range(len(reports))] if subjects is None else [str(s) for s in subjects]
     if len(subjects) != len(reports):
