@@ -171,6 +171,13 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="Card folder: metrics.json, model_card.md, plots.")],
     baseline: Annotated[bool, typer.Option(help="Also evaluate the untrained and align-only baselines.")] = False,
     cache: Annotated[Path | None, typer.Option(help="Cohort cache folder (default: beside the cohort).")] = None,
+    prompts: Annotated[
+        str,
+        typer.Option(
+            help="templates: zero-shot with the cohort's templates and synonyms; auto: also plot the prompt-prototype"
+            " classifier (prompts from the train split's sentences; uses training labels, so not zero-shot)."
+        ),
+    ] = "templates",
 ) -> None:
     """Zero-shot, grounding, retrieval, survival and probes on the test split; writes a model card."""
     from medvlp.card import HEADLINE, get
@@ -178,7 +185,7 @@ def evaluate(
     from medvlp.evaluate import evaluate as run_evaluate
 
     try:
-        metrics = run_evaluate(model, cohort, out, baselines=baseline, cache_dir=cache)
+        metrics = run_evaluate(model, cohort, out, baselines=baseline, cache_dir=cache, prompts=prompts)
     except (CohortError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
         return

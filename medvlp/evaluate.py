@@ -5,8 +5,11 @@ zero-shot diagnosis (:func:`~medvlp.tasks.zeroshot.zero_shot_metrics`, the opera
 report retrieval (:func:`~medvlp.tasks.retrieval.retrieval_metrics`, ties against the model, identical reports one
 answer), phrase grounding (:func:`~medvlp.tasks.grounding.grounding_summary`, one score per study and phrase over
 the union of its boxes), survival (:func:`~medvlp.tasks.survival_compare.survival_task`, the cohort's own columns)
-and linear probes. With ``baselines`` the same architecture is also evaluated untrained and after alignment alone
-(stage 2 without stage 1, trained here from the run's own config), so the card shows what each stage buys.
+and linear probes. Beside zero-shot, ``prompt_prototype`` scores the same images against prompts taken from the
+training split's own sentences (:func:`~medvlp.tasks.prompts.prompt_prototype_task`); it uses the training labels,
+so it is not zero-shot and says so (``"uses_training_labels": true``). With ``baselines`` the same architecture is
+also evaluated untrained and after alignment alone (stage 2 without stage 1, trained here from the run's own config),
+so the card shows what each stage buys.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from medvlp.data.cache import CachedCohort
 from medvlp.models import MedVLP
 from medvlp.tasks import grounding, probe, retrieval, robustness, survival_compare, zeroshot
 from medvlp.tasks.embed import SplitEmbeddings, embed_split, load_images
+from medvlp.tasks.prompts import PROMPT_MODES, prompt_prototype_task
 
 logger = logging.getLogger(__name__)
 BASELINES = ("untrained", "align_only")
@@ -35,6 +39,7 @@ PROTOCOL = {
     "grounding": "one score per (study, phrase) against the union of its boxes; mIoU at cosine 0.1-0.5",
     "survival": "Cox fitted on train; risk groups cut at the training median; bootstrap by subject",
     "robustness": "true finding sentence vs its negated and laterality-swapped twins; ties count as misses",
+    "prompt_prototype": "prompts chosen from the train split's report sentences with its labels: not zero-shot",
 }
 
 __all__ = ["BASELINES", "SplitEmbeddings", "embed_split", "evaluate", "evaluate_model", "train_align_only"]
@@ -58,6 +63,16 @@ def _plots(model: MedVLP, cache: CachedCohort, plot_dir: Path, found: dict[str, 
         figures.roc_figure(test.labels, probs, findings, points, "Zero-shot ROC (test)"), plot_dir / "roc_zero_shot.png"
     )
     figures.save_png(figures.calibration_figure(test.labels, probs, findings), plot_dir / "calibration_zero_shot.png")
+    if found.get("prototype_probs") is not None:  # --prompts auto: the prototype classifier's plots beside
+        pp, pm = found["prototype_probs"], found["prompt_prototype"]
+        points = (pm.get("operating_point") or {}).get("per_finding")
+        title = "Prompt-prototype ROC (test; uses training labels)"
+        figures.save_png(
+            figures.roc_figure(test.labels, pp, findings, points, title), plot_dir / "roc_prompt_prototype.png"
+        )
+        figures.save_png(
+            figures.calibration_figure(test.labels, pp, findings), plot_dir / "calibration_prompt_prototype.png"
+        )
     scores = found["grounding_scores"]
     for k, i in enumerate(scores.sort_values("cnr", ascending=False).index[:4]):
         row = scores.loc[i]
@@ -78,18 +93,34 @@ def evaluate_model(
     sections: list[str],
     plot_dir: Path | None = None,
     calibration: dict[str, Any] | None = None,
+    record: dict[str, Any] | None = None,
+    prompts: str = "templates",
 ) -> dict[str, Any]:
     """All tasks for one model on the test split (tuned choices, the calibration included, on val); plots go to
-    ``plot_dir`` when given."""
+    ``plot_dir`` when given.
+
+    Args:
+        record: the model's ``cohort.json`` (its prompts, :func:`~medvlp.tasks.zeroshot.prompt_spec`); the cache's
+            ``summary.json`` when None.
+        prompts: ``"templates"`` or ``"auto"``; both report ``zero_shot`` (the cohort's templates and synonyms,
+            true zero-shot) and ``prompt_prototype`` (uses training labels); ``"auto"`` also draws the prototype
+            classifier's ROC and calibration plots and marks its section ``"chosen": true``.
+    """
+    if prompts not in PROMPT_MODES:
+        raise ValueError(f"prompts must be one of {', '.join(PROMPT_MODES)}, got {prompts!r}")
     if plot_dir is not None:
         plot_dir.mkdir(parents=True, exist_ok=True)
+    spec = zeroshot.prompt_spec(cache.summary if record is None else record)
     train, val, test = (embed_split(model, cache, s, sections) for s in ("train", "val", "test"))
-    zs, probs = zeroshot.zero_shot_task(model, val, test, cache.findings, calibration)
+    zs, probs = zeroshot.zero_shot_task(model, val, test, cache.findings, calibration, prompts=spec)
+    proto, proto_probs = prompt_prototype_task(model, train, val, test, cache.findings, sections, spec)
+    proto["chosen"] = prompts == "auto"
     scores = grounding.grounding_scores(model, cache, grounding.grounding_pairs(cache, "test"))
     surv, sdata, sresult = _survival(cache, train, test)
     pr = probe.linear_probe(train.image, train.labels, test.image, test.labels, cache.findings)
     metrics = {
         "zero_shot": zs,
+        "prompt_prototype": proto,
         "retrieval": retrieval.retrieval_metrics(test.image, test.text, labels=test.labels, texts=test.reports),
         "grounding": grounding.grounding_summary(scores),
         "robustness": robustness.robustness_suite(model, cache, test.image, list(test.records["study"])),
@@ -102,7 +133,8 @@ def evaluate_model(
         },
     }
     if plot_dir is not None:
-        found = {"test": test, "probs": probs, "zero_shot": zs, "grounding_scores": scores}
+        found = {"test": test, "probs": probs, "zero_shot": zs, "grounding_scores": scores, "prompt_prototype": proto}
+        found["prototype_probs"] = proto_probs if prompts == "auto" else None
         _plots(model, cache, plot_dir, found | {"survival_data": sdata, "survival_result": sresult})
     return metrics
 
@@ -123,10 +155,13 @@ def evaluate(
     out: str | Path,
     baselines: bool | Sequence[str] = False,
     cache_dir: str | Path | None = None,
+    prompts: str = "templates",
 ) -> dict[str, Any]:
     """Evaluate a run (or model folder) on a cohort's test split; write ``out/metrics.json``, plots and the card.
 
     The cohort's cache must be built (``medvlp cohort build`` or ``medvlp train``); it is found, never built here.
+    Zero-shot uses the model's own prompts (its ``cohort.json``); ``prompts="auto"`` also plots the prompt-prototype
+    classifier (see :func:`evaluate_model`).
 
     ``baselines``: True for both, or a list of ``"untrained"`` (same architecture, random image tower and
     projections, generic text tower) and ``"align_only"`` (stage 2 alone, trained here with the run's settings).
@@ -136,13 +171,16 @@ def evaluate(
     wanted = set(BASELINES if baselines is True else baselines or ())
     if wanted - set(BASELINES):
         raise ValueError(f"unknown baseline(s) {sorted(wanted - set(BASELINES))}; known: {', '.join(BASELINES)}")
+    if prompts not in PROMPT_MODES:
+        raise ValueError(f"prompts must be one of {', '.join(PROMPT_MODES)}, got {prompts!r}")
     out = Path(out)
     run = RunDir.open(model_path)
     cache = run.open_cache(cohort_yaml, cache_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = run.load_model()
     sections = run.report_sections
-    metrics = evaluate_model(model, cache, sections, out, run.calibration())
+    record = run.cohort_record()
+    metrics = evaluate_model(model, cache, sections, out, run.calibration(), record, prompts)
     metrics["cohort"] = {
         "name": cache.summary["cohort"],
         "test_studies": len(cache.split("test")),
@@ -153,12 +191,16 @@ def evaluate(
     if wanted:
         metrics["baselines"] = {}
         if "untrained" in wanted:
-            metrics["baselines"]["untrained"] = evaluate_model(_untrained(model), cache, sections)
+            metrics["baselines"]["untrained"] = evaluate_model(_untrained(model), cache, sections, record=record)
         if "align_only" in wanted and run.config is not None:
             align_run = train_align_only(run.config, cohort_yaml, cache.root, out)
             baseline = RunDir.open(align_run)
             metrics["baselines"]["align_only"] = evaluate_model(
-                baseline.load_model(), cache, sections, calibration=baseline.calibration()
+                baseline.load_model(),
+                cache,
+                sections,
+                calibration=baseline.calibration(),
+                record=baseline.cohort_record(),
             )
         curves |= {k: v["linear_probe"]["curve"] for k, v in metrics["baselines"].items()}
     figures.save_png(figures.data_efficiency_figure(curves), out / "data_efficiency.png")

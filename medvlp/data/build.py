@@ -289,6 +289,7 @@ def _build_locked(
             "survival": spec.survival is not None,
             "survival_columns": spec.survival.model_dump() if spec.survival else None,
             "preprocess": pp.model_dump(mode="json"),
+            "prompts": spec.prompts.model_dump(mode="json") if spec.prompts else None,
             "records": len(df),
             "ingested": len(items),
             "quarantined": len(quarantine),

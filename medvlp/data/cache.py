@@ -33,7 +33,7 @@ import pandas as pd
 
 CACHE_VERSION = 1
 COHORT_RECORD = "cohort.json"  # what a trained model folder keeps of its cohort (no study, no patient)
-_RECORD_KEYS = ("cohort", "modality", "spatial_dims", "findings", "preprocess")
+_RECORD_KEYS = ("cohort", "modality", "spatial_dims", "findings", "preprocess", "prompts")
 
 
 def cohort_record(summary: dict[str, Any]) -> dict[str, Any]:

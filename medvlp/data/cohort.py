@@ -138,6 +138,45 @@ class SurvivalSpec(_Strict):
     event: str
 
 
+class PromptTemplates(_Strict):
+    """Zero-shot prompt templates: ``{finding}`` (the name as written) and ``{Finding}`` (first letter upper-cased)."""
+
+    positive: list[str] = Field(min_length=1)
+    negative: list[str] = Field(min_length=1)
+
+    @field_validator("positive", "negative")
+    @classmethod
+    def _renderable(cls, v: list[str]) -> list[str]:
+        for t in v:
+            try:
+                t.format(finding="x", Finding="X")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(f"template {t!r} may only use {{finding}} and {{Finding}} ({exc})") from exc
+            if "{finding}" not in t and "{Finding}" not in t:
+                raise ValueError(f"template {t!r} names no {{finding}} or {{Finding}}")
+        return v
+
+
+class PromptSpec(_Strict):
+    """The cohort's own words for its findings, used for every zero-shot prompt of a model trained on it.
+
+    ``synonyms`` maps a finding (one of the cohort's ``findings``) to other names for it (``"enlarged cardiac
+    silhouette"``); every template is rendered with the finding's name and each synonym. ``templates`` replaces
+    the default templates (:data:`medvlp.tasks.zeroshot.DEFAULT_TEMPLATES`) when given.
+    """
+
+    synonyms: dict[str, list[str]] = Field(default_factory=dict)
+    templates: PromptTemplates | None = None
+
+    @field_validator("synonyms")
+    @classmethod
+    def _nonempty(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for finding, names in v.items():
+            if any(not str(n).strip() for n in names):
+                raise ValueError(f"synonyms of {finding!r} include an empty name")
+        return {k: [" ".join(str(n).split()) for n in names] for k, names in v.items()}
+
+
 class CohortSpec(_Strict):
     """The cohort YAML. Paths are relative to the YAML's folder (``root``)."""
 
@@ -150,6 +189,7 @@ class CohortSpec(_Strict):
     covariates: list[str] = Field(default_factory=list)
     survival: SurvivalSpec | None = None
     preprocess: PreprocessSpec | None = None
+    prompts: PromptSpec | None = None
     roots: list[Path] = Field(
         default_factory=list,
         description="folders outside the cohort folder that manifest paths may point into (e.g. /mnt/export)",
@@ -166,6 +206,15 @@ class CohortSpec(_Strict):
         if reserved:
             raise ValueError(f"{', '.join(sorted(reserved))} is a reserved manifest column")
         return v
+
+    @model_validator(mode="after")
+    def _synonyms_known(self) -> CohortSpec:
+        unknown = [f for f in (self.prompts.synonyms if self.prompts else {}) if f not in self.findings]
+        if unknown:
+            raise ValueError(
+                f"prompts.synonyms names finding(s) not in findings: {', '.join(repr(f) for f in unknown)}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _dims_agree(self) -> CohortSpec:

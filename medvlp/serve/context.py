@@ -3,13 +3,14 @@
 The served preprocessing must be the training one, so it is never guessed. It is taken, in this order, from
 
 1. ``cohort.json`` in the run folder or the model folder (``{"cohort", "modality", "spatial_dims", "findings",
-   "preprocess"}``: the subset of the cache's ``summary.json`` a model needs; see :func:`cohort_record`),
+   "preprocess", "prompts"}``: the subset of the cache's ``summary.json`` a model needs; see :func:`cohort_record`),
 2. the ``summary.json`` of the cache named in the run folder's ``run.json`` (written by ``medvlp train``),
 3. the ``summary.json`` of the cache given with ``--cache`` or found for ``--cohort`` (never built here),
 4. the preprocessing of the ``--cohort`` YAML itself,
 
-and a server with none of them refuses to start. The report corpus for retrieval is the training split of the
-cache (from ``--cache``, ``--cohort`` or ``run.json``); without one, retrieval answers 409.
+and a server with none of them refuses to start. The zero-shot prompts (the cohort's synonyms and templates) come
+from the same record, through :func:`medvlp.tasks.zeroshot.prompt_spec`. The report corpus for retrieval is the
+training split of the cache (from ``--cache``, ``--cohort`` or ``run.json``); without one, retrieval answers 409.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 from medvlp.artifacts import RunDir, find_card
 from medvlp.data.cache import COHORT_RECORD, cohort_record
 from medvlp.data.cohort import PreprocessSpec
+from medvlp.tasks.zeroshot import PromptSpec, prompt_spec
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ class ServingContext:
         cache_dir: the training cohort cache (the retrieval corpus), when there is one.
         metrics_path: the evaluation card's ``metrics.json``, when there is one.
         calibration: the model's zero-shot calibration (``calibration.json``), when it has one.
+        prompts: ``(templates, synonyms)`` of the model's prompts (:func:`medvlp.tasks.zeroshot.prompt_spec`).
         source: where ``cohort`` came from (for the log and ``/v1/model``).
     """
 
@@ -51,6 +54,7 @@ class ServingContext:
     cache_dir: Path | None = None
     metrics_path: Path | None = None
     calibration: dict[str, Any] | None = None
+    prompts: PromptSpec = (None, None)
     source: str = ""
 
 
@@ -97,6 +101,7 @@ def resolve_context(
             "spatial_dims": spec.spatial_dims,
             "findings": list(spec.findings),
             "preprocess": spec.preprocessing.model_dump(mode="json"),
+            "prompts": spec.prompts.model_dump(mode="json") if spec.prompts else None,
         }
         source = str(cohort_yaml)
     if not record or "preprocess" not in record:
@@ -112,5 +117,6 @@ def resolve_context(
         cache_dir=cache_dir,
         metrics_path=run.card(card),
         calibration=run.calibration(),
+        prompts=prompt_spec(record),
         source=source,
     )

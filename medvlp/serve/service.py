@@ -168,7 +168,7 @@ class DiagnosisService:
         """``[F, 2, E]`` positive/negative prompt embeddings, from the cache or computed once."""
         missing = [f for f in dict.fromkeys(findings) if f not in self._prompts]
         if missing:
-            emb = zeroshot.build_prompt_embeddings(self.model, missing)  # [M, 2, E]
+            emb = zeroshot.build_prompt_embeddings(self.model, missing, *self.context.prompts)  # [M, 2, E]
             self.prompt_computations += len(missing)
             for f, e in zip(missing, emb, strict=True):
                 self._prompts[f] = e

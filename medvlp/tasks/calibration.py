@@ -109,20 +109,28 @@ def load_calibration(model_dir: str | Path) -> dict[str, Any] | None:
 def calibrate_model_dir(model_dir: str | Path, cache: Any, sections: Sequence[str]) -> dict[str, Any] | None:
     """Fit the calibration of a model folder on its cohort's ``val`` split and write it there.
 
+    The probabilities are those of the model's own prompts (:func:`medvlp.tasks.zeroshot.prompt_spec` of the model
+    folder's ``cohort.json``, else of the cache's ``summary.json``), the ones evaluation and the server answer with.
+
     Returns:
         The calibration, or None when the cohort has no validation studies (nothing is written then).
     """
     import logging
 
+    from medvlp.data.cache import COHORT_RECORD
     from medvlp.models import MedVLP
     from medvlp.tasks.embed import embed_split
-    from medvlp.tasks.zeroshot import zero_shot_scores
+    from medvlp.tasks.zeroshot import prompt_spec, zero_shot_scores
 
     if cache.split("val").empty or not cache.findings:
         logging.getLogger(__name__).warning("no validation studies (or no findings): the model stays uncalibrated")
         return None
     model = MedVLP.from_pretrained(model_dir).eval()
     val = embed_split(model, cache, "val", sections)
-    calibration = fit_calibration(val.labels, zero_shot_scores(model, val.image, cache.findings), cache.findings)
+    record_path = Path(model_dir) / COHORT_RECORD
+    record = json.loads(record_path.read_text()) if record_path.is_file() else cache.summary
+    templates, synonyms = prompt_spec(record)
+    scores = zero_shot_scores(model, val.image, cache.findings, templates, synonyms)
+    calibration = fit_calibration(val.labels, scores, cache.findings)
     save_calibration(model_dir, calibration)
     return calibration

@@ -20,13 +20,16 @@ from torch import Tensor
 
 __all__ = [
     "DEFAULT_TEMPLATES",
+    "PromptSpec",
     "build_prompt_embeddings",
     "classification_metrics",
+    "embed_prompt_sets",
     "expected_calibration_error",
     "finding_text",
     "model_logit_scale",
     "operating_points",
     "prompt_sensitivity",
+    "prompt_spec",
     "render_prompts",
     "template_variants",
     "threshold_at_sensitivity",
@@ -56,6 +59,27 @@ DEFAULT_TEMPLATES: dict[str, list[str]] = {
 }
 POLARITIES = ("positive", "negative")
 ECE_BINS = 15
+PromptSpec = tuple[dict[str, list[str]] | None, dict[str, list[str]] | None]  # (templates, synonyms)
+
+
+def prompt_spec(record: Mapping[str, Any] | None) -> PromptSpec:
+    """``(templates, synonyms)`` for :func:`render_prompts` from a cohort record.
+
+    The record is a model folder's ``cohort.json`` or a cache's ``summary.json`` (their ``prompts`` entry, written
+    from the cohort YAML's ``prompts:``). This is the one place every caller (evaluation, calibration, the server,
+    ``medvlp predict``, the notebooks, validation during training) gets a model's prompts from, so they agree.
+
+    Returns:
+        ``(None, None)`` (the default templates, no synonyms) when the record has no prompts.
+    """
+    raw = (record or {}).get("prompts") or {}
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"a cohort record's 'prompts' must be a mapping, got {type(raw).__name__}")
+    templates = raw.get("templates")
+    synonyms = raw.get("synonyms")
+    t = {pol: [str(x) for x in templates[pol]] for pol in POLARITIES} if templates else None
+    syn = {str(k): [str(x) for x in v] for k, v in synonyms.items()} if synonyms else None
+    return t, syn
 
 
 def finding_text(name: str) -> str:
@@ -96,28 +120,23 @@ def render_prompts(
 
 
 @torch.no_grad()
-def build_prompt_embeddings(
-    model: Any,
-    findings: Sequence[str],
-    templates: Mapping[str, Sequence[str]] | None = None,
-    synonyms: Mapping[str, Sequence[str]] | None = None,
-    batch_size: int = 64,
-) -> Tensor:
-    """Positive/negative prompt embeddings per finding.
+def embed_prompt_sets(model: Any, prompt_sets: Sequence[Mapping[str, Sequence[str]]], batch_size: int = 64) -> Tensor:
+    """Positive/negative embeddings of ready-made prompt sets, one set per finding.
 
     Args:
         model: a :class:`~medvlp.models.MedVLP` (anything with ``encode_text(list[str], normalize=True)``).
-        findings: finding names.
-        templates: see :func:`render_prompts`.
-        synonyms: see :func:`render_prompts`.
+        prompt_sets: per finding ``{"positive": [...], "negative": [...]}``, each list non-empty.
         batch_size: prompts per text-encoder call.
 
     Returns:
         ``[F, 2, E]`` float32 on the CPU, unit norm; index 0 is positive, 1 negative. Each entry is the mean of
         the L2-normalized embeddings of that finding's prompts of that polarity, renormalized.
     """
-    prompts = [render_prompts(f, templates, synonyms) for f in findings]
-    flat = [p for per in prompts for pol in POLARITIES for p in per[pol]]
+    for i, per in enumerate(prompt_sets):
+        for pol in POLARITIES:
+            if not per.get(pol):
+                raise ValueError(f"prompt set {i} has no {pol!r} prompt")
+    flat = [p for per in prompt_sets for pol in POLARITIES for p in per[pol]]
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -129,15 +148,37 @@ def build_prompt_embeddings(
     finally:
         if was_training:
             model.train()
-    emb = F.normalize(torch.cat(chunks), dim=-1)  # [P, E]
-    out = torch.empty(len(findings), 2, emb.shape[-1])
+    emb = F.normalize(torch.cat(chunks), dim=-1) if chunks else torch.zeros(0, 0)  # [P, E]
+    out = torch.empty(len(prompt_sets), 2, emb.shape[-1])
     start = 0
-    for i, per in enumerate(prompts):
+    for i, per in enumerate(prompt_sets):
         for j, pol in enumerate(POLARITIES):
             n = len(per[pol])
             out[i, j] = F.normalize(emb[start : start + n].mean(0), dim=-1)
             start += n
     return out
+
+
+def build_prompt_embeddings(
+    model: Any,
+    findings: Sequence[str],
+    templates: Mapping[str, Sequence[str]] | None = None,
+    synonyms: Mapping[str, Sequence[str]] | None = None,
+    batch_size: int = 64,
+) -> Tensor:
+    """Positive/negative prompt embeddings per finding (:func:`render_prompts`, then :func:`embed_prompt_sets`).
+
+    Args:
+        model: a :class:`~medvlp.models.MedVLP` (anything with ``encode_text(list[str], normalize=True)``).
+        findings: finding names.
+        templates: see :func:`render_prompts`.
+        synonyms: see :func:`render_prompts`.
+        batch_size: prompts per text-encoder call.
+
+    Returns:
+        ``[F, 2, E]`` float32 on the CPU, unit norm; index 0 is positive, 1 negative.
+    """
+    return embed_prompt_sets(model, [render_prompts(f, templates, synonyms) for f in findings], batch_size)
 
 
 def model_logit_scale(model: Any, max_scale: float = 100.0) -> float:
@@ -379,8 +420,10 @@ def prompt_sensitivity(
     labels: np.ndarray,
     findings: Sequence[str],
     variants: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+    synonyms: Mapping[str, Sequence[str]] | None = None,
 ) -> Any:
-    """AUROC per finding (columns, plus ``mean``) for each template set (rows, see :func:`template_variants`).
+    """AUROC per finding (columns, plus ``mean``) for each template set (rows, see :func:`template_variants`),
+    every set rendered with the model's ``synonyms`` (:func:`prompt_spec`).
 
     Run it on ``val``: choosing templates by their test AUROC flatters the model.
     """
@@ -389,7 +432,8 @@ def prompt_sensitivity(
     variants = template_variants() if variants is None else variants
     rows = {}
     for name, templates in variants.items():
-        m = classification_metrics(labels, zero_shot_scores(model, image_features, findings, templates), findings)
+        scores = zero_shot_scores(model, image_features, findings, templates, synonyms)
+        m = classification_metrics(labels, scores, findings)
         rows[name] = {f: v["auroc"] for f, v in m["per_finding"].items()} | {"mean": m["mean_auroc"]}
     return pd.DataFrame(rows).T.rename_axis("templates")
 
@@ -401,17 +445,23 @@ def zero_shot_task(
     findings: Sequence[str],
     calibration: Mapping[str, Any] | None = None,
     target_sensitivity: float = 0.9,
+    prompts: PromptSpec | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """The zero-shot task on split embeddings (:class:`medvlp.tasks.embed.SplitEmbeddings`): probabilities of the
     test images (calibrated when the model has a calibration, :mod:`medvlp.tasks.calibration`) and
     :func:`zero_shot_metrics`, the operating point fitted on ``val``.
+
+    Args:
+        prompts: the model's ``(templates, synonyms)`` (:func:`prompt_spec` of its ``cohort.json``); the default
+            templates without synonyms when None.
 
     Returns:
         ``(metrics, probabilities [N, F])``.
     """
     from medvlp.tasks.calibration import apply_calibration
 
-    raw = zero_shot_scores(model, np.concatenate([val.image, test.image]), findings)
+    templates, synonyms = prompts or (None, None)
+    raw = zero_shot_scores(model, np.concatenate([val.image, test.image]), findings, templates, synonyms)
     probs = apply_calibration(raw, findings, calibration)[0] if calibration else raw
     n_val = len(val.image)
     has_val = n_val > 0
@@ -424,4 +474,5 @@ def zero_shot_task(
         target_sensitivity,
         uncalibrated=raw[n_val:] if calibration else None,
     )
+    metrics["prompts"] = {"templates": "cohort" if templates else "default", "synonyms": dict(synonyms or {})}
     return metrics, probs[n_val:]

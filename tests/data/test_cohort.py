@@ -182,3 +182,29 @@ def test_manifest_paths_outside_the_cohort_folder_are_refused_unless_under_a_dec
     m = _manifest(image=["a.dcm", f"{export}/../../etc/passwd", "b.dcm"])
     with pytest.raises(CohortError, match=r"row 3 .*image path leads outside"):
         load_cohort(_write(cohort, {**BASE, "roots": [str(export)]}, m))
+
+
+def test_prompts_synonyms_and_templates_are_validated(tmp_path: Path) -> None:
+    good = BASE | {
+        "prompts": {
+            "synonyms": {"effusion": ["fluid in the  pleural space"]},
+            "templates": {"positive": ["{Finding} is seen."], "negative": ["No {finding}."]},
+        }
+    }
+    spec = load_spec(_write(tmp_path, good, _manifest()))
+    assert spec.prompts is not None and spec.prompts.synonyms == {"effusion": ["fluid in the pleural space"]}
+    assert spec.prompts.templates is not None and spec.prompts.templates.negative == ["No {finding}."]
+    assert load_spec(_write(tmp_path, BASE, _manifest())).prompts is None  # optional
+    bad_key = BASE | {"prompts": {"synonyms": {"cardiomegaly": ["enlarged heart"]}}}
+    with pytest.raises(ValueError, match="'cardiomegaly'") as info:
+        load_spec(_write(tmp_path, bad_key, _manifest()))
+    assert "not in findings" in str(info.value)
+    for templates, words in [
+        ({"positive": ["There is {disease}."], "negative": ["No {finding}."]}, "may only use"),
+        ({"positive": ["Abnormal."], "negative": ["No {finding}."]}, "names no"),
+        ({"positive": [], "negative": ["No {finding}."]}, "positive"),
+    ]:
+        with pytest.raises(CohortError, match=words):
+            load_spec(_write(tmp_path, BASE | {"prompts": {"templates": templates}}, _manifest()))
+    with pytest.raises(CohortError, match="empty name"):
+        load_spec(_write(tmp_path, BASE | {"prompts": {"synonyms": {"effusion": [" "]}}}, _manifest()))

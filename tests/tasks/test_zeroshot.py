@@ -15,9 +15,11 @@ from medvlp.tasks.zeroshot import (
     DEFAULT_TEMPLATES,
     build_prompt_embeddings,
     classification_metrics,
+    embed_prompt_sets,
     expected_calibration_error,
     finding_text,
     model_logit_scale,
+    prompt_spec,
     render_prompts,
     threshold_at_sensitivity,
     zero_shot_probabilities,
@@ -188,3 +190,30 @@ def test_the_operating_point_is_fitted_on_val_and_scored_on_test() -> None:
         and out["mean_auroc"] == classification_metrics(labels, probs, FINDINGS)["mean_auroc"]
     )
     assert "operating_point" not in zero_shot_metrics(labels, probs, FINDINGS)  # no val, no tuned threshold
+
+
+def test_prompt_spec_from_a_cohort_record(model: MedVLP) -> None:
+    assert prompt_spec(None) == (None, None) and prompt_spec({"findings": FINDINGS, "prompts": None}) == (None, None)
+    record = {
+        "findings": FINDINGS,
+        "prompts": {
+            "synonyms": {"cardiomegaly": ["enlarged cardiac silhouette"]},
+            "templates": {"positive": ["The {finding} is seen."], "negative": ["No {finding} is seen."]},
+        },
+    }
+    templates, synonyms = prompt_spec(record)
+    assert synonyms == {"cardiomegaly": ["enlarged cardiac silhouette"]}
+    assert render_prompts("cardiomegaly", templates, synonyms)["positive"] == [
+        "The cardiomegaly is seen.",
+        "The enlarged cardiac silhouette is seen.",
+    ]
+    with_spec = build_prompt_embeddings(model, FINDINGS, templates, synonyms)
+    plain = build_prompt_embeddings(model, FINDINGS)
+    assert not torch.allclose(with_spec[2], plain[2])  # the record changes the prompts the model is asked with
+    torch.testing.assert_close(
+        with_spec, embed_prompt_sets(model, [render_prompts(f, templates, synonyms) for f in FINDINGS])
+    )
+    with pytest.raises(ValueError, match="must be a mapping"):
+        prompt_spec({"prompts": ["There is {finding}."]})
+    with pytest.raises(ValueError, match="no 'negative' prompt"):
+        embed_prompt_sets(model, [{"positive": ["x"], "negative": []}])
