@@ -237,6 +237,7 @@ class AlignStage:
             build_prompt_embeddings,
             classification_metrics,
             model_logit_scale,
+            prompt_spec,
             zero_shot_probabilities,
         )
 
@@ -258,7 +259,7 @@ class AlignStage:
             image, text = torch.cat(images), torch.cat(texts)
             findings = list(self.cache.findings)
             if findings:
-                prompts = build_prompt_embeddings(self.model, findings)
+                prompts = build_prompt_embeddings(self.model, findings, *prompt_spec(self.cache.summary))
                 probs = zero_shot_probabilities(image, prompts, model_logit_scale(self.model))
             labels = ds.records[findings].astype("float32").to_numpy()  # NaN unknown, -1 uncertain
             zero_shot = classification_metrics(labels, probs, findings) if findings else {"mean_auroc": math.nan}
