@@ -60,6 +60,14 @@ def cohort_synth(
             min=0,
         ),
     ] = None,
+    unpaired: Annotated[
+        int,
+        typer.Option(
+            help="Also write this many image-only studies (empty report) and as many report-only ones (empty "
+            "image), in train, for stage 1; the paired studies stay the same.",
+            min=0,
+        ),
+    ] = 0,
 ) -> None:
     """Write a built-in synthetic cohort (real DICOM files, manifest, reports, boxes, survival)."""
     from medvlp.data.synthetic import synthesize
@@ -69,16 +77,17 @@ def cohort_synth(
         kind, n, seed = r["kind"], r["n"], r["seed"]
     if kind not in KINDS:
         _fail(f"--kind must be one of {', '.join(KINDS)} (or give --recipe), got {kind!r}")
-    path = synthesize(kind, n, out, seed=seed, style=style)
+    path = synthesize(kind, n, out, seed=seed, style=style, unpaired=unpaired)
     styled = f" in style {style}" if style else ""
-    console.print(f"wrote {n} synthetic {kind} studies{styled}: [bold]{path}[/]")
+    extra = f" + {unpaired} image-only and {unpaired} report-only" if unpaired else ""
+    console.print(f"wrote {n} synthetic {kind} studies{extra}{styled}: [bold]{path}[/]")
 
 
 @cohort_app.command("validate")
 def cohort_validate(cohort: Annotated[Path, typer.Argument(help="The cohort YAML.")]) -> None:
     """Check a cohort (YAML, manifest, grounding, files present, reports not empty) without building it."""
     from medvlp.data.cohort import CohortError, load_cohort
-    from medvlp.data.validate import lesion_warnings, record_problems
+    from medvlp.data.validate import lesion_warnings, pairing_counts, record_problems
 
     try:
         c = load_cohort(cohort)
@@ -91,6 +100,13 @@ def cohort_validate(cohort: Annotated[Path, typer.Argument(help="The cohort YAML
         f"{cohort}: {len(c.manifest)} studies {splits}, {len(c.grounding)} phrase boxes, "
         f"findings: {', '.join(c.findings) or 'none'}"
     )
+    pairing = pairing_counts(c)
+    if pairing["image_only"] or pairing["report_only"]:
+        console.print(
+            f"  {pairing['image_only']} image-only and {pairing['report_only']} report-only studies (train, stage 1 "
+            f"only), {pairing['paired']} pairs",
+            highlight=False,
+        )
     for study_id, reason in problems:
         console.print(f"  would quarantine {study_id}: {reason}", highlight=False)
     for warning in lesion_warnings(c):
