@@ -46,7 +46,13 @@ def test_unpaired_rows_are_flagged_kept_in_train_and_leave_val_and_test_unchange
         [
             {"subject_id": "X1", "study_id": "X-NEITHER", "image": "", "report": "  ", "split": "train"},
             {"subject_id": "X2", "study_id": "X-BLANK-SPLIT", "image": "", "report": m.at[0, "report"], "split": ""},
-            {"subject_id": "X3", "study_id": "X-IN-TEST", "image": m.at[train_row, "image"], "report": "", "split": "test"},
+            {
+                "subject_id": "X3",
+                "study_id": "X-IN-TEST",
+                "image": m.at[train_row, "image"],
+                "report": "",
+                "split": "test",
+            },
         ]
     )
     m = pd.concat([m, extra], ignore_index=True).fillna("")
