@@ -127,6 +127,8 @@ def lesion_warnings(cohort: Cohort, min_voxels: float = 1.0) -> list[str]:
     where = f"spacing {list(pp.spacing) if pp.spacing else 'as stored'}, size {list(pp.size)}"
     out = []
     for sid, group in cohort.grounding.groupby("study_id", sort=False):
+        if not str(images.get(sid, "")).strip():  # a report-only study: no image to shrink a box in
+            continue
         try:
             image = read_image(spec.resolve(images[sid]))
             geometry = preprocess_image(image, pp).source_to_output
