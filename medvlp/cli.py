@@ -61,12 +61,7 @@ def cohort_synth(
         ),
     ] = None,
     unpaired: Annotated[
-        int,
-        typer.Option(
-            help="Also write this many image-only studies (empty report) and as many report-only ones (empty "
-            "image), in train, for stage 1; the paired studies stay the same.",
-            min=0,
-        ),
+        int, typer.Option(help="Add this many image-only and as many report-only studies (train, stage 1).", min=0)
     ] = 0,
 ) -> None:
     """Write a built-in synthetic cohort (real DICOM files, manifest, reports, boxes, survival)."""
@@ -100,13 +95,10 @@ def cohort_validate(cohort: Annotated[Path, typer.Argument(help="The cohort YAML
         f"{cohort}: {len(c.manifest)} studies {splits}, {len(c.grounding)} phrase boxes, "
         f"findings: {', '.join(c.findings) or 'none'}"
     )
-    pairing = pairing_counts(c)
-    if pairing["image_only"] or pairing["report_only"]:
-        console.print(
-            f"  {pairing['image_only']} image-only and {pairing['report_only']} report-only studies (train, stage 1 "
-            f"only), {pairing['paired']} pairs",
-            highlight=False,
-        )
+    p = pairing_counts(c)
+    if p["image_only"] or p["report_only"]:
+        msg = f"{p['image_only']} image-only and {p['report_only']} report-only studies (train, stage 1 only)"
+        console.print(f"  {msg}, {p['paired']} pairs", highlight=False)
     for study_id, reason in problems:
         console.print(f"  would quarantine {study_id}: {reason}", highlight=False)
     for warning in lesion_warnings(c):
