@@ -60,6 +60,9 @@ def cohort_synth(
             min=0,
         ),
     ] = None,
+    unpaired: Annotated[
+        int, typer.Option(help="Add this many image-only and as many report-only studies (train, stage 1).", min=0)
+    ] = 0,
 ) -> None:
     """Write a built-in synthetic cohort (real DICOM files, manifest, reports, boxes, survival)."""
     from medvlp.data.synthetic import synthesize
@@ -69,16 +72,17 @@ def cohort_synth(
         kind, n, seed = r["kind"], r["n"], r["seed"]
     if kind not in KINDS:
         _fail(f"--kind must be one of {', '.join(KINDS)} (or give --recipe), got {kind!r}")
-    path = synthesize(kind, n, out, seed=seed, style=style)
+    path = synthesize(kind, n, out, seed=seed, style=style, unpaired=unpaired)
     styled = f" in style {style}" if style else ""
-    console.print(f"wrote {n} synthetic {kind} studies{styled}: [bold]{path}[/]")
+    extra = f" + {unpaired} image-only and {unpaired} report-only" if unpaired else ""
+    console.print(f"wrote {n} synthetic {kind} studies{extra}{styled}: [bold]{path}[/]")
 
 
 @cohort_app.command("validate")
 def cohort_validate(cohort: Annotated[Path, typer.Argument(help="The cohort YAML.")]) -> None:
     """Check a cohort (YAML, manifest, grounding, files present, reports not empty) without building it."""
     from medvlp.data.cohort import CohortError, load_cohort
-    from medvlp.data.validate import lesion_warnings, record_problems
+    from medvlp.data.validate import lesion_warnings, pairing_counts, record_problems
 
     try:
         c = load_cohort(cohort)
@@ -91,6 +95,10 @@ def cohort_validate(cohort: Annotated[Path, typer.Argument(help="The cohort YAML
         f"{cohort}: {len(c.manifest)} studies {splits}, {len(c.grounding)} phrase boxes, "
         f"findings: {', '.join(c.findings) or 'none'}"
     )
+    p = pairing_counts(c)
+    if p["image_only"] or p["report_only"]:
+        msg = f"{p['image_only']} image-only and {p['report_only']} report-only studies (train, stage 1 only)"
+        console.print(f"  {msg}, {p['paired']} pairs", highlight=False)
     for study_id, reason in problems:
         console.print(f"  would quarantine {study_id}: {reason}", highlight=False)
     for warning in lesion_warnings(c):

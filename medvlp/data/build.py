@@ -30,6 +30,8 @@ from tqdm.auto import tqdm
 
 from medvlp.data.cache import (
     CACHE_VERSION,
+    HAS_IMAGE,
+    HAS_REPORT,
     atomic_save_npy,
     atomic_write_bytes,
     atomic_write_json,
@@ -230,7 +232,8 @@ def _build_locked(
 
         quarantine: list[tuple[int, str, str]] = []  # (manifest row, study pseudonym, reason without identifiers)
         items: dict[str, dict[str, Any]] = {}
-        reports: dict[str, str] = {}
+        reports: dict[str, str] = {}  # "" for an image-only study
+        report_only: set[str] = set()  # studies with a report and no image: nothing to decode
         tasks: list[_Task] = []
         study_of: dict[str, str] = {}
         row_of: dict[str, int] = {}
@@ -238,12 +241,15 @@ def _build_locked(
             sid = row.study_id
             st = pseudonym(key, "st", sid)
             study_of[st], row_of[st] = sid, manifest_row(index)
-            report, reason = precheck(spec, row)
-            if reason is not None:
-                quarantine.append((row_of[st], st, reason))
+            check = precheck(spec, row)
+            if check.reason is not None:
+                quarantine.append((row_of[st], st, check.reason))
                 continue
-            reports[st] = report
-            image = spec.resolve(row.image)
+            reports[st] = check.report
+            if check.image is None:
+                report_only.add(st)
+                continue
+            image = check.image
             boxes = by_study.get(sid, empty)
             fp = _fingerprint(pp, image, boxes)
             done = _read_item(out, st, fp)
@@ -274,7 +280,9 @@ def _build_locked(
         for row_no, st, reason in quarantine:
             logger.warning("quarantined row %d (%s): %s", row_no, st, reason)
 
-        _write_tables(out, cohort, key, items, reports)
+        _write_tables(out, cohort, key, items, reports, report_only)
+        ingested = set(items) | report_only
+        image_only = sum(1 for st in items if not reports[st])
         qdf = pd.DataFrame(quarantine, columns=["row", "study", "reason"])
         atomic_write_bytes(out / "quarantine.csv", qdf.to_csv(index=False).encode())
         _write_ids(out, [(row_of[st], st, sid) for st, sid in study_of.items()])
@@ -291,20 +299,31 @@ def _build_locked(
             "preprocess": pp.model_dump(mode="json"),
             "prompts": spec.prompts.model_dump(mode="json") if spec.prompts else None,
             "records": len(df),
-            "ingested": len(items),
+            "ingested": len(ingested),
+            "paired": len(ingested) - image_only - len(report_only),
+            "image_only": image_only,
+            "report_only": len(report_only),
             "quarantined": len(quarantine),
             "reused": reused,
             "processed": len(tasks),
             "splits": {
                 s: int(n)
-                for s, n in df[df["study_id"].isin(set(study_of[s] for s in items))]["split"].value_counts().items()
+                for s, n in df[df["study_id"].isin(set(study_of[s] for s in ingested))]["split"].value_counts().items()
             },
             "seconds": round(seconds, 3),
             "resolution_proposal": _proposal(cohort, study_of, items),
         }
         atomic_write_json(out / "summary.json", summary)
-        logger.info("built %s: %d ingested, %d quarantined in %.1f s", spec.name, len(items), len(quarantine), seconds)
-        return BuildSummary(out, len(items), len(quarantine), reused, seconds)
+        logger.info(
+            "built %s: %d ingested (%d image-only, %d report-only), %d quarantined in %.1f s",
+            spec.name,
+            len(ingested),
+            image_only,
+            len(report_only),
+            len(quarantine),
+            seconds,
+        )
+        return BuildSummary(out, len(ingested), len(quarantine), reused, seconds)
     finally:
         logger.removeHandler(handler)
         handler.close()
@@ -370,21 +389,28 @@ def _write_ids(out: Path, rows: list[tuple[int, str, str]]) -> None:
 
 
 def _write_tables(
-    out: Path, cohort: Cohort, key: bytes, items: dict[str, dict[str, Any]], reports: dict[str, str]
+    out: Path,
+    cohort: Cohort,
+    key: bytes,
+    items: dict[str, dict[str, Any]],
+    reports: dict[str, str],
+    report_only: set[str],
 ) -> None:
-    """records.parquet and grounding.parquet, keyed by pseudonyms only."""
+    """records.parquet and grounding.parquet, keyed by pseudonyms only (``has_image`` / ``has_report`` per study)."""
     spec, df = cohort.spec, cohort.manifest
     keep = [*spec.findings, *spec.covariates]
     if spec.survival:
         keep += [spec.survival.time, spec.survival.event]
     studies = df["study_id"].map(lambda s: pseudonym(key, "st", s))
-    ok = studies.isin(items.keys()).to_numpy()
+    ok = studies.isin(items.keys() | report_only).to_numpy()
     records = pd.DataFrame(
         {
             "study": studies[ok].to_numpy(),
             "subject": df.loc[ok, "subject_id"].map(lambda s: pseudonym(key, "sb", s)).to_numpy(),
             "split": df.loc[ok, "split"].to_numpy(),
             "report": [reports[s] for s in studies[ok]],
+            HAS_IMAGE: [s in items for s in studies[ok]],
+            HAS_REPORT: [bool(reports[s]) for s in studies[ok]],
         }
     )
     for c in keep:

@@ -4,7 +4,8 @@ Layout of a cache folder::
 
     summary.json        counts, preprocessing, timings
     quarantine.csv      row, study, reason: every record that could not be used, by manifest row and pseudonym
-    records.parquet     one row per ingested study: pseudonyms, split, report, labels, covariates, survival
+    records.parquet     one row per ingested study: pseudonyms, split, report, has_image, has_report, labels,
+                        covariates, survival (an image-only study has report "", a report-only one no .npy)
     grounding.parquet   phrase boxes mapped onto the cached grid (voxel corner + size, floats)
     images/<study>.npy  float16 [1, *size] in [0, 1], read memory-mapped
     items/<study>.json  per-study fingerprint, the resume marker (written after its .npy)
@@ -32,6 +33,9 @@ import numpy as np
 import pandas as pd
 
 CACHE_VERSION = 1
+HAS_IMAGE, HAS_REPORT = "has_image", "has_report"  # records.parquet columns: what an unpaired study holds
+NEEDS = {"image": HAS_IMAGE, "report": HAS_REPORT}
+PAIRED = ("image", "report")
 COHORT_RECORD = "cohort.json"  # what a trained model folder keeps of its cohort (no study, no patient)
 _RECORD_KEYS = ("cohort", "modality", "spatial_dims", "findings", "preprocess", "prompts")
 
@@ -160,7 +164,8 @@ class CachedCohort:
     Attributes:
         root: the cache folder.
         summary: the content of ``summary.json``.
-        records: one row per ingested study (column ``study`` is the pseudonym).
+        records: one row per ingested study (column ``study`` is the pseudonym), paired or not: columns
+            ``has_image`` and ``has_report`` say which; :meth:`split` selects by them.
         grounding: phrase boxes on the cached grid (``study, category_name, label_text, x, y[, z], w, h[, d]``).
     """
 
@@ -178,12 +183,11 @@ class CachedCohort:
         summary = json.loads(summary_path.read_text())
         if summary.get("cache_version") != CACHE_VERSION:
             raise ValueError(f"{root}: cache version {summary.get('cache_version')} != {CACHE_VERSION}; rebuild it")
-        return cls(
-            root=root,
-            summary=summary,
-            records=pd.read_parquet(root / "records.parquet"),
-            grounding=pd.read_parquet(root / "grounding.parquet"),
-        )
+        records = pd.read_parquet(root / "records.parquet")
+        for col in (HAS_IMAGE, HAS_REPORT):  # a cache built before unpaired studies holds pairs only
+            if col not in records.columns:
+                records[col] = True
+        return cls(root=root, summary=summary, records=records, grounding=pd.read_parquet(root / "grounding.parquet"))
 
     @property
     def findings(self) -> list[str]:
@@ -193,9 +197,25 @@ class CachedCohort:
     def spatial_dims(self) -> int:
         return int(self.summary["spatial_dims"])
 
-    def split(self, name: str) -> pd.DataFrame:
-        """Records of one split (train, val or test), index reset."""
-        return self.records[self.records["split"] == name].reset_index(drop=True)
+    def split(self, name: str, need: tuple[str, ...] | list[str] = PAIRED) -> pd.DataFrame:
+        """Records of one split (train, val or test) that hold everything in ``need``, index reset.
+
+        Args:
+            name: the split.
+            need: what each study must have: ``("image", "report")`` (the default: the pairs that stage 2 and every
+                evaluation use), ``("image",)`` (every image, for stage1-image) or ``("report",)`` (every report,
+                for stage1-text). Unpaired studies are only ever in ``train``.
+
+        Raises:
+            ValueError: for anything in ``need`` other than ``image`` and ``report``.
+        """
+        unknown = [n for n in need if n not in NEEDS]
+        if unknown or isinstance(need, str):
+            raise ValueError(f"need must list 'image' and/or 'report', got {need!r}")
+        keep = self.records["split"] == name
+        for n in need:
+            keep &= self.records[NEEDS[n]].astype(bool)
+        return self.records[keep].reset_index(drop=True)
 
     def image_path(self, study: str) -> Path:
         return self.root / "images" / f"{study}.npy"

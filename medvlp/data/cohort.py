@@ -330,9 +330,12 @@ def _check_manifest(spec: CohortSpec, df: pd.DataFrame, name: str, problems: lis
         sid = df.at[i, "study_id"] or "?"
         problems.append(f"{name} row {i + 2} (study_id {sid}): {msg}")  # +2: header line, 1-based
 
-    for col in ("subject_id", "study_id", "image"):
+    for col in ("subject_id", "study_id"):
         for i in df.index[df[col] == ""]:
             row_problem(i, f"column '{col}' is empty")
+    # an unpaired row (no image or no report) serves training only: a blank split means train
+    unpaired = (df["image"] == "") | (df["report"] == "")
+    df.loc[unpaired & (df["split"] == ""), "split"] = "train"
     roots = ", ".join(str(r) for r in spec.roots) or "none declared"
     for i in df.index[df["image"] != ""]:
         if spec.outside_roots(df.at[i, "image"]):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from medvlp.data.cohort import Cohort, CohortSpec
@@ -23,27 +25,76 @@ def resolve_report(spec: CohortSpec, value: str) -> str:
     return stripped
 
 
-def precheck(spec: CohortSpec, row: Any) -> tuple[str | None, str | None]:
-    """``(report, None)`` for a record worth decoding, else ``(None, reason)`` to quarantine it."""
+PAIRED, IMAGE_ONLY, REPORT_ONLY = "paired", "image_only", "report_only"
+
+
+@dataclass(frozen=True)
+class RecordCheck:
+    """What a manifest row holds before decoding: its report text, its image path, or why it is quarantined.
+
+    Attributes:
+        report: the report text, ``""`` when the row has none (an image-only study).
+        image: the image path, ``None`` when the row has none (a report-only study).
+        reason: why the row is quarantined, ``None`` when it is worth using.
+    """
+
+    report: str = ""
+    image: Path | None = None
+    reason: str | None = None
+
+    @property
+    def pairing(self) -> str:
+        """``paired``, ``image_only`` or ``report_only`` (what stage 1 and stage 2 may use it for)."""
+        if self.image is None:
+            return REPORT_ONLY
+        return PAIRED if self.report else IMAGE_ONLY
+
+
+def precheck(spec: CohortSpec, row: Any) -> RecordCheck:
+    """The report and image of a record worth using, or the reason to quarantine it.
+
+    A row with an empty ``report`` is an image-only study, one with an empty ``image`` a report-only study: both
+    are used for training only (stage 1), so they must be in the ``train`` split (a blank split means train). A row
+    with neither is quarantined; so is a row whose named image or report file is missing (a broken link is an error,
+    not an unpaired study).
+    """
     try:
         report = resolve_report(spec, row.report)
     except OSError as exc:
-        return None, str(exc)
-    if not report:
-        return None, "empty report"
-    if not spec.resolve(row.image).exists():
-        return None, "image file not found"
-    return report, None
+        return RecordCheck(reason=str(exc))
+    named = str(row.image or "").strip()
+    image = spec.resolve(named) if named else None
+    if not report and image is None:
+        return RecordCheck(reason="empty report and no image")
+    if image is not None and not image.exists():
+        return RecordCheck(reason="image file not found")
+    check = RecordCheck(report=report, image=image)
+    if check.pairing != PAIRED and row.split != "train":
+        what = "image-only" if image is not None else "report-only"
+        return RecordCheck(
+            reason=f"{what} study in split {row.split!r}: unpaired studies serve training only (set split to train)"
+        )
+    return check
 
 
 def record_problems(cohort: Cohort) -> list[tuple[str, str]]:
     """``(study_id, reason)`` for every record a build would quarantine without even decoding it."""
     out = []
     for row in cohort.manifest.itertuples(index=False):
-        _, reason = precheck(cohort.spec, row)
+        reason = precheck(cohort.spec, row).reason
         if reason is not None:
             out.append((row.study_id, reason))
     return out
+
+
+def pairing_counts(cohort: Cohort) -> dict[str, int]:
+    """How many usable records are ``paired``, ``image_only`` and ``report_only`` (quarantined ones left out)."""
+    counts = dict.fromkeys((PAIRED, IMAGE_ONLY, REPORT_ONLY), 0)
+    for row in cohort.manifest.itertuples(index=False):
+        check = precheck(cohort.spec, row)
+        if check.reason is None:
+            counts[check.pairing] += 1
+    return counts
 
 
 def lesion_warnings(cohort: Cohort, min_voxels: float = 1.0) -> list[str]:
@@ -76,6 +127,8 @@ def lesion_warnings(cohort: Cohort, min_voxels: float = 1.0) -> list[str]:
     where = f"spacing {list(pp.spacing) if pp.spacing else 'as stored'}, size {list(pp.size)}"
     out = []
     for sid, group in cohort.grounding.groupby("study_id", sort=False):
+        if not str(images.get(sid, "")).strip():  # a report-only study: no image to shrink a box in
+            continue
         try:
             image = read_image(spec.resolve(images[sid]))
             geometry = preprocess_image(image, pp).source_to_output

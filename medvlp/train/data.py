@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from medvlp.data.cache import CachedCohort
+from medvlp.data.cache import PAIRED, CachedCohort
 from medvlp.data.reports import report_text
 
 
@@ -135,6 +135,8 @@ class CachedImages(Dataset):
         views: how many augmented views per image (2 for SimCLR); 0 returns the image un-augmented.
         strong: use the strong augmentation set (self-supervised stages).
         seed: the run's seed.
+        need: what each study must hold, see :meth:`CachedCohort.split`: the pairs by default (stage 2 and every
+            evaluation), ``("image",)`` for every image including the image-only studies (stage1-image).
     """
 
     def __init__(
@@ -145,11 +147,12 @@ class CachedImages(Dataset):
         views: int = 1,
         strong: bool = False,
         seed: int = 0,
+        need: tuple[str, ...] = PAIRED,
     ) -> None:
         self.cache = cache
-        self.records: pd.DataFrame = cache.split(split)
+        self.records: pd.DataFrame = cache.split(split, need)
         if self.records.empty:
-            raise ValueError(f"the cache at {cache.root} has no studies in split {split!r}")
+            raise ValueError(f"the cache at {cache.root} has no studies with {' and '.join(need)} in split {split!r}")
         self.sections = sections or ["findings", "impression"]
         self.views, self.seed = views, seed
         self.findings = cache.findings
@@ -164,7 +167,9 @@ class CachedImages(Dataset):
         return torch.from_numpy(np.asarray(self.cache.load_image(self.records.at[i, "study"]), dtype=np.float32))
 
     def text(self, i: int) -> str:
-        return report_text(self.records.at[i, "report"], self.sections)
+        """The report text the text tower sees; ``""`` for an image-only study."""
+        report = self.records.at[i, "report"]
+        return report_text(report, self.sections) if report else ""
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         i, epoch = key if isinstance(key, tuple) else (key, 0)

@@ -98,7 +98,7 @@ def test_every_kind_of_bad_record_is_quarantined_and_the_rest_builds(
     img[0].write_bytes(originals[0][: len(originals[0]) // 2])  # truncated DICOM
     img[1].write_text("this is not an image\n")  # non-DICOM
     img[2].unlink()  # missing file
-    m.at[3, "report"] = "   "  # empty report
+    m.at[3, "report"], m.at[3, "image"] = "   ", ""  # neither a report nor an image
     # a broken CT series (one slice removed) and a 3D series in a 2D cohort
     ct_m = _manifest(ct_cohort)
     broken = ct_cohort.parent / ct_m.at[0, "image"]
@@ -123,7 +123,7 @@ def test_every_kind_of_bad_record_is_quarantined_and_the_rest_builds(
     assert "truncat" in q[sid[0]].lower() or "incomplete" in q[sid[0]].lower(), q[sid[0]]
     assert "not a dicom" in q[sid[1]].lower(), q[sid[1]]
     assert "not found" in q[sid[2]].lower(), q[sid[2]]
-    assert q[sid[3]] == "empty report"
+    assert q[sid[3]] == "empty report and no image"
     assert "missing" in q[sid[4]].lower() or "gap" in q[sid[4]].lower(), q[sid[4]]
     assert "3D" in q[sid[5]] and "2D" in q[sid[5]], q[sid[5]]
     assert len(CachedCohort.open(out).records) == 18
@@ -307,7 +307,7 @@ def test_no_phi_leaves_the_headers(cxr_cohort: Path, ct_cohort: Path, tmp_path: 
 def test_cli_validate_and_build(cxr_cohort: Path, tmp_path: Path) -> None:
     env = os.environ | {"PYTHONWARNINGS": "ignore"}
     m = _manifest(cxr_cohort)
-    m.at[0, "report"] = ""
+    m.at[0, "report"], m.at[0, "image"] = "", ""
     _set_manifest(cxr_cohort, m)
     r = subprocess.run(
         [sys.executable, "-m", "medvlp", "cohort", "validate", str(cxr_cohort)],
@@ -317,14 +317,14 @@ def test_cli_validate_and_build(cxr_cohort: Path, tmp_path: Path) -> None:
         check=False,
     )
     assert r.returncode == 0, r.stderr
-    assert f"would quarantine {m.at[0, 'study_id']}: empty report" in r.stderr
+    assert f"would quarantine {m.at[0, 'study_id']}: empty report and no image" in r.stderr
     assert "23 usable, 1 would be quarantined" in r.stderr
     # the build's console (inside the hospital) names the record by row and study_id; its files do not
     out = tmp_path / "cache"
     cmd = [sys.executable, "-m", "medvlp", "cohort", "build", str(cxr_cohort), "--out", str(out), "--workers", "0"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     assert r.returncode == 0, r.stderr
-    assert f"row 2 ({m.at[0, 'study_id']}): empty report" in r.stderr
+    assert f"row 2 ({m.at[0, 'study_id']}): empty report and no image" in r.stderr
     assert m.at[0, "study_id"] not in (out / "quarantine.csv").read_text()
     m.at[1, "split"] = "nope"
     _set_manifest(cxr_cohort, m)

@@ -44,7 +44,7 @@ def get_style(kind: str, style: int | None) -> Style | None:
     return make_style(kind, style, BANKS[kind], len(HEDGES))
 
 
-def synthesize(kind: str, n: int, out: str | Path, seed: int = 0, style: int | None = None) -> Path:
+def synthesize(kind: str, n: int, out: str | Path, seed: int = 0, style: int | None = None, unpaired: int = 0) -> Path:
     """Writes a synthetic cohort in the user format to ``out`` and returns the path of ``out/cohort.yaml``.
 
     Args:
@@ -57,18 +57,22 @@ def synthesize(kind: str, n: int, out: str | Path, seed: int = 0, style: int | N
         style: hospital style seed; ``None`` or ``0`` is the built-in cohort (byte-identical to having no
             style). Another value varies phrasing, sections, bilateral findings, lesion sizes and contrast,
             image size and spacing, prevalences and column names, the same way for every ``seed``.
+        unpaired: adds this many image-only studies (empty ``report``, blank labels) and as many report-only ones
+            (empty ``image``), all in ``train``, each of a subject of its own; the ``n`` paired studies, their
+            splits and files are the same whatever ``unpaired`` is.
 
     Returns:
         The path of the written ``cohort.yaml``.
 
     Raises:
-        ValueError: for an unknown kind, a negative seed or style, or ``n < 1``.
+        ValueError: for an unknown kind, a negative seed, style or unpaired, or ``n < 1``.
     """
     mod = _module(kind)
-    return common.write_cohort(mod, int(n), out, common.check_seed(seed), get_style(kind, style))
+    seed = common.check_seed(seed)
+    return common.write_cohort(mod, int(n), out, seed, get_style(kind, style), unpaired)
 
 
-def sample_cases(kind: str, n: int, seed: int = 0, style: int | None = None) -> pd.DataFrame:
+def sample_cases(kind: str, n: int, seed: int = 0, style: int | None = None, unpaired: int = 0) -> pd.DataFrame:
     """The tabular part of a cohort without images: what ``synthesize`` would write, fast.
 
     Args:
@@ -76,6 +80,7 @@ def sample_cases(kind: str, n: int, seed: int = 0, style: int | None = None) -> 
         n: number of studies.
         seed: non-negative integer.
         style: hospital style seed (``None`` or ``0``: built-in); the columns then carry the style's names.
+        unpaired: image-only and report-only studies appended, as :func:`synthesize` writes them.
 
     Returns:
         One row per study: the manifest columns (``subject_id, study_id, image, report, split, <findings>,
@@ -86,4 +91,4 @@ def sample_cases(kind: str, n: int, seed: int = 0, style: int | None = None) -> 
         ValueError: for an unknown kind or a negative seed.
     """
     mod = _module(kind)
-    return common.sample_cases(mod, int(n), common.check_seed(seed), get_style(kind, style))
+    return common.sample_cases(mod, int(n), common.check_seed(seed), get_style(kind, style), unpaired)

@@ -15,7 +15,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -277,6 +277,34 @@ def _rows(mod: ModuleType, n: int, seed: int, style: Style | None = None) -> lis
     return [mod.sample_study(seed, i, subject, visit, style) for i, (subject, visit) in plan]
 
 
+UNPAIRED_BASE = 900_000  # subject and study indices of unpaired studies: apart from every paired study's
+
+
+def unpaired_rows(mod: ModuleType, k: int, seed: int, style: Style | None = None) -> list[dict[str, Any]]:
+    """``k`` image-only then ``k`` report-only studies, each of its own subject, all in ``train``.
+
+    They are drawn like the paired ones (same generators, indices from ``UNPAIRED_BASE``), then the report (with the
+    labels read from it and the boxes its phrases name) or the image (and its boxes) is dropped. Their subjects are
+    new ones, so the paired studies, their splits and their files are the same whatever ``k`` is.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"unpaired must be a non-negative integer, got {k!r}")
+    rows = []
+    for j in range(2 * k):
+        index = UNPAIRED_BASE + j
+        subject = replace(make_subject(mod.KIND, seed, index), subject_id=f"U{j:05d}", split="train", n_studies=1)
+        args = (seed, index, subject, 0) if style is None else (seed, index, subject, 0, style)
+        row = mod.sample_study(*args)
+        row["boxes"] = []
+        if j < k:  # image-only: no report, so no labels read from it either
+            row["report"] = ""
+            row.update(dict.fromkeys(mod.FINDINGS))
+        else:  # report-only: no image file is written
+            row["image"] = ""
+        rows.append(row)
+    return rows
+
+
 def manifest_columns(mod: ModuleType, style: Style | None = None) -> list[str]:
     """The manifest's columns in order, with the style's names (canonical names without a style)."""
     if style is None:
@@ -308,11 +336,12 @@ def cases_frame(mod: ModuleType, rows: list[dict[str, Any]]) -> pd.DataFrame:
     return df
 
 
-def sample_cases(mod: ModuleType, n: int, seed: int, style: Style | None = None) -> pd.DataFrame:
+def sample_cases(mod: ModuleType, n: int, seed: int, style: Style | None = None, unpaired: int = 0) -> pd.DataFrame:
     """Tabular part of a cohort without images (with the style's column names and time unit)."""
     if n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
-    return restyle(cases_frame(mod, _rows(mod, n, seed, style)), style)
+    rows = _rows(mod, n, seed, style) + unpaired_rows(mod, unpaired, seed, style)
+    return restyle(cases_frame(mod, rows), style)
 
 
 def _write_chunk(args: tuple[str, list[dict[str, Any]], str, int]) -> None:
@@ -331,23 +360,28 @@ def _workers(n: int) -> int:
     return 1 if n < 48 else max(1, min(4, os.cpu_count() or 1))
 
 
-def write_cohort(mod: ModuleType, n: int, out: str | Path, seed: int, style: Style | None = None) -> Path:
-    """Samples ``n`` studies, writes their images, manifest, grounding, cohort.yaml and synthetic.json."""
+def write_cohort(
+    mod: ModuleType, n: int, out: str | Path, seed: int, style: Style | None = None, unpaired: int = 0
+) -> Path:
+    """Samples ``n`` studies (+ ``unpaired`` image-only and as many report-only ones), writes their images,
+    manifest, grounding, cohort.yaml and synthetic.json."""
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = _rows(mod, n, seed, style)
-    workers = _workers(n)
+    extra = unpaired_rows(mod, unpaired, seed, style)
+    imaged = rows + [r for r in extra if r["image"]]
+    workers = _workers(len(imaged))
     if workers == 1:
-        for row in rows:
+        for row in imaged:
             mod.write_study(row, out, seed)
     else:  # each study has its own generators, so the files do not depend on the split into chunks
-        chunks = [(mod.__name__, rows[w::workers], str(out), seed) for w in range(workers)]
+        chunks = [(mod.__name__, imaged[w::workers], str(out), seed) for w in range(workers)]
         with ProcessPoolExecutor(max_workers=workers) as pool:
             list(pool.map(_write_chunk, chunks))
-    df = cases_frame(mod, rows)
-    manifest = restyle(df, style)[manifest_columns(mod, style)]
+    df = cases_frame(mod, rows)  # the pairs: what synthetic.json's realized counts describe
+    manifest = restyle(cases_frame(mod, rows + extra), style)[manifest_columns(mod, style)]
     manifest.to_csv(out / "manifest.csv", index=False, lineterminator="\n")
     box_cols = [
         "study_id",
@@ -387,6 +421,7 @@ def write_cohort(mod: ModuleType, n: int, out: str | Path, seed: int, style: Sty
         "seed": seed,
         **generative_model(mod),
         **({"prevalence": dict(style.prevalence), "style": style.describe()} if style is not None else {}),
+        **({"unpaired": {"image_only": unpaired, "report_only": unpaired, "split": "train"}} if unpaired else {}),
         "realized": {
             "label_counts": realized,
             "event_rate": round(float(df["event"].mean()), 4),

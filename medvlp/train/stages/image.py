@@ -106,7 +106,7 @@ class SimCLR(nn.Module):
 
 
 class ImageStage:
-    """Self-supervised pretraining of the image encoder on the cohort's training images."""
+    """Self-supervised pretraining of the image encoder on every training image, image-only studies included."""
 
     name = "stage1-image"
 
@@ -123,7 +123,8 @@ class ImageStage:
 
     def dataset(self) -> Dataset:
         views = 2 if self.config.method == "simclr" else 1
-        return CachedImages(self.cache, "train", views=views, strong=self.config.method == "simclr", seed=self.seed)
+        strong = self.config.method == "simclr"  # every training image: the pairs' and the image-only studies'
+        return CachedImages(self.cache, "train", views=views, strong=strong, seed=self.seed, need=("image",))
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return collate(items)

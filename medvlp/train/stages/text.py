@@ -25,17 +25,23 @@ from medvlp.train.runtime import mean_over_ranks
 
 
 class ReportSections(Dataset):
-    """Each section of each training report (FINDINGS, IMPRESSION, ...) as one text: sections differ in style."""
+    """Each section of each training report (FINDINGS, IMPRESSION, ...) as one text: sections differ in style.
+
+    Every report of the train split counts, report-only studies (no image) included.
+    """
 
     def __init__(self, cache: CachedCohort, sections: list[str]) -> None:
         texts: list[str] = []
-        for report in cache.split("train")["report"]:
+        studies: list[str] = []  # the study (pseudonym) of each text
+        records = cache.split("train", need=("report",))
+        for study, report in zip(records["study"], records["report"], strict=True):
             parts = split_sections(report)
-            chosen = [parts[s] for s in sections if s in parts] or [" ".join(report.split())]
-            texts.extend(t for t in chosen if t)
+            chosen = [t for t in ([parts[s] for s in sections if s in parts] or [" ".join(report.split())]) if t]
+            texts.extend(chosen)
+            studies.extend([study] * len(chosen))
         if not texts:
             raise ValueError(f"{cache.root}: no report text in the train split")
-        self.texts = texts
+        self.texts, self.studies = texts, studies
 
     def __len__(self) -> int:
         return len(self.texts)
