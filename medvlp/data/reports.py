@@ -31,7 +31,8 @@ def split_sections(report: str) -> dict[str, str]:
     head = report[: matches[0].start()] if matches else report
     if head.strip():
         out["body"] = " ".join(head.split())
-    for m, nxt in zip(matches, [*matches[1:], None], strict=True):
+    nexts = [*matches[1:], None] if matches else []
+    for m, nxt in zip(matches, nexts, strict=True):
         name = m.group(1).strip().lower()
         name = _KNOWN.get(name, name)
         text = " ".join(report[m.end() : nxt.start() if nxt else len(report)].split())
