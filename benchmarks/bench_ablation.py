@@ -41,6 +41,10 @@ ARMS: dict[str, list[str]] = {
         "stages.stage2-align.sentence_weight=1.0",
         "stages.stage2-align.hard_negatives=[negation,laterality]",
     ],
+    "sentence_hard_affirm": [
+        "stages.stage2-align.sentence_weight=1.0",
+        "stages.stage2-align.hard_negatives=[negation,laterality,affirmation]",
+    ],
     "select": ["stages.stage2-align.select_metric=val/zero_shot_auroc"],
 }
 COLUMNS = {

@@ -98,10 +98,10 @@ class AlignStageConfig(OptimConfig):
         description="weight of the sentence term: each image also aligned with one sentence of its report, every "
         "image whose report has that sentence a positive; 0: report-level only",
     )
-    hard_negatives: list[Literal["negation", "laterality"]] = Field(
+    hard_negatives: list[Literal["negation", "laterality", "affirmation"]] = Field(
         default_factory=list,
-        description="rule-made twins of the sampled sentence (negated; left and right swapped) as extra negatives "
-        "for its image in the sentence term",
+        description="rule-made twins of the sampled sentence (negated; left and right swapped; a negated sentence "
+        "made affirmative) as extra negatives for its image in the sentence term",
     )
     chunk_size: int | None = Field(default=None, ge=1)
     lock_text_layers: int | None = Field(default=None, ge=0, description="freeze all but the last N text layers")

@@ -8,14 +8,19 @@ description. The rules read grammar, not a list of findings, so they work on any
   no renal mass."; "The heart is enlarged." -> "The heart is not enlarged."; "Large left pneumothorax." -> "No
   left pneumothorax."); a sentence that is already negated or uncertain has no twin (None);
 - :func:`swap_laterality` swaps left and right ("left" <-> "right", keeping case); a sentence without a side, or
-  with both, has no twin (None).
+  with both, has no twin (None);
+- :func:`affirm` is the reverse of :func:`negate`: a negated sentence made affirmative ("No pneumothorax." ->
+  "Pneumothorax."; "There is no effusion." -> "There is effusion."; "The heart is not enlarged." -> "The heart is
+  enlarged."); an affirmative or uncertain sentence has no twin. As a hard negative it tells a normal image that the
+  finding its report denies is not there, which a sentence-embedding text tower, blind to "no", does not learn from
+  the reports alone.
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["PERTURBATIONS", "negate", "swap_laterality", "twins"]
+__all__ = ["PERTURBATIONS", "affirm", "negate", "swap_laterality", "twins"]
 
 _NEGATED = re.compile(
     r"\b(no|not|without|negative for|absent|free of|resolved|cannot be excluded|possible|possibly|may|"
@@ -66,8 +71,32 @@ def swap_laterality(sentence: str) -> str | None:
     return _SIDE.sub(swap, sentence)
 
 
+_UNCERTAIN = re.compile(
+    r"\b(cannot be excluded|possible|possibly|may|questionable|suspicious for|likely|probable)\b", re.I
+)
+_AFFIRM_RULES = (  # (pattern, replacement) on the sentence body; the first that matches wins
+    (re.compile(r"^there (is|are) no (.+)$", re.I), lambda m: f"There {m.group(1).lower()} {m.group(2)}"),
+    (re.compile(r"^no (.+)$", re.I), lambda m: m.group(1)[:1].upper() + m.group(1)[1:]),
+    (re.compile(r"^(.*?) (is|are) not (.+)$", re.I), lambda m: f"{m.group(1)} {m.group(2)} {m.group(3)}"),
+    (re.compile(r"^(.*?)\bnegative for (.+)$", re.I), lambda m: f"{m.group(1)}positive for {m.group(2)}"),
+    (re.compile(r"^(.*?)\bwithout (.+)$", re.I), lambda m: f"{m.group(1)}with {m.group(2)}"),
+)
+
+
+def affirm(sentence: str) -> str | None:
+    """The affirmative twin of a negated finding sentence, or None when it is not negated or is uncertain."""
+    body, end = _sentence(sentence)
+    if not body or _UNCERTAIN.search(body):
+        return None
+    for pattern, make in _AFFIRM_RULES:
+        if m := pattern.match(body):
+            text = make(m)
+            return f"{text[:1].upper()}{text[1:]}{end}"
+    return None
+
+
 #: The perturbations by name, as configs and reports name them.
-PERTURBATIONS = {"negation": negate, "laterality": swap_laterality}
+PERTURBATIONS = {"negation": negate, "laterality": swap_laterality, "affirmation": affirm}
 
 
 def twins(sentence: str, kinds: list[str] | tuple[str, ...] = tuple(PERTURBATIONS)) -> list[str]:

@@ -18,14 +18,17 @@ import torch
 from medvlp.data.perturb import PERTURBATIONS
 from medvlp.tasks.grounding import grounding_pairs
 
-__all__ = ["PERTURBATIONS", "robustness_cases", "robustness_suite"]
+__all__ = ["SUITE", "robustness_cases", "robustness_suite"]
+
+#: The suite's perturbations of a true finding sentence (affirmation applies to negated sentences only).
+SUITE = {name: PERTURBATIONS[name] for name in ("negation", "laterality")}
 
 
 def robustness_cases(cache: Any, split: str = "test") -> pd.DataFrame:
     """One row per (study, phrase, perturbation) that has a twin: ``study, finding, phrase, perturbation, twin``."""
     rows = []
     for p in grounding_pairs(cache, split).itertuples(index=False):
-        for name, rule in PERTURBATIONS.items():
+        for name, rule in SUITE.items():
             twin = rule(p.phrase)
             if twin is not None and twin != p.phrase:
                 rows.append(

@@ -41,3 +41,32 @@ def test_negate(sentence: str, negated: str | None) -> None:
 )
 def test_swap_laterality(sentence: str, swapped: str | None) -> None:
     assert swap_laterality(sentence) == swapped
+
+
+@pytest.mark.parametrize(
+    ("sentence", "affirmed"),
+    [
+        ("No pneumothorax.", "Pneumothorax."),
+        ("No focal consolidation or pulmonary nodule.", "Focal consolidation or pulmonary nodule."),
+        ("There is no pleural effusion.", "There is pleural effusion."),
+        ("The cardiac silhouette is not enlarged.", "The cardiac silhouette is enlarged."),
+        ("The lungs are clear without focal consolidation.", "The lungs are clear with focal consolidation."),
+        ("Negative for renal calculi.", "Positive for renal calculi."),
+        ("Small left pleural effusion.", None),
+        ("Normal chest radiograph.", None),
+        ("A pneumothorax cannot be excluded.", None),
+        ("No definite nodule, though a small one may be present.", None),
+    ],
+)
+def test_affirm(sentence: str, affirmed: str | None) -> None:
+    from medvlp.data.perturb import affirm
+
+    assert affirm(sentence) == affirmed
+
+
+def test_affirm_undoes_negate() -> None:
+    from medvlp.data.perturb import affirm
+
+    for s in ("Cardiomegaly.", "There is a large left pneumothorax.", "The cardiac silhouette is enlarged."):
+        twin = negate(s)
+        assert twin is not None and affirm(twin) is not None and "no" not in affirm(twin).lower().split()

@@ -61,6 +61,7 @@ def test_twins_follow_the_named_rules() -> None:
     assert twins(s, ["negation"]) == [negate(s)]
     assert twins(s, ["laterality"]) == [swap_laterality(s)] == ["Small right pleural effusion."]
     assert twins("No pneumothorax.", ["negation", "laterality"]) == []
+    assert twins("No pneumothorax.", ["negation", "affirmation"]) == ["Pneumothorax."]
     with pytest.raises(ValueError, match="unknown perturbations"):
         twins(s, ["shuffle"])
 
