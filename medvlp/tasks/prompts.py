@@ -2,9 +2,9 @@
 
 This uses the training labels, so it is a prompt-prototype classifier, **not** zero-shot, and every result says so
 (``"uses_training_labels": true``). For each finding, the training reports (the sections the text tower was trained
-on) are split into sentences (:func:`medvlp.data.reports.report_sentences`) and normalised
-(:func:`medvlp.data.reports.normalize_report`). A sentence's count in a group is the number of distinct *subjects*
-whose reports in that group contain it, so a sentence specific to one patient never becomes a prototype. With
+on) are split into sentences (:func:`medvlp.data.reports.report_sentences`) and normalised (:func:`sentence_key`:
+:func:`medvlp.data.reports.normalize_report`, numbers as ``#``). A sentence's count in a group is the number of
+distinct *subjects* whose reports in that group contain it, so a sentence specific to one patient never becomes a prototype. With
 ``n1`` of ``N1`` subjects labelled 1 and ``n0`` of ``N0`` labelled 0, its score is the smoothed log-ratio
 
     ``log((n1 + a) / (N1 + 2a)) - log((n0 + a) / (N0 + 2a))``  (``a`` = :data:`SMOOTHING`)
@@ -20,6 +20,7 @@ Prototypes are embedded as prompts are (:func:`medvlp.tasks.zeroshot.embed_promp
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -55,6 +56,12 @@ SMOOTHING = 0.5
 PROMPT_MODES = ("templates", "auto")  # `medvlp evaluate --prompts`: the cohort's templates, or the prototypes
 
 
+def sentence_key(sentence: str) -> str:
+    """A sentence's counting key: :func:`~medvlp.data.reports.normalize_report` with every number as ``#``, so that
+    "A 2.3 cm nodule ..." and "A 1.1 cm nodule ..." are one sentence (sizes would make each finding sentence unique)."""
+    return re.sub(r"#(?: #)+", "#", re.sub(r"\d+", "#", normalize_report(sentence)))
+
+
 def _sentence_sets(reports: Sequence[str], sections: Sequence[str]) -> tuple[list[set[str]], dict[str, Counter[str]]]:
     """Per report the set of its normalised sentences, and per normalised sentence its written forms."""
     per_report: list[set[str]] = []
@@ -62,7 +69,7 @@ def _sentence_sets(reports: Sequence[str], sections: Sequence[str]) -> tuple[lis
     for report in reports:
         keys = set()
         for sentence in report_sentences(str(report), tuple(sections)):
-            key = normalize_report(sentence)
+            key = sentence_key(sentence)
             if key:
                 keys.add(key)
                 forms[key][sentence] += 1

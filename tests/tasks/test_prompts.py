@@ -83,6 +83,20 @@ def test_a_sentence_of_one_patient_is_never_a_prototype() -> None:
     assert "Patient John Doe." in by_study["cardiomegaly"]["positive"]  # counted per study it would pass
 
 
+def test_sentences_that_differ_only_in_a_size_count_as_one() -> None:
+    from medvlp.tasks.prompts import sentence_key
+
+    assert sentence_key("A 2.3 cm nodule in the right upper lobe.") == sentence_key(
+        "A 11 cm nodule in the right upper lobe"
+    )
+    df = _reports()
+    sizes = ["2.3", "1.1", "0.8", "3", "1.7", "2.0"]
+    tails = [f" A {s} cm nodule in the right upper lobe." for s in sizes]
+    df.loc[:5, "report"] = [r + t for r, t in zip(df["report"][:6], tails, strict=True)]
+    chosen = select_prototypes(df["report"], df[FINDINGS].to_numpy(), FINDINGS, df["subject"])["cardiomegaly"]
+    assert any("cm nodule in the right upper lobe" in s for s in chosen["positive"])
+
+
 def test_bad_arguments_are_named() -> None:
     df = _reports()
     labels = df[FINDINGS].to_numpy()
