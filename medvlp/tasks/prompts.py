@@ -4,8 +4,9 @@ This uses the training labels, so it is a prompt-prototype classifier, **not** z
 (``"uses_training_labels": true``). For each finding, the training reports (the sections the text tower was trained
 on) are split into sentences (:func:`medvlp.data.reports.report_sentences`) and normalised (:func:`sentence_key`:
 :func:`medvlp.data.reports.normalize_report`, numbers as ``#``). A sentence's count in a group is the number of
-distinct *subjects* whose reports in that group contain it, so a sentence specific to one patient never becomes a prototype. With
-``n1`` of ``N1`` subjects labelled 1 and ``n0`` of ``N0`` labelled 0, its score is the smoothed log-ratio
+distinct *subjects* whose reports in that group contain it, so a sentence specific to one patient never becomes a
+prototype. With ``n1`` of ``N1`` subjects labelled 1 and ``n0`` of ``N0`` labelled 0, its score is the smoothed
+log-ratio
 
     ``log((n1 + a) / (N1 + 2a)) - log((n0 + a) / (N0 + 2a))``  (``a`` = :data:`SMOOTHING`)
 
