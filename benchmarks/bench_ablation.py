@@ -96,15 +96,23 @@ def row_of(metrics: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def run_arm(config: Path, overrides: list[str], yaml_path: Path, cache: Path, out: Path) -> dict[str, Any]:
-    """Trains (resuming) and evaluates one arm; a finished arm's metrics.json is read back, not recomputed."""
+def run_arm(
+    config: Path, overrides: list[str], yaml_path: Path, cache: Path, out: Path, reevaluate: bool = False
+) -> dict[str, Any]:
+    """Trains (resuming) and evaluates one arm; a finished arm's metrics.json is read back, not recomputed, unless
+    ``reevaluate`` (its trained model evaluated again by today's code, the training time kept)."""
     from medvlp.config import load_config
     from medvlp.evaluate import evaluate
     from medvlp.train.run import train
 
     seconds: dict[str, float] = {}
     done = out / "card" / "metrics.json"
-    if done.is_file():
+    if done.is_file() and reevaluate:
+        seconds = json.loads((out / "seconds.json").read_text()) if (out / "seconds.json").is_file() else {}
+        t0 = time.perf_counter()
+        metrics = evaluate(out / "run", yaml_path, out / "card", baselines=False, cache_dir=cache)
+        seconds["evaluate_s"] = round(time.perf_counter() - t0, 1)
+    elif done.is_file():
         metrics = json.loads(done.read_text())
         seconds = json.loads((out / "seconds.json").read_text()) if (out / "seconds.json").is_file() else {}
     else:
@@ -165,6 +173,8 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="override for every arm")
     ap.add_argument("--keep", type=Path, help="work in this folder and keep it (reuses its cohorts and runs)")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--reevaluate", action="store_true", help="evaluate finished runs again (with --keep)")
+    ap.add_argument("--finished-only", action="store_true", help="leave out (style, arm) runs not finished yet")
     args = ap.parse_args()
     styles = [int(s) for s in args.styles.split(",") if s.strip()]
     arms = [a for a in args.arms.split(",") if a.strip()]
@@ -180,7 +190,10 @@ def main() -> None:
         for style in styles:
             yaml_path, cache, _ = prepare(args.kind, style, args.n, base / f"style{style}")
             for arm in arms:
-                row = run_arm(config, [*args.overrides, *ARMS[arm]], yaml_path, cache, base / f"style{style}" / arm)
+                where = base / f"style{style}" / arm
+                if args.finished_only and not (where / "card" / "metrics.json").is_file():
+                    continue
+                row = run_arm(config, [*args.overrides, *ARMS[arm]], yaml_path, cache, where, args.reevaluate)
                 rows.setdefault(str(style), {})[arm] = row
                 print(f"style {style} {arm}:", json.dumps({k: v for k, v in row.items() if k != "seconds"}), flush=True)
                 result = {
@@ -190,6 +203,7 @@ def main() -> None:
                     "arms": {a: ARMS[a] for a in arms},
                     "goals": GOALS,
                     "complete": sum(len(v) for v in rows.values()) == len(styles) * len(arms),
+                    "runs": {s: sorted(v) for s, v in rows.items()},
                     "styles": rows,
                     "verdicts": verdicts(rows),
                 }
