@@ -18,6 +18,7 @@ app = typer.Typer(
 )
 cohort_app = typer.Typer(help="Make, check and build cohorts.", no_args_is_help=True)
 app.add_typer(cohort_app, name="cohort")
+PROMPTS_HELP = "templates: zero-shot with the cohort's prompts; auto: also the prompt prototypes (training labels)"
 console = Console(stderr=True)
 
 KINDS = ("cxr", "ct")
@@ -179,13 +180,7 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="Card folder: metrics.json, model_card.md, plots.")],
     baseline: Annotated[bool, typer.Option(help="Also evaluate the untrained and align-only baselines.")] = False,
     cache: Annotated[Path | None, typer.Option(help="Cohort cache folder (default: beside the cohort).")] = None,
-    prompts: Annotated[
-        str,
-        typer.Option(
-            help="templates: zero-shot with the cohort's templates and synonyms; auto: also plot the prompt-prototype"
-            " classifier (prompts from the train split's sentences; uses training labels, so not zero-shot)."
-        ),
-    ] = "templates",
+    prompts: Annotated[str, typer.Option(help=PROMPTS_HELP)] = "templates",
 ) -> None:
     """Zero-shot, grounding, retrieval, survival and probes on the test split; writes a model card."""
     from medvlp.card import HEADLINE, get
