@@ -52,19 +52,14 @@ def worst_finding(metrics: dict[str, Any]) -> tuple[str | None, float | None]:
 
 def run_style(kind: str, style: int, n: int, config: Path, overrides: list[str], work: Path) -> dict[str, Any]:
     """Synthesizes, builds, trains and evaluates one style; returns its row of the table."""
+    from bench_ablation import prepare
+
     from medvlp.config import load_config
-    from medvlp.data.build import build_cohort
-    from medvlp.data.synthetic import synthesize
     from medvlp.evaluate import evaluate
     from medvlp.train.run import train
 
     timings = {}
-    t0 = time.perf_counter()
-    yaml_path = work / "cohort" / "cohort.yaml"
-    if not yaml_path.is_file():
-        yaml_path = synthesize(kind, n, work / "cohort", seed=0, style=style)  # its own column names, as they are
-    build_cohort(yaml_path, work / "cache")
-    timings["synth_and_build_s"] = round(time.perf_counter() - t0, 1)
+    yaml_path, _, timings["synth_and_build_s"] = prepare(kind, style, n, work)  # its own column names, as they are
     cfg = load_config(config, ["seed=0", *overrides])
     t0 = time.perf_counter()
     train(cfg, yaml_path, work / "run", cache_dir=work / "cache", resume=True)

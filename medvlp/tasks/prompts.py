@@ -36,7 +36,7 @@ from medvlp.tasks.zeroshot import (
     embed_prompt_sets,
     model_logit_scale,
     render_prompts,
-    zero_shot_metrics,
+    val_test_metrics,
     zero_shot_probabilities,
 )
 
@@ -208,16 +208,7 @@ def prompt_prototype_task(
         probs = np.zeros((len(images), 0))
     else:
         probs = zero_shot_probabilities(images, emb, model_logit_scale(model))
-    n_val = len(val.image)
-    has_val = n_val > 0
-    metrics = zero_shot_metrics(
-        test.labels,
-        probs[n_val:],
-        findings,
-        val.labels if has_val else None,
-        probs[:n_val] if has_val else None,
-        target_sensitivity,
-    )
+    metrics, test_probs = val_test_metrics(probs, val, test, findings, target_sensitivity)
     metrics |= {
         "uses_training_labels": True,
         "zero_shot": False,
@@ -229,4 +220,4 @@ def prompt_prototype_task(
         },
         "fallback_findings": [name for name in findings if chosen[name]["fallback"]],
     }
-    return metrics, probs[n_val:]
+    return metrics, test_probs

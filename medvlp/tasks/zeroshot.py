@@ -33,6 +33,7 @@ __all__ = [
     "render_prompts",
     "template_variants",
     "threshold_at_sensitivity",
+    "val_test_metrics",
     "zero_shot_metrics",
     "zero_shot_probabilities",
     "zero_shot_scores",
@@ -463,6 +464,24 @@ def zero_shot_task(
     templates, synonyms = prompts or (None, None)
     raw = zero_shot_scores(model, np.concatenate([val.image, test.image]), findings, templates, synonyms)
     probs = apply_calibration(raw, findings, calibration)[0] if calibration else raw
+    metrics, test_probs = val_test_metrics(
+        probs, val, test, findings, target_sensitivity, uncalibrated=raw if calibration else None
+    )
+    metrics["prompts"] = {"templates": "cohort" if templates else "default", "synonyms": dict(synonyms or {})}
+    return metrics, test_probs
+
+
+def val_test_metrics(
+    probs: np.ndarray,
+    val: Any,
+    test: Any,
+    findings: Sequence[str],
+    target_sensitivity: float = 0.9,
+    uncalibrated: np.ndarray | None = None,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """:func:`zero_shot_metrics` of probabilities scored on the val rows then the test rows (``probs`` and
+    ``uncalibrated`` are ``[N_val + N_test, F]``): the numbers on test, the operating point fitted on val when there
+    is a val split. Returns ``(metrics, test probabilities)``."""
     n_val = len(val.image)
     has_val = n_val > 0
     metrics = zero_shot_metrics(
@@ -472,7 +491,6 @@ def zero_shot_task(
         val.labels if has_val else None,
         probs[:n_val] if has_val else None,
         target_sensitivity,
-        uncalibrated=raw[n_val:] if calibration else None,
+        uncalibrated=None if uncalibrated is None else uncalibrated[n_val:],
     )
-    metrics["prompts"] = {"templates": "cohort" if templates else "default", "synonyms": dict(synonyms or {})}
     return metrics, probs[n_val:]
