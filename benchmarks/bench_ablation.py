@@ -46,6 +46,15 @@ ARMS: dict[str, list[str]] = {
         "stages.stage2-align.hard_negatives=[negation,laterality,affirmation]",
     ],
     "select": ["stages.stage2-align.select_metric=val/zero_shot_auroc"],
+    "twin": [  # each image against its report with one sentence flipped: the text direction, report level
+        "stages.stage2-align.twin_weight=1.0",
+        "stages.stage2-align.hard_negatives=[negation,laterality,affirmation]",
+    ],
+    "twin_text": [  # the same, the text tower at half the rate instead of a tenth
+        "stages.stage2-align.twin_weight=1.0",
+        "stages.stage2-align.hard_negatives=[negation,laterality,affirmation]",
+        "stages.stage2-align.text_lr_scale=0.5",
+    ],
 }
 COLUMNS = {
     "zero_shot_auroc": ("zero_shot", "mean_auroc"),
@@ -123,7 +132,30 @@ def run_arm(
         metrics = evaluate(out / "run", yaml_path, out / "card", baselines=False, cache_dir=cache)
         seconds["evaluate_s"] = round(time.perf_counter() - t0, 1)
         (out / "seconds.json").write_text(json.dumps(seconds) + "\n")
-    return {**row_of(metrics), "seconds": seconds}
+    cosines = prompt_cosines(out / "run")
+    row = {**row_of(metrics), "prompt_cosine": cosines, "mean_prompt_cosine": mean(cosines.values())}
+    return {**row, "seconds": seconds}
+
+
+def prompt_cosines(run: Path) -> dict[str, float]:
+    """Per finding, the cosine between its positive and its negative prompt ensembles in the trained text tower.
+
+    Zero-shot scores an image along ``positive - negative``; a cosine near 1 means the tower hardly reads "no" and
+    that direction is short and noisy, whatever the images carry.
+    """
+    from medvlp.artifacts import find_model_dir
+    from medvlp.data.cache import COHORT_RECORD
+    from medvlp.models.vlm import load_model
+    from medvlp.tasks.zeroshot import build_prompt_embeddings, prompt_spec
+
+    record = json.loads((find_model_dir(run) / COHORT_RECORD).read_text())
+    prompts = build_prompt_embeddings(load_model(run), record["findings"], *prompt_spec(record))  # [F, 2, E]
+    return {f: float(prompts[i, 0] @ prompts[i, 1]) for i, f in enumerate(record["findings"])}
+
+
+def mean(values: Any) -> float | None:
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values else None
 
 
 def verdicts(rows: dict[str, dict[str, dict[str, Any]]], base: str = "report") -> dict[str, Any]:
@@ -147,9 +179,9 @@ def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
 
     head = (
         "| style | arm | zero-shot | gap to probe | worst finding | ECE (uncal.) | probe | prototypes | "
-        "i2r R@10 | CNR | C-index | robustness (neg., lat.) | train s |"
+        "i2r R@10 | CNR | C-index | robustness (neg., lat.) | prompt cos | train s |"
     )
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 14]
     for style, per in rows.items():
         for arm, r in per.items():
             worst = f"{r['worst_finding']} {f(r['worst_finding_auroc'])}" if r["worst_finding"] else "–"
@@ -158,7 +190,8 @@ def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
                 f"| {style} | {arm} | {f(r['zero_shot_auroc'])} | {f(r['gap_to_probe'])} | {worst} | "
                 f"{f(r['zero_shot_ece'])} ({f(r['zero_shot_ece_uncalibrated'])}) | {f(r['linear_probe_auroc'])} | "
                 f"{f(r['prompt_prototype_auroc'])} | {f(r['retrieval_i2r_R@10'])} | {f(r['grounding_cnr'])} | "
-                f"{f(r['survival_c_index'])} | {rob} | {r['seconds'].get('train_s', '–')} |"
+                f"{f(r['survival_c_index'])} | {rob} | {f(r.get('mean_prompt_cosine'))} | "
+                f"{r['seconds'].get('train_s', '–')} |"
             )
     return "\n".join(lines)
 

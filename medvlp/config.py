@@ -100,8 +100,15 @@ class AlignStageConfig(OptimConfig):
     )
     hard_negatives: list[Literal["negation", "laterality", "affirmation"]] = Field(
         default_factory=list,
-        description="rule-made twins of the sampled sentence (negated; left and right swapped; a negated sentence "
-        "made affirmative) as extra negatives for its image in the sentence term",
+        description="rule-made twins (negated; left and right swapped; a negated sentence made affirmative): of the "
+        "sampled sentence as extra negatives for its image in the sentence term, and of one sentence of each report "
+        "in the twin term",
+    )
+    twin_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of the twin term: each image must prefer its report over the same report with one "
+        "sentence flipped by a hard_negatives rule; 0: off",
     )
     chunk_size: int | None = Field(default=None, ge=1)
     lock_text_layers: int | None = Field(default=None, ge=0, description="freeze all but the last N text layers")
@@ -126,8 +133,13 @@ class AlignStageConfig(OptimConfig):
 
     @model_validator(mode="after")
     def _selection_needs_validation(self) -> AlignStageConfig:
-        if self.hard_negatives and not self.sentence_weight:
-            raise ValueError(f"hard_negatives {self.hard_negatives} enter the sentence term: set sentence_weight > 0")
+        if self.hard_negatives and not (self.sentence_weight or self.twin_weight):
+            raise ValueError(
+                f"hard_negatives {self.hard_negatives} enter the sentence or the twin term: set sentence_weight > 0 "
+                "or twin_weight > 0"
+            )
+        if self.twin_weight and not self.hard_negatives:
+            raise ValueError("twin_weight > 0 needs hard_negatives (the rules that make each report's twin)")
         if self.select_metric is not None and self.val_every is None:
             raise ValueError(f"select_metric {self.select_metric!r} needs val_every (how often to evaluate on val)")
         if self.patience is not None and self.select_metric is None:

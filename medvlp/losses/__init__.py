@@ -29,6 +29,7 @@ from medvlp.losses.terms import (
     local_similarity,
     noise_weights,
     sentence_alignment_loss,
+    twin_loss,
     uniformity_loss,
 )
 
@@ -46,5 +47,6 @@ __all__ = [
     "noise_weights",
     "sentence_alignment_loss",
     "siglip_loss",
+    "twin_loss",
     "uniformity_loss",
 ]

@@ -19,6 +19,7 @@ from medvlp.losses.terms import (
     local_alignment_loss,
     noise_weights,
     sentence_alignment_loss,
+    twin_loss,
     uniformity_loss,
 )
 
@@ -98,8 +99,10 @@ class ContrastiveLossConfig:
         local_attention_scale, local_word_scale, local_logit_scale: its inverse temperatures.
         sentence_weight: weight of `sentence_alignment_loss` (one sentence of each report, multi-positive, with
             optional hard-negative twins; needs `sentence_features` and `sentence_positives`).
+        twin_weight: weight of `twin_loss` (each image's report against the report with one sentence flipped; needs
+            `twin_features`).
 
-    The alignment, uniformity, local and sentence terms use this rank's local batch only.
+    The alignment, uniformity, local, sentence and twin terms use this rank's local batch only.
     """
 
     kind: str = "clip"
@@ -116,6 +119,7 @@ class ContrastiveLossConfig:
     local_word_scale: float = 5.0
     local_logit_scale: float = 10.0
     sentence_weight: float = 0.0
+    twin_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self.kind = _look_up(self.kind, list(LOSSES), "loss kind")
@@ -125,7 +129,7 @@ class ContrastiveLossConfig:
         for name in ("noise_tau", "uniformity_t"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("alignment_weight", "uniformity_weight", "local_weight", "sentence_weight"):
+        for name in ("alignment_weight", "uniformity_weight", "local_weight", "sentence_weight", "twin_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -162,6 +166,8 @@ class ContrastiveLoss(nn.Module):
         sentence_positives: Tensor | None = None,
         hard_features: Tensor | None = None,
         hard_mask: Tensor | None = None,
+        twin_features: Tensor | None = None,
+        twin_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Compute the loss terms.
 
@@ -178,6 +184,7 @@ class ContrastiveLoss(nn.Module):
             sentence_features: [b, D] one sentence per report (sentence term).
             sentence_positives: [b, b] bool, report i contains sentence j (sentence term).
             hard_features: [b, D] hard-negative twins of the sentences, with `hard_mask` [b] (sentence term).
+            twin_features: [b, D] each report with one sentence flipped, with `twin_mask` [b] (twin term).
 
         Returns:
             Dict of scalar tensors: "loss" (weighted total), "contrastive", and each enabled term.
@@ -194,6 +201,7 @@ class ContrastiveLoss(nn.Module):
             "uniformity": cfg.uniformity_weight,
             "local": cfg.local_weight,
             "sentence": cfg.sentence_weight,
+            "twin": cfg.twin_weight,
         }
         if cfg.alignment_weight:
             terms["alignment"] = alignment_loss(image_features, text_features)
@@ -216,5 +224,9 @@ class ContrastiveLoss(nn.Module):
             terms["sentence"] = sentence_alignment_loss(
                 image_features, sentence_features, logit_scale, sentence_positives, hard_features, hard_mask
             )
+        if cfg.twin_weight:
+            if twin_features is None:
+                raise ValueError("twin_weight > 0 needs twin_features")
+            terms["twin"] = twin_loss(image_features, text_features, twin_features, logit_scale, twin_mask)
         total = sum(weights[k] * v for k, v in terms.items())
         return {"loss": total, **terms}

@@ -1,4 +1,5 @@
-"""Auxiliary terms: noise weights, alignment, uniformity, the local token-phrase loss and the sentence loss."""
+"""Auxiliary terms: noise weights, alignment, uniformity, the local token-phrase loss, the sentence loss and the
+report-twin loss."""
 
 from __future__ import annotations
 
@@ -140,3 +141,41 @@ def sentence_alignment_loss(
     cols = positives.T.to(image_features.dtype)  # sentence j's positives are the images whose report has it
     text_ce = -(cols / cols.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
     return (image_ce + text_ce) / 2
+
+
+def twin_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    twin_features: Tensor,
+    logit_scale: Tensor | float,
+    twin_mask: Tensor | None = None,
+) -> Tensor:
+    """Each image against its own report and that report's rule-made twin: the report must win.
+
+    The twin is the report with one sentence flipped (negated, sides swapped, or a denial made affirmative;
+    :mod:`medvlp.data.perturb`), so the only thing that separates the two texts is the clinically decisive word. The
+    term is the two-way cross-entropy ``softplus(scale * (cos(img, twin) - cos(img, report)))``, the description
+    perturbation of text-side hard negatives, kept apart from the batch softmax so it is the same for CLIP and SigLIP
+    and needs no gathering across ranks.
+
+    Args:
+        image_features: [b, D] L2-normalized.
+        text_features: [b, D] L2-normalized, the images' own reports.
+        twin_features: [b, D] L2-normalized, row i the twin of report i.
+        logit_scale: scalar multiplier (already exponentiated).
+        twin_mask: [b] bool, row i has a twin (rows without one do not count); None: all rows.
+
+    Returns:
+        The mean over rows with a twin; 0 (still attached to the graph) when no row has one.
+    """
+    if text_features.shape != image_features.shape or twin_features.shape != image_features.shape:
+        raise ValueError(
+            f"image, report and twin features must have one shape, got {tuple(image_features.shape)}, "
+            f"{tuple(text_features.shape)}, {tuple(twin_features.shape)}"
+        )
+    margin = logit_scale * ((image_features * twin_features).sum(-1) - (image_features * text_features).sum(-1))
+    per = F.softplus(margin)  # [b]
+    if twin_mask is None:
+        return per.mean()
+    keep = twin_mask.to(per.device).bool()
+    return (per * keep).sum() / keep.sum().clamp_min(1)

@@ -197,3 +197,12 @@ def test_a_killed_run_resumes_across_a_val_evaluation(cache: CachedCohort, tmp_p
     a, b = (load_file(str(tmp_path / r / "model" / "model.safetensors")) for r in ("full", "cut"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_validation_under_bf16_autocast_computes_its_metrics_in_fp32(cache: CachedCohort) -> None:
+    stage = _stage(cache, val_every=1)
+    plain = stage.validate(batch_size=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what the loop does with precision: bf16 on a CPU
+        mixed = stage.validate(batch_size=4)
+    assert set(mixed) == set(plain) and all(math.isfinite(v) for v in mixed.values())
+    assert mixed["val/zero_shot_auroc"] == pytest.approx(plain["val/zero_shot_auroc"], abs=0.1)

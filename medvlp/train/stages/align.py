@@ -6,7 +6,8 @@ vectors are the same, are not pushed apart as negatives: they share the target m
 With ``sentence_weight`` each image is also aligned with one sentence drawn from its own report (seeded by the run's
 seed, the epoch and the study), so that one-finding texts such as a zero-shot prompt land where the image is; with
 ``hard_negatives`` the drawn sentence's rule-made twin (negated, or left and right swapped) is an extra negative for
-its image.
+its image. With ``twin_weight`` each image must also prefer its own report over the same report with one sentence
+flipped by those rules (:func:`medvlp.losses.terms.twin_loss`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 MAX_LOG_SCALE = math.log(100.0)  # open_clip's bound: the logit scale stays in [1, 100]
 SENTENCE_STREAM = 0x53454E54  # keeps sentence draws apart from augmentation seeds
+TWIN_STREAM = 0x5457494E  # and the flipped sentence of each report's twin apart from both
 
 
 def set_dropout(module: nn.Module, p: float) -> None:
@@ -117,6 +119,7 @@ class AlignStage:
             alignment_weight=cfg.alignment_weight,
             local_weight=cfg.local_weight,
             sentence_weight=cfg.sentence_weight,
+            twin_weight=cfg.twin_weight,
         )
         # the val loss: the same terms on rank 0's whole val batches, never gathered across ranks
         self.val_loss = ContrastiveLoss(config=replace(self.loss.config, gather=False, local_loss=False))
@@ -150,8 +153,15 @@ class AlignStage:
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch = collate(items)
         batch["tokens"] = dict(self.model.text_encoder.tokenize(batch["text"]))
+        extra: list[str] = []  # encoded in the same forward as the reports: sentences, their twins, report twins
         if self.config.sentence_weight:
             batch.update(self._sentences(batch))
+            extra += batch["sentences"] + (batch["hard_texts"] if self.config.hard_negatives else [])
+        if self.config.twin_weight:
+            batch["report_twins"], batch["twin_mask"] = self._report_twins(batch)
+            extra += batch["report_twins"]
+        if extra:
+            batch["extra_tokens"] = dict(self.model.text_encoder.tokenize(extra))
         return batch
 
     def _sentences(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -169,13 +179,37 @@ class AlignStage:
             has_hard.append(bool(options))
         keys = [normalize_report(x) for x in drawn]
         positives = torch.tensor([[k in mine for k in keys] for mine in own])  # [b, b]: report i states sentence j
-        texts = drawn + (hard if self.config.hard_negatives else [])
         return {
             "sentences": drawn,
             "sentence_positives": positives,
+            "hard_texts": hard,
             "hard_mask": torch.tensor(has_hard) if self.config.hard_negatives else None,
-            "extra_tokens": dict(self.model.text_encoder.tokenize(texts)),
         }
+
+    def _report_twins(self, batch: dict[str, Any]) -> tuple[list[str], torch.Tensor]:
+        """Each report with one of its sentences flipped by a ``hard_negatives`` rule, and which reports have one.
+
+        The flipped sentence is drawn (seeded by seed, epoch and study) among the report's sentences that have a twin
+        the report does not itself state; a report without one keeps its own text, masked out of the term.
+        """
+        out, mask = [], []
+        for text, index, epoch in zip(batch["text"], batch["index"].tolist(), batch["epoch"].tolist(), strict=True):
+            sentences = list(dict.fromkeys(text_sentences(text)))
+            own = {normalize_report(x) for x in sentences}
+            options = [
+                (s, t)
+                for s in sentences
+                for t in twins(s, self.config.hard_negatives)
+                if normalize_report(t) not in own and s in text
+            ]
+            rng = np.random.default_rng(sample_seed(self.seed, epoch, index, TWIN_STREAM))
+            if options:
+                sentence, twin = options[int(rng.integers(len(options)))]
+                out.append(text.replace(sentence, twin, 1))
+            else:
+                out.append(text)
+            mask.append(bool(options))
+        return out, torch.tensor(mask)
 
     def _keys(self, batch: dict[str, Any]) -> Any:
         mode = self.config.false_negatives
@@ -204,14 +238,19 @@ class AlignStage:
         """The contrastive loss terms of one forward pass (training or validation)."""
         extra: dict[str, Any] = {}
         if "extra_text_features" in out:
-            features, b = out["extra_text_features"], len(batch["sentences"])
-            device = features.device
-            extra = {
-                "sentence_features": features[:b],
-                "sentence_positives": batch["sentence_positives"].to(device),
-            }
-            if batch["hard_mask"] is not None:
-                extra.update(hard_features=features[b:], hard_mask=batch["hard_mask"].to(device))
+            features, b = out["extra_text_features"], len(batch["text"])
+            device, start = features.device, 0
+            if "sentences" in batch:
+                extra = {
+                    "sentence_features": features[:b],
+                    "sentence_positives": batch["sentence_positives"].to(device),
+                }
+                start = b
+                if batch["hard_mask"] is not None:
+                    extra.update(hard_features=features[b : 2 * b], hard_mask=batch["hard_mask"].to(device))
+                    start = 2 * b
+            if "report_twins" in batch:
+                extra.update(twin_features=features[start : start + b], twin_mask=batch["twin_mask"].to(device))
         return loss(
             out["image_features"],
             out["text_features"],
@@ -229,18 +268,9 @@ class AlignStage:
         """Zero-shot mean AUROC, image->report R@10 and the loss on the val split, from the task functions.
 
         The val studies pass in order, in batches of ``batch_size`` (the global training batch, so the loss sees as
-        many negatives as in training), un-augmented, with the model in eval mode.
+        many negatives as in training), un-augmented, with the model in eval mode; the metrics are computed in fp32
+        even when training runs under bf16 autocast.
         """
-        from medvlp.data.reports import report_text
-        from medvlp.tasks.retrieval import retrieval_metrics
-        from medvlp.tasks.zeroshot import (
-            build_prompt_embeddings,
-            classification_metrics,
-            model_logit_scale,
-            prompt_spec,
-            zero_shot_probabilities,
-        )
-
         ds = self.val_data
         if ds is None:
             return {}
@@ -257,14 +287,8 @@ class AlignStage:
                 images.append(out["image_features"].float().cpu())  # [b, E]
                 texts.append(out["text_features"].float().cpu())  # [b, E]
             image, text = torch.cat(images), torch.cat(texts)
-            findings = list(self.cache.findings)
-            if findings:
-                prompts = build_prompt_embeddings(self.model, findings, *prompt_spec(self.cache.summary))
-                probs = zero_shot_probabilities(image, prompts, model_logit_scale(self.model))
-            labels = ds.records[findings].astype("float32").to_numpy()  # NaN unknown, -1 uncertain
-            zero_shot = classification_metrics(labels, probs, findings) if findings else {"mean_auroc": math.nan}
-            reports = [report_text(r, list(self.sections)) for r in ds.records["report"]]
-            retrieval = retrieval_metrics(image, text, texts=reports)  # identical reports are one answer
+            with torch.autocast(device.type, enabled=False):  # the metrics in fp32 even under bf16 training
+                zero_shot, retrieval = self._val_metrics(ds, image, text)
         finally:
             for m, training in modes:
                 m.train(training)
@@ -273,6 +297,28 @@ class AlignStage:
             "val/r10": retrieval["image_to_report"]["R@10"],
             "val/loss": loss_sum / len(ds),
         }
+
+    def _val_metrics(self, ds: CachedImages, image: torch.Tensor, text: torch.Tensor) -> tuple[dict, dict]:
+        """Zero-shot metrics and retrieval metrics of the val embeddings, by the evaluation's own functions."""
+        from medvlp.data.reports import report_text
+        from medvlp.tasks.retrieval import retrieval_metrics
+        from medvlp.tasks.zeroshot import (
+            build_prompt_embeddings,
+            classification_metrics,
+            model_logit_scale,
+            prompt_spec,
+            zero_shot_probabilities,
+        )
+
+        findings = list(self.cache.findings)
+        zero_shot: dict = {"mean_auroc": math.nan}
+        if findings:
+            prompts = build_prompt_embeddings(self.model, findings, *prompt_spec(self.cache.summary))
+            probs = zero_shot_probabilities(image, prompts, model_logit_scale(self.model))
+            labels = ds.records[findings].astype("float32").to_numpy()  # NaN unknown, -1 uncertain
+            zero_shot = classification_metrics(labels, probs, findings)
+        reports = [report_text(r, list(self.sections)) for r in ds.records["report"]]
+        return zero_shot, retrieval_metrics(image, text, texts=reports)  # identical reports are one answer
 
     @torch.no_grad()
     def after_step(self) -> None:

@@ -1,0 +1,102 @@
+"""The report-twin term: each image against its own report and that report with one sentence flipped by a rule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+
+from medvlp.config import AlignStageConfig
+from medvlp.data.cache import CachedCohort
+from medvlp.data.perturb import twins
+from medvlp.data.reports import text_sentences
+from medvlp.losses import ContrastiveLoss, twin_loss
+from medvlp.train.loop import run_stage
+from tests.train.test_align import CPU, _stage, cache  # noqa: F401  (the module-scoped cohort fixture)
+
+
+def _unit(*shape: int, seed: int = 0) -> torch.Tensor:
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_the_term_is_the_two_way_cross_entropy_of_report_against_twin() -> None:
+    img, txt, twin = _unit(5, 8), _unit(5, 8, seed=1), _unit(5, 8, seed=2)
+    logits = 10.0 * torch.stack([(img * txt).sum(-1), (img * twin).sum(-1)], dim=1)  # [5, 2]
+    expected = F.cross_entropy(logits, torch.zeros(5, dtype=torch.long))
+    assert twin_loss(img, txt, twin, 10.0).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_an_image_closer_to_its_report_than_to_the_twin_costs_less() -> None:
+    img = _unit(4, 8)
+    near = F.normalize(img + 0.1 * _unit(4, 8, seed=1), dim=-1)
+    far = _unit(4, 8, seed=2)
+    assert twin_loss(img, near, far, 10.0).item() < 0.1 < twin_loss(img, far, near, 10.0).item()
+
+
+def test_masked_rows_do_not_count_and_no_twin_at_all_is_zero() -> None:
+    img, txt, twin = _unit(4, 8), _unit(4, 8, seed=1), _unit(4, 8, seed=2)
+    mask = torch.tensor([True, False, True, False])
+    kept = twin_loss(img[mask], txt[mask], twin[mask], 10.0)
+    assert twin_loss(img, txt, twin, 10.0, mask).item() == pytest.approx(kept.item(), rel=1e-6)
+    img.requires_grad_(True)
+    none = twin_loss(img, txt, twin, 10.0, torch.zeros(4, dtype=torch.bool))
+    none.backward()
+    assert none.item() == 0.0 and img.grad is not None and torch.isfinite(img.grad).all()
+    with pytest.raises(ValueError, match="one shape"):
+        twin_loss(img, txt, twin[:2], 10.0)
+
+
+def test_the_twin_term_needs_rules_and_features() -> None:
+    with pytest.raises(ValidationError, match="hard_negatives"):
+        AlignStageConfig(steps=1, batch_size=2, lr=1e-3, twin_weight=1.0)
+    AlignStageConfig(steps=1, batch_size=2, lr=1e-3, twin_weight=1.0, hard_negatives=["negation"])  # no sentences
+    with pytest.raises(ValueError, match="twin_features"):
+        ContrastiveLoss(twin_weight=1.0)(_unit(2, 4), _unit(2, 4), 1.0)
+    got = ContrastiveLoss(twin_weight=0.5)(_unit(3, 4), _unit(3, 4, seed=1), 5.0, twin_features=_unit(3, 4, seed=2))
+    assert got["loss"].item() == pytest.approx((got["contrastive"] + 0.5 * got["twin"]).item(), rel=1e-6)
+
+
+def test_each_twin_is_its_report_with_one_sentence_flipped_by_a_rule(cache: CachedCohort) -> None:  # noqa: F811
+    kinds = ["negation", "laterality", "affirmation"]
+    stage = _stage(cache, twin_weight=1.0, hard_negatives=kinds)
+    ds = stage.dataset()
+    batch = stage.collate([ds[(i, 0)] for i in range(8)])
+    assert batch["report_twins"] == stage.collate([ds[(i, 0)] for i in range(8)])["report_twins"], "seeded"
+    assert batch["twin_mask"].any()
+    for text, twin, has in zip(batch["text"], batch["report_twins"], batch["twin_mask"].tolist(), strict=True):
+        if not has:
+            assert twin == text
+            continue
+        old, new = text_sentences(text), text_sentences(twin)
+        changed = [(a, b) for a, b in zip(old, new, strict=True) if a != b]
+        assert len(changed) == 1 and changed[0][1] in twins(changed[0][0], kinds)
+    later = [stage.collate([ds[(i, e)] for i in range(8)])["report_twins"] for e in range(1, 6)]
+    assert any(t != batch["report_twins"] for t in later), "other epochs flip other sentences"
+    assert batch["extra_tokens"]["input_ids"].shape[0] == 8, "only the twins: no sentence term"
+
+
+def test_a_report_with_nothing_to_flip_is_masked(cache: CachedCohort) -> None:  # noqa: F811
+    stage = _stage(cache, twin_weight=1.0, hard_negatives=["negation"])
+    item = dict(stage.dataset()[(0, 0)])
+    item["text"] = "No pneumothorax. Heart size is normal."
+    batch = stage.collate([item, stage.dataset()[(1, 0)]])
+    assert batch["twin_mask"][0].item() is False and batch["report_twins"][0] == item["text"]
+
+
+def test_training_with_sentences_and_report_twins_logs_both_and_moves_the_text_tower(
+    cache: CachedCohort,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    stage = _stage(cache, steps=3, sentence_weight=1.0, twin_weight=1.0, hard_negatives=["negation", "laterality"])
+    batch = stage.collate([stage.dataset()[(i, 0)] for i in range(4)])
+    assert batch["extra_tokens"]["input_ids"].shape[0] == 12, "sentences, their twins, then the report twins"
+    before = {n: p.detach().clone() for n, p in stage.model.text_encoder.named_parameters()}
+    run_stage(stage, tmp_path, CPU, seed=0)
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    terms = [r for r in logged if "twin" in r]
+    assert terms and all("sentence" in r and torch.isfinite(torch.tensor(r["twin"])) for r in terms)
+    assert any(not torch.equal(p, before[n]) for n, p in stage.model.text_encoder.named_parameters())
