@@ -50,7 +50,8 @@ ARMS: dict[str, list[str]] = {
         "stages.stage2-align.twin_weight=1.0",
         "stages.stage2-align.hard_negatives=[negation,laterality,affirmation]",
     ],
-    "twin_text": [  # the same, the text tower at half the rate instead of a tenth
+    "text": ["stages.stage2-align.text_lr_scale=0.5"],  # the text tower at half the rate alone, no twins
+    "twin_text": [  # the twin term with the text tower at half the rate instead of a tenth
         "stages.stage2-align.twin_weight=1.0",
         "stages.stage2-align.hard_negatives=[negation,laterality,affirmation]",
         "stages.stage2-align.text_lr_scale=0.5",
