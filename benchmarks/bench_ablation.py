@@ -180,9 +180,9 @@ def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
 
     head = (
         "| style | arm | zero-shot | gap to probe | worst finding | ECE (uncal.) | probe | prototypes | "
-        "i2r R@10 | CNR | C-index | robustness (neg., lat.) | prompt cos | train s |"
+        "i2r R@10 | CNR | mIoU | C-index | robustness (neg., lat.) | prompt cos | train s |"
     )
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 15]
     for style, per in rows.items():
         for arm, r in per.items():
             worst = f"{r['worst_finding']} {f(r['worst_finding_auroc'])}" if r["worst_finding"] else "–"
@@ -191,7 +191,7 @@ def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
                 f"| {style} | {arm} | {f(r['zero_shot_auroc'])} | {f(r['gap_to_probe'])} | {worst} | "
                 f"{f(r['zero_shot_ece'])} ({f(r['zero_shot_ece_uncalibrated'])}) | {f(r['linear_probe_auroc'])} | "
                 f"{f(r['prompt_prototype_auroc'])} | {f(r['retrieval_i2r_R@10'])} | {f(r['grounding_cnr'])} | "
-                f"{f(r['survival_c_index'])} | {rob} | {f(r.get('mean_prompt_cosine'))} | "
+                f"{f(r['grounding_miou'])} | {f(r['survival_c_index'])} | {rob} | {f(r.get('mean_prompt_cosine'))} | "
                 f"{r['seconds'].get('train_s', '–')} |"
             )
     return "\n".join(lines)
