@@ -133,17 +133,26 @@ def run_arm(
         metrics = evaluate(out / "run", yaml_path, out / "card", baselines=False, cache_dir=cache)
         seconds["evaluate_s"] = round(time.perf_counter() - t0, 1)
         (out / "seconds.json").write_text(json.dumps(seconds) + "\n")
-    cosines = prompt_cosines(out / "run")
-    row = {**row_of(metrics), "prompt_cosine": cosines, "mean_prompt_cosine": mean(cosines.values())}
+    cosines, shared = prompt_cosines(out / "run")
+    row = {
+        **row_of(metrics),
+        "prompt_cosine": cosines,
+        "mean_prompt_cosine": mean(cosines.values()),
+        "direction_cosine": shared,
+    }
     return {**row, "seconds": seconds}
 
 
-def prompt_cosines(run: Path) -> dict[str, float]:
-    """Per finding, the cosine between its positive and its negative prompt ensembles in the trained text tower.
+def prompt_cosines(run: Path) -> tuple[dict[str, float], float | None]:
+    """Per finding, the cosine between its positive and its negative prompt ensembles in the trained text tower; and
+    the mean cosine between different findings' directions ``positive - negative``.
 
-    Zero-shot scores an image along ``positive - negative``; a cosine near 1 means the tower hardly reads "no" and
-    that direction is short and noisy, whatever the images carry.
+    Zero-shot scores an image along ``positive - negative``; a first cosine near 1 means the tower hardly reads "no"
+    and that direction is short and noisy, whatever the images carry; a second near 1 means every finding is scored
+    along one shared "abnormal or not" axis.
     """
+    import torch.nn.functional as F
+
     from medvlp.artifacts import find_model_dir
     from medvlp.data.cache import COHORT_RECORD
     from medvlp.models.vlm import load_model
@@ -151,7 +160,11 @@ def prompt_cosines(run: Path) -> dict[str, float]:
 
     record = json.loads((find_model_dir(run) / COHORT_RECORD).read_text())
     prompts = build_prompt_embeddings(load_model(run), record["findings"], *prompt_spec(record))  # [F, 2, E]
-    return {f: float(prompts[i, 0] @ prompts[i, 1]) for i, f in enumerate(record["findings"])}
+    per = {f: float(prompts[i, 0] @ prompts[i, 1]) for i, f in enumerate(record["findings"])}
+    d = F.normalize(prompts[:, 0] - prompts[:, 1], dim=-1)  # [F, E]
+    n = d.shape[0]
+    shared = float(((d @ d.T).sum() - n) / (n * n - n)) if n > 1 else None
+    return per, shared
 
 
 def mean(values: Any) -> float | None:
@@ -180,9 +193,9 @@ def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
 
     head = (
         "| style | arm | zero-shot | gap to probe | worst finding | ECE (uncal.) | probe | prototypes | "
-        "i2r R@10 | CNR | mIoU | C-index | robustness (neg., lat.) | prompt cos | train s |"
+        "i2r R@10 | CNR | mIoU | C-index | robustness (neg., lat.) | prompt cos | direction cos | train s |"
     )
-    lines = [head, "|" + "---|" * 15]
+    lines = [head, "|" + "---|" * 16]
     for style, per in rows.items():
         for arm, r in per.items():
             worst = f"{r['worst_finding']} {f(r['worst_finding_auroc'])}" if r["worst_finding"] else "–"
@@ -191,7 +204,8 @@ def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
                 f"| {style} | {arm} | {f(r['zero_shot_auroc'])} | {f(r['gap_to_probe'])} | {worst} | "
                 f"{f(r['zero_shot_ece'])} ({f(r['zero_shot_ece_uncalibrated'])}) | {f(r['linear_probe_auroc'])} | "
                 f"{f(r['prompt_prototype_auroc'])} | {f(r['retrieval_i2r_R@10'])} | {f(r['grounding_cnr'])} | "
-                f"{f(r['grounding_miou'])} | {f(r['survival_c_index'])} | {rob} | {f(r.get('mean_prompt_cosine'))} | "
+                f"{f(r['grounding_miou'])} | {f(r['survival_c_index'])} | {rob} | "
+                f"{f(r.get('mean_prompt_cosine'))} | {f(r.get('direction_cosine'))} | "
                 f"{r['seconds'].get('train_s', '–')} |"
             )
     return "\n".join(lines)
