@@ -137,7 +137,7 @@ def run_arm(
     row = {
         **row_of(metrics),
         "prompt_cosine": cosines,
-        "mean_prompt_cosine": mean(cosines.values()),
+        "mean_prompt_cosine": sum(cosines.values()) / len(cosines) if cosines else None,
         "direction_cosine": shared,
     }
     return {**row, "seconds": seconds}
@@ -165,11 +165,6 @@ def prompt_cosines(run: Path) -> tuple[dict[str, float], float | None]:
     n = d.shape[0]
     shared = float(((d @ d.T).sum() - n) / (n * n - n)) if n > 1 else None
     return per, shared
-
-
-def mean(values: Any) -> float | None:
-    values = [float(v) for v in values]
-    return sum(values) / len(values) if values else None
 
 
 def verdicts(rows: dict[str, dict[str, dict[str, Any]]], base: str = "report") -> dict[str, Any]:

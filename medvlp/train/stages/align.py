@@ -200,7 +200,7 @@ class AlignStage:
                 (s, t)
                 for s in sentences
                 for t in twins(s, self.config.hard_negatives)
-                if normalize_report(t) not in own and s in text
+                if normalize_report(t) not in own
             ]
             rng = np.random.default_rng(sample_seed(self.seed, epoch, index, TWIN_STREAM))
             if options:
@@ -302,19 +302,12 @@ class AlignStage:
         """Zero-shot metrics and retrieval metrics of the val embeddings, by the evaluation's own functions."""
         from medvlp.data.reports import report_text
         from medvlp.tasks.retrieval import retrieval_metrics
-        from medvlp.tasks.zeroshot import (
-            build_prompt_embeddings,
-            classification_metrics,
-            model_logit_scale,
-            prompt_spec,
-            zero_shot_probabilities,
-        )
+        from medvlp.tasks.zeroshot import classification_metrics, prompt_spec, zero_shot_scores
 
         findings = list(self.cache.findings)
         zero_shot: dict = {"mean_auroc": math.nan}
         if findings:
-            prompts = build_prompt_embeddings(self.model, findings, *prompt_spec(self.cache.summary))
-            probs = zero_shot_probabilities(image, prompts, model_logit_scale(self.model))
+            probs = zero_shot_scores(self.model, image, findings, *prompt_spec(self.cache.summary))
             labels = ds.records[findings].astype("float32").to_numpy()  # NaN unknown, -1 uncertain
             zero_shot = classification_metrics(labels, probs, findings)
         reports = [report_text(r, list(self.sections)) for r in ds.records["report"]]
