@@ -56,6 +56,14 @@ ARMS: dict[str, list[str]] = {
         "stages.stage2-align.hard_negatives=[negation,laterality,affirmation]",
         "stages.stage2-align.text_lr_scale=0.5",
     ],
+    # studies with the same finding labels are not pushed apart (label-aware soft targets instead of same-report)
+    "labels": ["stages.stage2-align.false_negatives=labels"],
+    "labels_twin_text": [
+        "stages.stage2-align.false_negatives=labels",
+        "stages.stage2-align.twin_weight=1.0",
+        "stages.stage2-align.hard_negatives=[negation,laterality,affirmation]",
+        "stages.stage2-align.text_lr_scale=0.5",
+    ],
 }
 COLUMNS = {
     "zero_shot_auroc": ("zero_shot", "mean_auroc"),
