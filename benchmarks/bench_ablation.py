@@ -141,38 +141,53 @@ def run_arm(
         metrics = evaluate(out / "run", yaml_path, out / "card", baselines=False, cache_dir=cache)
         seconds["evaluate_s"] = round(time.perf_counter() - t0, 1)
         (out / "seconds.json").write_text(json.dumps(seconds) + "\n")
-    cosines, shared = prompt_cosines(out / "run")
-    row = {
-        **row_of(metrics),
-        "prompt_cosine": cosines,
-        "mean_prompt_cosine": sum(cosines.values()) / len(cosines) if cosines else None,
-        "direction_cosine": shared,
-    }
-    return {**row, "seconds": seconds}
+    return {**row_of(metrics), **text_side(out / "run", cache), "seconds": seconds}
 
 
-def prompt_cosines(run: Path) -> tuple[dict[str, float], float | None]:
-    """Per finding, the cosine between its positive and its negative prompt ensembles in the trained text tower; and
-    the mean cosine between different findings' directions ``positive - negative``.
+def text_side(run: Path, cache: Path) -> dict[str, Any]:
+    """Diagnostics of the trained text tower, which zero-shot reads through its prompts.
 
-    Zero-shot scores an image along ``positive - negative``; a first cosine near 1 means the tower hardly reads "no"
-    and that direction is short and noisy, whatever the images carry; a second near 1 means every finding is scored
-    along one shared "abnormal or not" axis.
+    - ``prompt_cosine``: per finding, the cosine between its positive and negative prompt ensembles. Zero-shot scores
+      an image along ``positive - negative``; near 1, the tower hardly reads "no" and that direction is short and
+      noisy, whatever the images carry.
+    - ``direction_cosine``: the mean cosine between different findings' directions; near 1, every finding is scored
+      along one shared "abnormal or not" axis.
+    - ``report_ceiling``: zero-shot metrics of the test **reports** scored in place of their images (the same
+      prompts, scale and metric). An image tower that read each image exactly as its report would score this: it is
+      how far the text side alone can carry zero-shot.
     """
     import torch.nn.functional as F
 
-    from medvlp.artifacts import find_model_dir
-    from medvlp.data.cache import COHORT_RECORD
-    from medvlp.models.vlm import load_model
-    from medvlp.tasks.zeroshot import build_prompt_embeddings, prompt_spec
+    from medvlp.artifacts import RunDir
+    from medvlp.data.cache import CachedCohort
+    from medvlp.tasks.embed import embed_split
+    from medvlp.tasks.zeroshot import (
+        build_prompt_embeddings,
+        classification_metrics,
+        model_logit_scale,
+        prompt_spec,
+        zero_shot_probabilities,
+    )
 
-    record = json.loads((find_model_dir(run) / COHORT_RECORD).read_text())
-    prompts = build_prompt_embeddings(load_model(run), record["findings"], *prompt_spec(record))  # [F, 2, E]
-    per = {f: float(prompts[i, 0] @ prompts[i, 1]) for i, f in enumerate(record["findings"])}
+    found = RunDir.open(run)
+    model, record = found.load_model(), found.cohort_record() or {}
+    findings = record["findings"]
+    prompts = build_prompt_embeddings(model, findings, *prompt_spec(record))  # [F, 2, E]
+    per = {f: float(prompts[i, 0] @ prompts[i, 1]) for i, f in enumerate(findings)}
     d = F.normalize(prompts[:, 0] - prompts[:, 1], dim=-1)  # [F, E]
     n = d.shape[0]
     shared = float(((d @ d.T).sum() - n) / (n * n - n)) if n > 1 else None
-    return per, shared
+    test = embed_split(model, CachedCohort.open(cache), "test", found.report_sections)
+    ceiling = classification_metrics(
+        test.labels, zero_shot_probabilities(test.text, prompts, model_logit_scale(model)), findings
+    )
+    return {
+        "prompt_cosine": per,
+        "mean_prompt_cosine": sum(per.values()) / len(per) if per else None,
+        "direction_cosine": shared,
+        "report_ceiling_auroc": ceiling["mean_auroc"],
+        "report_ceiling_per_finding": {f: m["auroc"] for f, m in ceiling["per_finding"].items()},
+    }
 
 
 def verdicts(rows: dict[str, dict[str, dict[str, Any]]], base: str = "report") -> dict[str, Any]:
@@ -196,9 +211,10 @@ def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
 
     head = (
         "| style | arm | zero-shot | gap to probe | worst finding | ECE (uncal.) | probe | prototypes | "
-        "i2r R@10 | CNR | mIoU | C-index | robustness (neg., lat.) | prompt cos | direction cos | train s |"
+        "i2r R@10 | CNR | mIoU | C-index | robustness (neg., lat.) | prompt cos | direction cos | report ceiling | "
+        "train s |"
     )
-    lines = [head, "|" + "---|" * 16]
+    lines = [head, "|" + "---|" * 17]
     for style, per in rows.items():
         for arm, r in per.items():
             worst = f"{r['worst_finding']} {f(r['worst_finding_auroc'])}" if r["worst_finding"] else "–"
@@ -209,6 +225,7 @@ def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
                 f"{f(r['prompt_prototype_auroc'])} | {f(r['retrieval_i2r_R@10'])} | {f(r['grounding_cnr'])} | "
                 f"{f(r['grounding_miou'])} | {f(r['survival_c_index'])} | {rob} | "
                 f"{f(r.get('mean_prompt_cosine'))} | {f(r.get('direction_cosine'))} | "
+                f"{f(r.get('report_ceiling_auroc'))} | "
                 f"{r['seconds'].get('train_s', '–')} |"
             )
     return "\n".join(lines)
