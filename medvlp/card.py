@@ -68,14 +68,19 @@ def write_model_card(out: Path, metrics: dict[str, Any], model_path: Path) -> Pa
             "",
             "## Zero-shot diagnosis per finding",
             "",
-            "| finding | AUROC | AUPRC | F1 | ECE | pos / neg |",
-            "|---|---|---|---|---|---|",
+            "| finding | AUROC | AUPRC | F1 | ECE | ECE floor | pos / neg |",
+            "|---|---|---|---|---|---|---|",
         ]
         for f, m in zs.items():
             lines.append(
                 f"| {f} | {_fmt(m.get('auroc'))} | {_fmt(m.get('auprc'))} | {_fmt(m.get('f1'))} | "
-                f"{_fmt(m.get('ece'))} | {m.get('n_pos')} / {m.get('n_neg')} |"
+                f"{_fmt(m.get('ece'))} | {_fmt(m.get('ece_floor'))} | {m.get('n_pos')} / {m.get('n_neg')} |"
             )
+        lines += [
+            "",
+            "*ECE floor*: the ECE a perfectly calibrated model with the same probabilities would show on this many "
+            "test studies (labels drawn from the probabilities); an ECE near its floor is within the metric's noise.",
+        ]
     ground = (metrics.get("grounding") or {}).get("per_category") or {}
     if ground:
         lines += [

@@ -27,6 +27,7 @@ from medvlp.artifacts import ALIGN_ONLY_RUN, CARD_METRICS, RunDir
 from medvlp.data.cache import CachedCohort
 from medvlp.models import MedVLP
 from medvlp.tasks import grounding, probe, retrieval, robustness, survival_compare, zeroshot
+from medvlp.tasks.calibration import ece_floor
 from medvlp.tasks.embed import SplitEmbeddings, embed_split, load_images
 from medvlp.tasks.prompts import PROMPT_MODES, prompt_prototype_task
 
@@ -40,6 +41,8 @@ PROTOCOL = {
     "survival": "Cox fitted on train; risk groups cut at the training median; bootstrap by subject",
     "robustness": "true finding sentence vs its negated and laterality-swapped twins; ties count as misses",
     "prompt_prototype": "prompts chosen from the train split's report sentences with its labels: not zero-shot",
+    "ece_floor": "mean ECE of labels drawn from the answered probabilities themselves (1000 seeded draws): the ECE "
+    "a perfectly calibrated model would show on this test split",
 }
 
 __all__ = ["BASELINES", "SplitEmbeddings", "embed_split", "evaluate", "evaluate_model", "train_align_only"]
@@ -113,6 +116,7 @@ def evaluate_model(
     spec = zeroshot.prompt_spec(cache.summary if record is None else record)
     train, val, test = (embed_split(model, cache, s, sections) for s in ("train", "val", "test"))
     zs, probs = zeroshot.zero_shot_task(model, val, test, cache.findings, calibration, prompts=spec)
+    _add_ece_floor(zs, test.labels, probs, cache.findings)
     proto, proto_probs = prompt_prototype_task(model, train, val, test, cache.findings, sections, spec)
     proto["chosen"] = prompts == "auto"
     scores = grounding.grounding_scores(model, cache, grounding.grounding_pairs(cache, "test"))
@@ -137,6 +141,18 @@ def evaluate_model(
         found["prototype_probs"] = proto_probs if prompts == "auto" else None
         _plots(model, cache, plot_dir, found | {"survival_data": sdata, "survival_result": sresult})
     return metrics
+
+
+def _add_ece_floor(zs: dict[str, Any], labels: np.ndarray, probs: np.ndarray, findings: list[str]) -> None:
+    """``ece_floor`` per finding and ``mean_ece_floor`` (over the findings the mean ECE averages) beside the ECE:
+    what a perfectly calibrated model would score on this test split (:func:`~medvlp.tasks.calibration.ece_floor`)."""
+    floors = ece_floor(labels, probs)
+    for name, floor in zip(findings, floors, strict=True):
+        zs["per_finding"][name]["ece_floor"] = float(floor)
+    scored = [
+        float(f) for name, f in zip(findings, floors, strict=True) if np.isfinite(zs["per_finding"][name]["auroc"])
+    ]
+    zs["mean_ece_floor"] = float(np.mean(scored)) if scored else float("nan")
 
 
 def _untrained(model: MedVLP) -> MedVLP:

@@ -79,6 +79,8 @@ def test_tiny_run_gives_a_complete_card(tiny_run: tuple[Path, Path], tmp_path: P
         assert "auroc" in metrics["zero_shot"]["per_finding"][f]
     zs = metrics["zero_shot"]  # training fitted a calibration on val; the card answers calibrated probabilities
     assert zs["calibrated"] is True and isinstance(zs["mean_ece_uncalibrated"], float)
+    assert 0.0 < zs["mean_ece_floor"] < 1.0 and all(0.0 < zs["per_finding"][f]["ece_floor"] < 1.0 for f in findings)
+    assert "ECE floor" in (card / "model_card.md").read_text()
     assert (run / "stage2-align" / "model" / "calibration.json").is_file()
     assert set(zs["operating_point"]["per_finding"]) == set(findings)
     assert isinstance(metrics["robustness"]["mean_accuracy"], float)

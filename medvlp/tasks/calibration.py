@@ -22,6 +22,7 @@ __all__ = [
     "CALIBRATION_FILE",
     "apply_calibration",
     "calibrate_model_dir",
+    "ece_floor",
     "fit_calibration",
     "load_calibration",
     "save_calibration",
@@ -134,3 +135,28 @@ def calibrate_model_dir(model_dir: str | Path, cache: Any, sections: Sequence[st
     calibration = fit_calibration(val.labels, scores, cache.findings)
     save_calibration(model_dir, calibration)
     return calibration
+
+
+def ece_floor(labels: np.ndarray, probs: np.ndarray, draws: int = 1000, seed: int = 0) -> np.ndarray:
+    """Per finding, the ECE that a perfectly calibrated model with these probabilities would show on these studies.
+
+    Labels are drawn from the probabilities themselves (``y ~ Bernoulli(p)``), ``draws`` times, on the rows that
+    carry a 0/1 label in ``labels`` (as :func:`~medvlp.tasks.zeroshot.expected_calibration_error` scores), and the
+    mean ECE is returned: the finite-sample noise of the metric. A measured ECE near its floor cannot be told from
+    perfect calibration on this test split; a goal below the floor cannot be shown on it.
+
+    Returns:
+        ``[F]`` float64; NaN for a finding without labelled rows.
+    """
+    from medvlp.tasks.zeroshot import expected_calibration_error
+
+    labels = np.asarray(labels, dtype=np.float64).reshape(len(labels), -1)
+    probs = np.asarray(probs, dtype=np.float64).reshape(len(probs), -1)
+    rng = np.random.default_rng(seed)
+    out = np.full(probs.shape[1], np.nan)
+    for j in range(probs.shape[1]):
+        p = probs[np.isin(labels[:, j], (0.0, 1.0)) & np.isfinite(probs[:, j]), j]
+        if len(p):
+            drawn = rng.random((draws, len(p))) < p  # [draws, N]
+            out[j] = float(np.mean([expected_calibration_error(y.astype(np.float64), p) for y in drawn]))
+    return out

@@ -7,8 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medvlp.tasks.calibration import apply_calibration, fit_calibration, load_calibration, save_calibration
-from medvlp.tasks.zeroshot import classification_metrics
+from medvlp.tasks.calibration import (
+    apply_calibration,
+    ece_floor,
+    fit_calibration,
+    load_calibration,
+    save_calibration,
+)
+from medvlp.tasks.zeroshot import classification_metrics, expected_calibration_error
 
 FINDINGS = ["effusion", "nodule", "rare"]
 
@@ -48,3 +54,26 @@ def test_stored_in_the_model_folder(tmp_path: Path) -> None:
         load_calibration(tmp_path)
     with pytest.raises(ValueError, match="do not agree"):
         fit_calibration(labels, probs[:, :2], FINDINGS)
+
+
+def test_ece_floor_is_what_a_perfectly_calibrated_model_scores_and_falls_with_more_studies() -> None:
+    rng = np.random.default_rng(5)
+    small, large = rng.uniform(0.02, 0.98, size=(79, 2)), rng.uniform(0.02, 0.98, size=(4000, 2))
+    floor_small = ece_floor(np.zeros_like(small), small, draws=400)
+    floor_large = ece_floor(np.zeros_like(large), large, draws=100)
+    assert np.all(floor_small > 0.06) and np.all(floor_large < 0.03)  # 15 bins on 79 studies: noise alone ~0.1
+    # perfectly calibrated labels score about the floor; an overconfident model far above it
+    y = (rng.random(small.shape) < small).astype(float)
+    ece = [expected_calibration_error(y[:, j], small[:, j]) for j in range(2)]
+    assert all(abs(e - f) < 0.06 for e, f in zip(ece, floor_small, strict=True))
+    labels, probs = _overconfident(79, 4)
+    over = classification_metrics(labels[:, :2], probs[:, :2], FINDINGS[:2])["mean_ece"]
+    assert over > 2 * float(np.mean(ece_floor(labels[:, :2], probs[:, :2])))
+    # seeded; only rows with a 0/1 label count; a finding without one is NaN
+    assert np.array_equal(ece_floor(y, small, seed=3), ece_floor(y, small, seed=3))
+    masked = y.copy()
+    masked[40:, 0] = np.nan
+    masked[:, 1] = -1.0
+    got = ece_floor(masked, small, draws=200)
+    assert got[0] == pytest.approx(ece_floor(y[:40, :1], small[:40, :1], draws=200)[0], abs=1e-12)
+    assert np.isnan(got[1])
