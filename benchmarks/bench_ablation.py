@@ -69,6 +69,7 @@ COLUMNS = {
     "zero_shot_auroc": ("zero_shot", "mean_auroc"),
     "zero_shot_ece": ("zero_shot", "mean_ece"),
     "zero_shot_ece_uncalibrated": ("zero_shot", "mean_ece_uncalibrated"),
+    "zero_shot_ece_floor": ("zero_shot", "mean_ece_floor"),
     "linear_probe_auroc": ("linear_probe", "mean_auroc"),
     "prompt_prototype_auroc": ("prompt_prototype", "mean_auroc"),
     "retrieval_i2r_R@10": ("retrieval", "image_to_report", "R@10"),
@@ -210,7 +211,7 @@ def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
         return "–" if v is None else f"{v:.3f}"
 
     head = (
-        "| style | arm | zero-shot | gap to probe | worst finding | ECE (uncal.) | probe | prototypes | "
+        "| style | arm | zero-shot | gap to probe | worst finding | ECE (uncal.; floor) | probe | prototypes | "
         "i2r R@10 | CNR | mIoU | C-index | robustness (neg., lat.) | prompt cos | direction cos | report ceiling | "
         "train s |"
     )
@@ -218,10 +219,11 @@ def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
     for style, per in rows.items():
         for arm, r in per.items():
             worst = f"{r['worst_finding']} {f(r['worst_finding_auroc'])}" if r["worst_finding"] else "–"
+            ece = f"{f(r['zero_shot_ece'])} ({f(r['zero_shot_ece_uncalibrated'])}; {f(r.get('zero_shot_ece_floor'))})"
             rob = f"{f(r['robustness'])} ({f(r['robustness_negation'])}, {f(r['robustness_laterality'])})"
             lines.append(
                 f"| {style} | {arm} | {f(r['zero_shot_auroc'])} | {f(r['gap_to_probe'])} | {worst} | "
-                f"{f(r['zero_shot_ece'])} ({f(r['zero_shot_ece_uncalibrated'])}) | {f(r['linear_probe_auroc'])} | "
+                f"{ece} | {f(r['linear_probe_auroc'])} | "
                 f"{f(r['prompt_prototype_auroc'])} | {f(r['retrieval_i2r_R@10'])} | {f(r['grounding_cnr'])} | "
                 f"{f(r['grounding_miou'])} | {f(r['survival_c_index'])} | {rob} | "
                 f"{f(r.get('mean_prompt_cosine'))} | {f(r.get('direction_cosine'))} | "
