@@ -130,6 +130,12 @@ class AlignStageConfig(OptimConfig):
     patience: int | None = Field(
         default=None, ge=1, description="stop after this many evaluations without a better select_metric"
     )
+    prompt_forms: list[Literal["sentence", "report", "report_section"]] = Field(
+        default_factory=lambda: ["sentence"],
+        min_length=1,
+        description="candidate zero-shot prompt forms (medvlp.tasks.prompt_forms); after training the one with the "
+        "best mean zero-shot AUROC on val is kept with the calibration (earlier wins ties); [sentence]: prompts alone",
+    )
 
     @model_validator(mode="after")
     def _selection_needs_validation(self) -> AlignStageConfig:

@@ -133,7 +133,11 @@ def test_evaluate_uses_the_synonyms_and_reports_prompt_prototypes_beside(
     metrics = evaluate(run_dir, cohort, card, prompts="auto")
     written = json.loads((card / "metrics.json").read_text())
     zs = written["zero_shot"]
-    assert set(zs) >= OLD_ZERO_SHOT_KEYS and zs["prompts"] == {"templates": "default", "synonyms": SYNONYMS}
+    assert set(zs) >= OLD_ZERO_SHOT_KEYS and zs["prompts"] == {
+        "templates": "default",
+        "synonyms": SYNONYMS,
+        "form": "sentence",
+    }
     for name, m in zs["per_finding"].items():
         assert set(m) >= OLD_PER_FINDING_KEYS, name
     # the card's zero-shot numbers are those of the synonym prompts, not of the bare templates

@@ -43,7 +43,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("eval")
     yaml_path = synthesize("cxr", 60, root / "cxr", seed=7)
-    train(load_config(ROOT / "configs" / "tiny-2d.yaml"), yaml_path, root / "run")
+    forms = "stages.stage2-align.prompt_forms=[sentence,report,report_section]"  # the form is chosen on val
+    train(load_config(ROOT / "configs" / "tiny-2d.yaml", [forms]), yaml_path, root / "run")
     return yaml_path, root / "run"
 
 
@@ -79,6 +80,7 @@ def test_tiny_run_gives_a_complete_card(tiny_run: tuple[Path, Path], tmp_path: P
         assert "auroc" in metrics["zero_shot"]["per_finding"][f]
     zs = metrics["zero_shot"]  # training fitted a calibration on val; the card answers calibrated probabilities
     assert zs["calibrated"] is True and isinstance(zs["mean_ece_uncalibrated"], float)
+    _check_the_prompt_form_was_chosen_on_val(run, zs)
     assert 0.0 < zs["mean_ece_floor"] < 1.0 and all(0.0 < zs["per_finding"][f]["ece_floor"] < 1.0 for f in findings)
     assert "ECE floor" in (card / "model_card.md").read_text()
     assert (run / "stage2-align" / "model" / "calibration.json").is_file()
@@ -102,6 +104,26 @@ def test_tiny_run_gives_a_complete_card(tiny_run: tuple[Path, Path], tmp_path: P
     manifest = pd.read_csv(yaml_path.parent / "manifest.csv", dtype=str)
     everything = text + (card / "metrics.json").read_text()
     assert not [s for s in [*manifest["study_id"], *manifest["subject_id"]] if s in everything]
+
+
+def _check_the_prompt_form_was_chosen_on_val(run: Path, zs: dict) -> None:
+    """Every candidate form scored on val, the best kept (earlier wins ties), and the card answers with it."""
+    from medvlp.artifacts import RunDir
+    from medvlp.tasks.embed import embed_split
+    from medvlp.tasks.zeroshot import classification_metrics, zero_shot_scores
+
+    found = RunDir.open(run)
+    cal = found.calibration()
+    order, aurocs = cal["prompt_form_candidates"], cal["prompt_form_val_auroc"]
+    assert order == ["sentence", "report", "report_section"] and set(aurocs) == set(order)
+    assert cal["prompt_form"] == max(order, key=lambda f: (aurocs[f], -order.index(f)))
+    assert zs["prompts"]["form"] == cal["prompt_form"]
+    model, cache = found.load_model(), found.open_cache()
+    val = embed_split(model, cache, "val", found.report_sections)
+    for form, stored in aurocs.items():
+        scores = zero_shot_scores(model, val.image, cache.findings, form=form)
+        assert classification_metrics(val.labels, scores, cache.findings)["mean_auroc"] == pytest.approx(stored)
+    assert len({round(v, 9) for v in aurocs.values()}) > 1  # the forms do score differently
 
 
 def test_baselines_can_be_chosen(tiny_run: tuple[Path, Path], tmp_path: Path) -> None:

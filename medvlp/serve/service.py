@@ -27,6 +27,7 @@ from medvlp.serve.uploads import UploadLimits, check_upload_size, probe_upload, 
 from medvlp.tasks import zeroshot
 from medvlp.tasks.calibration import apply_calibration
 from medvlp.tasks.grounding import similarity_map
+from medvlp.tasks.prompt_forms import prompt_form
 from medvlp.tasks.retrieval import EmbeddingIndex
 from medvlp.viz.orient import planes
 from medvlp.viz.png import heatmap_png, image_png
@@ -114,6 +115,7 @@ class DiagnosisService:
                 f"the training preprocessing gives {list(self.spec.size)} images but the model reads {list(self.size)}"
             )
         self.logit_scale = zeroshot.model_logit_scale(model)
+        self.prompt_form = prompt_form(context.calibration)  # chosen on val with the calibration
         self._prompts: OrderedDict[str, Tensor] = OrderedDict()
         self._prompt_cache_size = int(prompt_cache_size)
         self.prompt_computations = 0  # finding names whose prompts were embedded (tests read it)
@@ -155,6 +157,7 @@ class DiagnosisService:
             else {
                 "fitted_on": self.context.calibration.get("fitted_on", "val"),
                 "findings": sorted(self.context.calibration["findings"]),
+                "prompt_form": prompt_form(self.context.calibration),
             },
             "retrieval": {
                 "available": self.corpus is not None,
@@ -168,7 +171,9 @@ class DiagnosisService:
         """``[F, 2, E]`` positive/negative prompt embeddings, from the cache or computed once."""
         missing = [f for f in dict.fromkeys(findings) if f not in self._prompts]
         if missing:
-            emb = zeroshot.build_prompt_embeddings(self.model, missing, *self.context.prompts)  # [M, 2, E]
+            emb = zeroshot.build_prompt_embeddings(  # [M, 2, E], in the form chosen on val, the model's context
+                self.model, missing, *self.context.prompts, form=self.prompt_form, context=self.findings
+            )
             self.prompt_computations += len(missing)
             for f, e in zip(missing, emb, strict=True):
                 self._prompts[f] = e

@@ -107,8 +107,14 @@ def load_calibration(model_dir: str | Path) -> dict[str, Any] | None:
     return data
 
 
-def calibrate_model_dir(model_dir: str | Path, cache: Any, sections: Sequence[str]) -> dict[str, Any] | None:
+def calibrate_model_dir(
+    model_dir: str | Path, cache: Any, sections: Sequence[str], forms: Sequence[str] = ("sentence",)
+) -> dict[str, Any] | None:
     """Fit the calibration of a model folder on its cohort's ``val`` split and write it there.
+
+    With several prompt ``forms`` (:mod:`medvlp.tasks.prompt_forms`), the one with the best mean zero-shot AUROC on
+    ``val`` is chosen first (an earlier one wins ties) and stored as ``prompt_form``, with every candidate's val
+    AUROC beside it; the temperatures and biases are then fitted to that form's probabilities.
 
     The probabilities are those of the model's own prompts (:func:`medvlp.tasks.zeroshot.prompt_spec` of the model
     folder's ``cohort.json``, else of the cache's ``summary.json``), the ones evaluation and the server answer with.
@@ -121,7 +127,8 @@ def calibrate_model_dir(model_dir: str | Path, cache: Any, sections: Sequence[st
     from medvlp.data.cache import COHORT_RECORD
     from medvlp.models import MedVLP
     from medvlp.tasks.embed import embed_split
-    from medvlp.tasks.zeroshot import prompt_spec, zero_shot_scores
+    from medvlp.tasks.prompt_forms import choose_prompt_form
+    from medvlp.tasks.zeroshot import classification_metrics, prompt_spec, zero_shot_scores
 
     if cache.split("val").empty or not cache.findings:
         logging.getLogger(__name__).warning("no validation studies (or no findings): the model stays uncalibrated")
@@ -131,8 +138,15 @@ def calibrate_model_dir(model_dir: str | Path, cache: Any, sections: Sequence[st
     record_path = Path(model_dir) / COHORT_RECORD
     record = json.loads(record_path.read_text()) if record_path.is_file() else cache.summary
     templates, synonyms = prompt_spec(record)
-    scores = zero_shot_scores(model, val.image, cache.findings, templates, synonyms)
-    calibration = fit_calibration(val.labels, scores, cache.findings)
+    scores = {f: zero_shot_scores(model, val.image, cache.findings, templates, synonyms, f) for f in forms}
+    aurocs = {f: classification_metrics(val.labels, s, cache.findings)["mean_auroc"] for f, s in scores.items()}
+    form = choose_prompt_form(aurocs)
+    calibration = fit_calibration(val.labels, scores[form], cache.findings)
+    calibration |= {
+        "prompt_form": form,
+        "prompt_form_candidates": list(forms),  # in order: an earlier one wins ties
+        "prompt_form_val_auroc": {f: float(a) for f, a in aurocs.items()},
+    }
     save_calibration(model_dir, calibration)
     return calibration
 

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score, roc_curve
 from torch import Tensor
 
+from medvlp.tasks.prompt_forms import prompt_sensitivity, template_variants  # re-exported: their home moved
+
 __all__ = [
     "DEFAULT_TEMPLATES",
     "PromptSpec",
@@ -166,20 +168,23 @@ def build_prompt_embeddings(
     templates: Mapping[str, Sequence[str]] | None = None,
     synonyms: Mapping[str, Sequence[str]] | None = None,
     batch_size: int = 64,
+    form: str = "sentence",
+    context: Sequence[str] | None = None,
 ) -> Tensor:
-    """Positive/negative prompt embeddings per finding (:func:`render_prompts`, then :func:`embed_prompt_sets`).
+    """Positive/negative prompt embeddings per finding (:func:`render_prompts` in a prompt ``form`` with its
+    ``context``, :func:`medvlp.tasks.prompt_forms.form_prompt_sets`; then :func:`embed_prompt_sets`).
 
     Args:
         model: a :class:`~medvlp.models.MedVLP` (anything with ``encode_text(list[str], normalize=True)``).
         findings: finding names.
-        templates: see :func:`render_prompts`.
-        synonyms: see :func:`render_prompts`.
-        batch_size: prompts per text-encoder call.
+        templates, synonyms: see :func:`render_prompts`.
 
     Returns:
         ``[F, 2, E]`` float32 on the CPU, unit norm; index 0 is positive, 1 negative.
     """
-    return embed_prompt_sets(model, [render_prompts(f, templates, synonyms) for f in findings], batch_size)
+    from medvlp.tasks.prompt_forms import form_prompt_sets
+
+    return embed_prompt_sets(model, form_prompt_sets(findings, templates, synonyms, form, context), batch_size)
 
 
 def model_logit_scale(model: Any, max_scale: float = 100.0) -> float:
@@ -216,9 +221,11 @@ def zero_shot_scores(
     findings: Sequence[str],
     templates: Mapping[str, Sequence[str]] | None = None,
     synonyms: Mapping[str, Sequence[str]] | None = None,
+    form: str = "sentence",
 ) -> np.ndarray:
-    """``[N, F]`` zero-shot probabilities of images given as embeddings: prompt ensembles, the model's own scale."""
-    prompts = build_prompt_embeddings(model, findings, templates, synonyms)
+    """``[N, F]`` zero-shot probabilities of images given as embeddings: prompt ensembles (in ``form``, see
+    :mod:`medvlp.tasks.prompt_forms`), the model's own scale."""
+    prompts = build_prompt_embeddings(model, findings, templates, synonyms, form=form)
     return zero_shot_probabilities(image_features, prompts, model_logit_scale(model))
 
 
@@ -404,41 +411,6 @@ def zero_shot_metrics(
     return out
 
 
-def template_variants(
-    templates: Mapping[str, Sequence[str]] | None = None,
-) -> dict[str, dict[str, list[str]]]:
-    """Every single positive/negative template pair (by position), plus the full ensemble as ``"ensemble"``."""
-    t = DEFAULT_TEMPLATES if templates is None else templates
-    pos, neg = list(t["positive"]), list(t["negative"])
-    out = {f"{p} | {n}": {"positive": [p], "negative": [n]} for p, n in zip(pos, neg, strict=False)}
-    out["ensemble"] = {"positive": pos, "negative": neg}
-    return out
-
-
-def prompt_sensitivity(
-    model: Any,
-    image_features: np.ndarray,
-    labels: np.ndarray,
-    findings: Sequence[str],
-    variants: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
-    synonyms: Mapping[str, Sequence[str]] | None = None,
-) -> Any:
-    """AUROC per finding (columns, plus ``mean``) for each template set (rows, see :func:`template_variants`),
-    every set rendered with the model's ``synonyms`` (:func:`prompt_spec`).
-
-    Run it on ``val``: choosing templates by their test AUROC flatters the model.
-    """
-    import pandas as pd
-
-    variants = template_variants() if variants is None else variants
-    rows = {}
-    for name, templates in variants.items():
-        scores = zero_shot_scores(model, image_features, findings, templates, synonyms)
-        m = classification_metrics(labels, scores, findings)
-        rows[name] = {f: v["auroc"] for f, v in m["per_finding"].items()} | {"mean": m["mean_auroc"]}
-    return pd.DataFrame(rows).T.rename_axis("templates")
-
-
 def zero_shot_task(
     model: Any,
     val: Any,
@@ -460,14 +432,17 @@ def zero_shot_task(
         ``(metrics, probabilities [N, F])``.
     """
     from medvlp.tasks.calibration import apply_calibration
+    from medvlp.tasks.prompt_forms import prompt_form
 
     templates, synonyms = prompts or (None, None)
-    raw = zero_shot_scores(model, np.concatenate([val.image, test.image]), findings, templates, synonyms)
+    form = prompt_form(calibration)  # the prompt form chosen on val with the calibration
+    raw = zero_shot_scores(model, np.concatenate([val.image, test.image]), findings, templates, synonyms, form)
     probs = apply_calibration(raw, findings, calibration)[0] if calibration else raw
     metrics, test_probs = val_test_metrics(
         probs, val, test, findings, target_sensitivity, uncalibrated=raw if calibration else None
     )
     metrics["prompts"] = {"templates": "cohort" if templates else "default", "synonyms": dict(synonyms or {})}
+    metrics["prompts"]["form"] = form
     return metrics, test_probs
 
 

@@ -181,7 +181,8 @@ def train(
         if "stage2-align" in wanted and rt.is_main:
             from medvlp.tasks.calibration import calibrate_model_dir
 
-            calibrate_model_dir(run / "stage2-align" / "model", cache, list(cfg.data.report_sections))
+            forms = cfg.stages.stage2_align.prompt_forms
+            calibrate_model_dir(run / "stage2-align" / "model", cache, list(cfg.data.report_sections), forms)
         barrier(rt)
         return results
     finally:

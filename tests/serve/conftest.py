@@ -26,7 +26,8 @@ class TinyRun:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
-    """tiny-2d trained on 40 synthetic radiographs (~35 s on 2 cores), evaluated into ``run/card``."""
+    """tiny-2d trained on 40 synthetic radiographs (~35 s on 2 cores), evaluated into ``run/card``; its prompts are
+    in the ``report_section`` form (the only candidate, so the calibration keeps it), which the server must follow."""
     from medvlp.artifacts import default_cache_dir
     from medvlp.config import load_config
     from medvlp.data.synthetic import synthesize
@@ -35,7 +36,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
 
     root = tmp_path_factory.mktemp("serve-run")
     cohort = synthesize("cxr", 40, root / "cxr", seed=11)
-    train(load_config(ROOT / "configs" / "tiny-2d.yaml"), cohort, root / "run")
+    config = load_config(ROOT / "configs" / "tiny-2d.yaml", ["stages.stage2-align.prompt_forms=[report_section]"])
+    train(config, cohort, root / "run")
     evaluate(root / "run", cohort, root / "run" / "card")
     return TinyRun(cohort, root / "run", default_cache_dir(cohort))
 

@@ -95,6 +95,7 @@ def test_model_card_summary_and_config_without_paths(server: Server, tiny_run: T
     assert str(tiny_run.run) not in text and "/tmp" not in text  # no machine path (a user name, a patient folder)
     assert info["retrieval"] == {"available": True, "studies": 28}
     assert info["calibration"]["fitted_on"] == "val" and set(info["calibration"]["findings"]) <= set(FINDINGS)
+    assert info["calibration"]["prompt_form"] == "report_section" == metrics["zero_shot"]["prompts"]["form"]
     assert info["serving"]["micro_batching"] is True and info["serving"]["authentication"] is True
 
 
@@ -126,11 +127,11 @@ def test_diagnose_real_dicom_files_as_the_library_does(server: Server, tiny_run:
     from medvlp.data.cohort import PreprocessSpec
 
     pre = preprocess_image(read_image(path), PreprocessSpec.model_validate(spec))
+    calibration = RunDir.open(tiny_run.run).calibration()  # training fitted it on val; the server applies it
     with torch.no_grad():
         emb = model.encode_image(torch.from_numpy(pre.array.astype(np.float32))[None])
-        prompts = zeroshot.build_prompt_embeddings(model, FINDINGS)
+        prompts = zeroshot.build_prompt_embeddings(model, FINDINGS, form=calibration["prompt_form"])
     raw = zeroshot.zero_shot_probabilities(emb, prompts, zeroshot.model_logit_scale(model))
-    calibration = RunDir.open(tiny_run.run).calibration()  # training fitted it on val; the server applies it
     expected, applied = apply_calibration(raw, FINDINGS, calibration)
     np.testing.assert_allclose([p["probability"] for p in answer["predictions"]], expected[0], atol=1e-5)
     assert [p["calibrated"] for p in answer["predictions"]] == applied and any(applied)
@@ -172,6 +173,23 @@ def test_free_text_findings_and_the_prompt_cache(server: Server, tiny_run: TinyR
     assert names == ["small left pleural effusion", "cardiomegaly"]
     assert first.json()["predictions"] == second.json()["predictions"]
     assert after["computed"] == before["computed"] + 1  # the new phrase embedded once; the model's own were cached
+
+
+def test_a_free_text_finding_reads_in_the_context_of_the_models_own(server: Server, tiny_run: TinyRun, model) -> None:
+    """The run's prompt form is a report one: a phrase asked for is framed by the model's findings, all negated."""
+    data = study_file(tiny_run.cohort).read_bytes()
+    with server.client() as c:
+        answer = _diagnose(c, data, findings="small left pleural effusion").json()["predictions"][0]
+        emb = torch.tensor(c.post("/v1/embed", files={"file": ("upload", data)}).json()["embeddings"])
+    scale = zeroshot.model_logit_scale(model)
+    framed, bare = (
+        zeroshot.zero_shot_probabilities(
+            emb, zeroshot.build_prompt_embeddings(model, ["small left pleural effusion"], form=f, context=ctx), scale
+        )[0, 0]
+        for f, ctx in (("report_section", FINDINGS), ("sentence", None))
+    )
+    assert answer["calibrated"] is False and abs(framed - bare) > 1e-4
+    assert answer["probability"] == pytest.approx(framed, abs=1e-5)
 
 
 def test_png_and_nifti_uploads(server: Server, tmp_path: Path) -> None:

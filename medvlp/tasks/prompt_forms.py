@@ -1,0 +1,146 @@
+"""Prompt forms: how each finding's prompts are written before they are embedded, chosen on ``val``.
+
+The image tower is aligned with whole reports, which state (or deny) every finding at once, while a zero-shot prompt
+is one sentence about one finding. The forms:
+
+- ``sentence``: the prompts alone (``"There is pleural effusion."`` / ``"There is no pleural effusion."``), as
+  rendered by :func:`medvlp.tasks.zeroshot.render_prompts`.
+- ``report``: each prompt followed by a negative prompt of every *other* finding of the model, so it reads like a
+  report that is normal but for this one finding (``"There is pleural effusion. No cardiomegaly. There is no
+  pneumothorax."``); positive and negative differ only in their first sentence. The other findings' templates are
+  taken in turn, so the ensemble does not repeat one context.
+- ``report_section``: the same, under a ``FINDINGS:`` section header, as reports are commonly written.
+
+How much the wording matters beyond the form: :func:`prompt_sensitivity` scores each single template pair
+(:func:`template_variants`) on ``val``.
+
+Which form a model answers with is a tuned choice: :func:`choose_prompt_form` takes the candidate with the best mean
+zero-shot AUROC on ``val`` (an earlier candidate wins ties), and the calibration stores it (``prompt_form`` in
+``calibration.json``), so the evaluation card, the notebooks, the server and its exports all use it. A model folder
+whose calibration names no form answers with ``sentence``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_FORM",
+    "PROMPT_FORMS",
+    "choose_prompt_form",
+    "form_prompt_sets",
+    "prompt_form",
+    "prompt_sensitivity",
+    "template_variants",
+]
+
+PROMPT_FORMS = ("sentence", "report", "report_section")
+DEFAULT_FORM = "sentence"
+SECTION_HEADER = "FINDINGS:"
+
+
+def form_prompt_sets(
+    findings: Sequence[str],
+    templates: Mapping[str, Sequence[str]] | None = None,
+    synonyms: Mapping[str, Sequence[str]] | None = None,
+    form: str = DEFAULT_FORM,
+    context: Sequence[str] | None = None,
+) -> list[dict[str, list[str]]]:
+    """Per finding ``{"positive": [...], "negative": [...]}`` in the given form.
+
+    Args:
+        findings: the findings to prompt for.
+        templates, synonyms: as :func:`medvlp.tasks.zeroshot.render_prompts` takes them.
+        form: one of :data:`PROMPT_FORMS`.
+        context: the findings whose negations surround each prompt in the report forms: the model's own findings
+            (so a finding asked for alone, by the server, reads the same as in the card); ``findings`` when None.
+            A finding is never its own context.
+    """
+    from medvlp.tasks.zeroshot import render_prompts
+
+    if form not in PROMPT_FORMS:
+        raise ValueError(f"unknown prompt form {form!r}; known: {', '.join(PROMPT_FORMS)}")
+    own = [render_prompts(f, templates, synonyms) for f in findings]
+    if form == "sentence":
+        return own
+    others_of = list(dict.fromkeys(context if context is not None else findings))
+    negatives = {f: render_prompts(f, templates, synonyms)["negative"] for f in others_of}
+    header = f"{SECTION_HEADER} " if form == "report_section" else ""
+    out = []
+    for finding, prompts in zip(findings, own, strict=True):
+        others = [negatives[o] for o in others_of if o != finding]
+
+        def framed(sentence: str, i: int, others: list[list[str]] = others) -> str:
+            rest = " ".join(neg[(i + k) % len(neg)] for k, neg in enumerate(others))
+            return f"{header}{sentence} {rest}".strip()
+
+        n = max(len(prompts["positive"]), len(prompts["negative"]))
+        out.append(
+            {
+                pol: [framed(prompts[pol][i % len(prompts[pol])], i) for i in range(n)]
+                for pol in ("positive", "negative")
+            }
+        )
+    return out
+
+
+def prompt_form(calibration: Mapping[str, Any] | None) -> str:
+    """The form a model answers with: its calibration's ``prompt_form``, else :data:`DEFAULT_FORM`."""
+    form = str((calibration or {}).get("prompt_form") or DEFAULT_FORM)
+    if form not in PROMPT_FORMS:
+        raise ValueError(f"the calibration names an unknown prompt form {form!r}; known: {', '.join(PROMPT_FORMS)}")
+    return form
+
+
+def choose_prompt_form(aurocs: Mapping[str, float]) -> str:
+    """The candidate with the best mean val AUROC (``{form: auroc}`` in candidate order); an earlier one wins ties
+    and a NaN never wins."""
+    best, best_value = None, -np.inf
+    for form, value in aurocs.items():
+        if form not in PROMPT_FORMS:
+            raise ValueError(f"unknown prompt form {form!r}; known: {', '.join(PROMPT_FORMS)}")
+        if np.isfinite(value) and value > best_value:
+            best, best_value = form, float(value)
+    return best if best is not None else next(iter(aurocs), DEFAULT_FORM)
+
+
+def template_variants(
+    templates: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, dict[str, list[str]]]:
+    """Every single positive/negative template pair (by position), plus the full ensemble as ``"ensemble"``."""
+    from medvlp.tasks.zeroshot import DEFAULT_TEMPLATES
+
+    t = DEFAULT_TEMPLATES if templates is None else templates
+    pos, neg = list(t["positive"]), list(t["negative"])
+    out = {f"{p} | {n}": {"positive": [p], "negative": [n]} for p, n in zip(pos, neg, strict=False)}
+    out["ensemble"] = {"positive": pos, "negative": neg}
+    return out
+
+
+def prompt_sensitivity(
+    model: Any,
+    image_features: np.ndarray,
+    labels: np.ndarray,
+    findings: Sequence[str],
+    variants: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+    synonyms: Mapping[str, Sequence[str]] | None = None,
+) -> Any:
+    """AUROC per finding (columns, plus ``mean``) for each template set (rows, see :func:`template_variants`),
+    every set rendered with the model's ``synonyms`` (:func:`medvlp.tasks.zeroshot.prompt_spec`).
+
+    Run it on ``val``: choosing templates by their test AUROC flatters the model.
+    """
+    import pandas as pd
+
+    from medvlp.tasks.zeroshot import classification_metrics, zero_shot_scores
+
+    variants = template_variants() if variants is None else variants
+    rows = {}
+    for name, templates in variants.items():
+        scores = zero_shot_scores(model, image_features, findings, templates, synonyms)
+        m = classification_metrics(labels, scores, findings)
+        rows[name] = {f: v["auroc"] for f, v in m["per_finding"].items()} | {"mean": m["mean_auroc"]}
+    return pd.DataFrame(rows).T.rename_axis("templates")

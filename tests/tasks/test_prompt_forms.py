@@ -1,0 +1,72 @@
+"""Prompt forms: a finding's prompts alone or framed as an otherwise normal report; the form chosen on val."""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+
+from medvlp.config import AlignStageConfig
+from medvlp.tasks.prompt_forms import PROMPT_FORMS, choose_prompt_form, form_prompt_sets, prompt_form
+from medvlp.tasks.zeroshot import finding_text, render_prompts
+
+FINDINGS = ["cardiomegaly", "pleural_effusion", "lung_nodule"]
+
+
+def rest_after(text: str, heads: list[str]) -> str:
+    """What follows the one of ``heads`` a framed prompt starts with."""
+    found = [h for h in heads if text.startswith(h + " ")]
+    assert found, text
+    return text[len(max(found, key=len)) + 1 :]
+
+
+def test_the_sentence_form_is_the_prompts_alone() -> None:
+    assert form_prompt_sets(FINDINGS) == [render_prompts(f) for f in FINDINGS]
+
+
+@pytest.mark.parametrize("form", ["report", "report_section"])
+def test_a_report_form_is_one_finding_stated_or_denied_among_the_others_denied(form: str) -> None:
+    synonyms = {"cardiomegaly": ["enlarged heart"]}
+    sets = form_prompt_sets(FINDINGS, synonyms=synonyms, form=form)
+    for finding, got in zip(FINDINGS, sets, strict=True):
+        own = render_prompts(finding, synonyms=synonyms)
+        others = [render_prompts(o)["negative"] for o in FINDINGS if o != finding]
+        assert len(got["positive"]) == len(got["negative"]) == max(len(own["positive"]), len(own["negative"]))
+        for pos, neg in zip(got["positive"], got["negative"], strict=True):
+            assert pos.startswith("FINDINGS: ") == neg.startswith("FINDINGS: ") == (form == "report_section")
+            rest_p = rest_after(pos.removeprefix("FINDINGS: "), own["positive"])
+            rest_n = rest_after(neg.removeprefix("FINDINGS: "), own["negative"])
+            assert rest_p == rest_n  # positive and negative differ in their first sentence only
+            # the rest denies each other finding, and never names this one
+            assert all(any(n in rest_p for n in negs) for negs in others)
+            assert finding_text(finding) not in rest_p and "enlarged heart" not in rest_p
+        assert len(set(got["positive"])) > 1  # the other findings' templates are taken in turn
+
+
+def test_a_finding_asked_alone_reads_as_in_the_models_list() -> None:
+    """The server embeds findings one at a time: with the model's findings as context it writes the same prompts."""
+    whole = form_prompt_sets(FINDINGS, form="report")
+    alone = form_prompt_sets(FINDINGS[1:2], form="report", context=FINDINGS)
+    assert alone == whole[1:2]
+    assert form_prompt_sets(["free text finding"], form="report", context=FINDINGS)[0]["positive"][0].startswith(
+        "There is free text finding. "
+    )
+
+
+def test_the_form_is_read_from_the_calibration_and_chosen_on_val() -> None:
+    assert prompt_form(None) == prompt_form({"findings": {}}) == "sentence"
+    assert prompt_form({"prompt_form": "report"}) == "report"
+    with pytest.raises(ValueError, match="unknown prompt form"):
+        prompt_form({"prompt_form": "poem"})
+    with pytest.raises(ValueError, match="unknown prompt form"):
+        form_prompt_sets(FINDINGS, form="poem")
+    assert choose_prompt_form({"sentence": 0.70, "report": 0.75, "report_section": 0.74}) == "report"
+    assert choose_prompt_form({"sentence": 0.75, "report": 0.75}) == "sentence"  # ties: the earlier candidate
+    assert choose_prompt_form({"sentence": float("nan"), "report": 0.6}) == "report"
+    assert choose_prompt_form({"report": float("nan")}) == "report"
+    # the training config offers exactly these forms
+    field = AlignStageConfig.model_fields["prompt_forms"].annotation
+    assert tuple(typing.get_args(typing.get_args(field)[0])) == PROMPT_FORMS
+    assert AlignStageConfig().prompt_forms == ["sentence"]
+    with pytest.raises(ValueError):
+        AlignStageConfig(prompt_forms=[])
