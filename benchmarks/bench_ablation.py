@@ -9,8 +9,10 @@ seed, and is evaluated by `medvlp.evaluate.evaluate`. Per (style, arm): zero-sho
 probe on the same embeddings, the worst finding, ECE after and before the calibration fitted on val, retrieval,
 grounding, survival, the negation/laterality robustness suite, the training-label prompt prototypes when the
 evaluation reports them, and the training time. A method "pays" only when it beats the `report` arm's zero-shot
-AUROC on every style. Writes benchmarks/results/ablation-<kind>.json after every run (an interrupted benchmark keeps
-what it finished; with --keep, a rerun reuses finished runs and resumes unfinished ones).
+AUROC on every style. The `*forms` arms are their base arm with the zero-shot prompt form chosen on val
+(`prompt_forms`), which acts after training only: they recalibrate a copy of the base arm's trained run. Writes
+benchmarks/results/ablation-<kind>.json after every run (an interrupted benchmark keeps what it finished; with
+--keep, a rerun reuses finished runs and resumes unfinished ones).
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ ARMS: dict[str, list[str]] = {
         "stages.stage2-align.text_lr_scale=0.5",
     ],
 }
+#: Arms that differ from a base arm only after training (the prompt form is chosen on val with the calibration):
+#: they start from a copy of the base arm's finished run, which training resumes (nothing to train) and recalibrates.
+FORMS = "stages.stage2-align.prompt_forms=[sentence,report,report_section]"
+DERIVED = {"forms": "report", "twin_text_forms": "twin_text", "labels_forms": "labels"}
+ARMS |= {arm: [*ARMS[base], FORMS] for arm, base in DERIVED.items()}
 COLUMNS = {
     "zero_shot_auroc": ("zero_shot", "mean_auroc"),
     "zero_shot_ece": ("zero_shot", "mean_ece"),
@@ -135,14 +142,26 @@ def run_arm(
         metrics = json.loads(done.read_text())
         seconds = json.loads((out / "seconds.json").read_text()) if (out / "seconds.json").is_file() else {}
     else:
+        copied = out / "seconds.json"  # a derived arm's copy of its base arm's timings
+        seconds = json.loads(copied.read_text()) if copied.is_file() else {}
         t0 = time.perf_counter()
         train(load_config(config, ["seed=0", *overrides]), yaml_path, out / "run", cache_dir=cache, resume=True)
-        seconds["train_s"] = round(time.perf_counter() - t0, 1)
+        seconds["resume_s" if "train_s" in seconds else "train_s"] = round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
         metrics = evaluate(out / "run", yaml_path, out / "card", baselines=False, cache_dir=cache)
         seconds["evaluate_s"] = round(time.perf_counter() - t0, 1)
         (out / "seconds.json").write_text(json.dumps(seconds) + "\n")
     return {**row_of(metrics), **text_side(out / "run", cache), "seconds": seconds}
+
+
+def derive(base: Path, out: Path) -> None:
+    """Start a derived arm from a copy of its base arm's finished run (and its timings)."""
+    import shutil
+
+    if not (base / "card" / "metrics.json").is_file():
+        raise SystemExit(f"{out.name} starts from the finished {base.name} arm: run --arms {base.name} first")
+    shutil.copytree(base / "run", out / "run")
+    shutil.copy2(base / "seconds.json", out / "seconds.json")
 
 
 def text_side(run: Path, cache: Path) -> dict[str, Any]:
@@ -263,6 +282,8 @@ def main() -> None:
                 where = base / f"style{style}" / arm
                 if args.finished_only and not (where / "card" / "metrics.json").is_file():
                     continue
+                if arm in DERIVED and not (where / "run").exists():
+                    derive(base / f"style{style}" / DERIVED[arm], where)
                 row = run_arm(config, [*args.overrides, *ARMS[arm]], yaml_path, cache, where, args.reevaluate)
                 rows.setdefault(str(style), {})[arm] = row
                 print(f"style {style} {arm}:", json.dumps({k: v for k, v in row.items() if k != "seconds"}), flush=True)
