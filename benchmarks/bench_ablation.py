@@ -35,7 +35,7 @@ from bench_styles import worst_finding  # noqa: E402
 
 from medvlp.card import get  # noqa: E402
 
-#: The arms: config overrides on top of the demo config (the `report` arm is the demo config itself).
+#: The arms: config overrides on top of the demo config (the `report` arm is the demo config with sentence prompts).
 ARMS: dict[str, list[str]] = {
     "report": [],
     "sentence": ["stages.stage2-align.sentence_weight=1.0"],
@@ -69,7 +69,9 @@ ARMS: dict[str, list[str]] = {
 }
 #: Arms that differ from a base arm only after training (the prompt form is chosen on val with the calibration):
 #: they start from a copy of the base arm's finished run, which training resumes (nothing to train) and recalibrates.
+#: The other arms keep the `sentence` form whatever the demo config chooses, so `report` stays the baseline.
 FORMS = "stages.stage2-align.prompt_forms=[sentence,report,report_section]"
+ARMS = {arm: ["stages.stage2-align.prompt_forms=[sentence]", *overrides] for arm, overrides in ARMS.items()}
 DERIVED = {"forms": "report", "twin_text_forms": "twin_text", "labels_forms": "labels"}
 ARMS |= {arm: [*ARMS[base], FORMS] for arm, base in DERIVED.items()}
 COLUMNS = {
