@@ -17,7 +17,9 @@ How much the wording matters beyond the form: :func:`prompt_sensitivity` scores 
 Which form a model answers with is a tuned choice: :func:`choose_prompt_form` takes the candidate with the best mean
 zero-shot AUROC on ``val`` (an earlier candidate wins ties), and the calibration stores it (``prompt_form`` in
 ``calibration.json``), so the evaluation card, the notebooks, the server and its exports all use it. A model folder
-whose calibration names no form answers with ``sentence``.
+whose calibration names no form answers with ``sentence``, and so does validation during training (the form is
+chosen after it). A framed prompt longer than the text tower's ``text_max_length`` loses the end of its context,
+never the finding's own sentence, which comes first.
 """
 
 from __future__ import annotations
