@@ -167,7 +167,8 @@ def derive(base: Path, out: Path) -> None:
 
 
 def text_side(run: Path, cache: Path) -> dict[str, Any]:
-    """Diagnostics of the trained text tower, which zero-shot reads through its prompts.
+    """Diagnostics of the trained text tower, which zero-shot reads through its prompts (the `sentence` form for every
+    arm, so a `*forms` arm shows its base arm's text tower).
 
     - ``prompt_cosine``: per finding, the cosine between its positive and negative prompt ensembles. Zero-shot scores
       an image along ``positive - negative``; near 1, the tower hardly reads "no" and that direction is short and
