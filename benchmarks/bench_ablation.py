@@ -60,12 +60,6 @@ ARMS: dict[str, list[str]] = {
     ],
     # studies with the same finding labels are not pushed apart (label-aware soft targets instead of same-report)
     "labels": ["stages.stage2-align.false_negatives=labels"],
-    "labels_twin_text": [
-        "stages.stage2-align.false_negatives=labels",
-        "stages.stage2-align.twin_weight=1.0",
-        "stages.stage2-align.hard_negatives=[negation,laterality,affirmation]",
-        "stages.stage2-align.text_lr_scale=0.5",
-    ],
 }
 #: Arms that differ from a base arm only after training (the prompt form is chosen on val with the calibration):
 #: they start from a copy of the base arm's finished run, which training resumes (nothing to train) and recalibrates.
