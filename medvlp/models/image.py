@@ -24,12 +24,14 @@ from torch.utils.checkpoint import checkpoint
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "GLOBAL_POOLS",
     "ImageEncoder",
     "ImageEncoderOutput",
     "MonaiResNetEncoder",
     "MonaiSwinEncoder",
     "MonaiViTEncoder",
     "TimmImageEncoder",
+    "global_pool",
 ]
 
 
@@ -273,8 +275,27 @@ _RESNET_LAYOUTS: dict[int, tuple[type[nn.Module], list[int]]] = {
 }
 
 
+#: How a token map becomes the global embedding (timm's names): the mean, the maximum, or their average.
+GLOBAL_POOLS = ("avg", "max", "avgmax")
+
+
+def global_pool(tokens: Tensor, kind: str) -> Tensor:
+    """Pool tokens ``[B, N, C]`` over ``N`` into ``[B, C]``: ``avg``, ``max`` or ``avgmax`` (their mean, as timm)."""
+    if kind == "avg":
+        return tokens.mean(dim=1)
+    if kind == "max":
+        return tokens.amax(dim=1)
+    if kind == "avgmax":
+        return 0.5 * (tokens.mean(dim=1) + tokens.amax(dim=1))
+    raise ValueError(f"unknown global_pool {kind!r}; choose one of {', '.join(GLOBAL_POOLS)}")
+
+
 class MonaiResNetEncoder(ImageEncoder):
-    """MONAI's ResNet (2D or 3D, MedicalNet layout); tokens from the last stage, embedding its average."""
+    """MONAI's ResNet (2D or 3D, MedicalNet layout); tokens from the last stage, embedding their pool.
+
+    ``global_pool`` (``avg`` by default, ``max``, ``avgmax``) makes the embedding: a small lesion fills one token of
+    the last stage, so its signal survives a maximum over the tokens, where a mean over them dilutes it.
+    """
 
     def __init__(
         self,
@@ -288,8 +309,12 @@ class MonaiResNetEncoder(ImageEncoder):
         shortcut_type: str = "B",
         bias_downsample: bool = False,
         widen_factor: float = 1.0,
+        global_pool: str = "avg",
     ) -> None:
         super().__init__(spatial_dims, image_size)
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"unknown global_pool {global_pool!r}; choose one of {', '.join(GLOBAL_POOLS)}")
+        self.global_pool = global_pool
         if depth not in _RESNET_LAYOUTS:
             raise ValueError(f"unsupported ResNet depth {depth}; choose one of {sorted(_RESNET_LAYOUTS)}")
         block, layers = _RESNET_LAYOUTS[depth]
@@ -317,7 +342,7 @@ class MonaiResNetEncoder(ImageEncoder):
         for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
             h = _maybe_checkpoint(self.grad_checkpointing, stage, h)
         tokens, grid = _flatten_map(h)  # [B, N, C]
-        return ImageEncoderOutput(embedding=tokens.mean(dim=1), tokens=tokens, grid=grid)
+        return ImageEncoderOutput(embedding=global_pool(tokens, self.global_pool), tokens=tokens, grid=grid)
 
     def _group_prefixes(self) -> list[tuple[str, ...]]:
         return [("backbone.conv1.", "backbone.bn1."), *[(f"backbone.layer{i}.",) for i in range(1, 5)]]

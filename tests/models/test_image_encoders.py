@@ -245,3 +245,34 @@ def test_strict_partial_checkpoint_fails(tmp_path: Path) -> None:
     assert any("blocks.1." in k for k in load_image_checkpoint(enc, path)["missing"])
     with pytest.raises(ValueError, match="missing"):
         load_image_checkpoint(enc, path, strict=True)
+
+
+@pytest.mark.parametrize("pool", ["avg", "max", "avgmax"])
+def test_resnet_global_pool_is_the_named_pool_of_its_tokens(pool: str) -> None:
+    enc = create_image_encoder("tiny_resnet", 3, SIZE_3D, global_pool=pool).eval()
+    out = enc(torch.randn(2, 1, *SIZE_3D))
+    mean, top = out.tokens.mean(dim=1), out.tokens.amax(dim=1)
+    expected = {"avg": mean, "max": top, "avgmax": 0.5 * (mean + top)}[pool]
+    torch.testing.assert_close(out.embedding, expected)
+    assert not torch.allclose(mean, top)  # the pools differ, so the test tells them apart
+
+
+def test_resnet_max_pool_keeps_a_one_token_signal_that_the_mean_dilutes() -> None:
+    """A bright spot that reaches one token of the last stage moves the max-pooled embedding more than the mean."""
+    torch.manual_seed(0)
+    shifts = {}
+    for pool in ("avg", "max"):
+        enc = create_image_encoder("tiny_resnet", 3, SIZE_3D, global_pool=pool).eval()
+        x = torch.zeros(1, 1, *SIZE_3D)
+        spot = x.clone()
+        spot[..., 4:8, 4:8, 4:8] = 5.0
+        with torch.no_grad():
+            a, b, toks = enc(x).embedding, enc(spot).embedding, enc(spot).tokens
+        assert toks.shape[1] > 1
+        shifts[pool] = float((b - a).abs().max())
+    assert shifts["max"] > shifts["avg"]
+
+
+def test_resnet_global_pool_rejects_an_unknown_name() -> None:
+    with pytest.raises(ValueError, match="global_pool"):
+        create_image_encoder("tiny_resnet", 3, SIZE_3D, global_pool="median")
