@@ -43,7 +43,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("eval")
     yaml_path = synthesize("cxr", 60, root / "cxr", seed=7)
-    forms = "stages.stage2-align.prompt_forms=[sentence,report,report_section]"  # the form is chosen on val
+    forms = "stages.stage2-align.prompt_forms=[sentence,report,report_section,mined]"  # the form is chosen on val
     train(load_config(ROOT / "configs" / "tiny-2d.yaml", [forms]), yaml_path, root / "run")
     return yaml_path, root / "run"
 
@@ -115,13 +115,22 @@ def _check_the_prompt_form_was_chosen_on_val(run: Path, zs: dict) -> None:
     found = RunDir.open(run)
     cal = found.calibration()
     order, aurocs = cal["prompt_form_candidates"], cal["prompt_form_val_auroc"]
-    assert order == ["sentence", "report", "report_section"] and set(aurocs) == set(order)
+    assert order == ["sentence", "report", "report_section", "mined"] and set(aurocs) == set(order)
     assert cal["prompt_form"] == max(order, key=lambda f: (aurocs[f], -order.index(f)))
     assert zs["prompts"]["form"] == cal["prompt_form"]
+    assert ("mined" in zs["prompts"]) == (cal["prompt_form"] == "mined")
     model, cache = found.load_model(), found.open_cache()
+    # the mined sentences were mined from the training reports, without their labels, and stored with the calibration
+    train_text = " ".join(cache.split("train")["report"])
+    mined = {f: {pol: e[pol] for pol in ("positive", "negative")} for f, e in cal["mined_prompts"].items()}
+    assert set(mined) == set(cache.findings)
+    for e in cal["mined_prompts"].values():
+        for pol in ("positive", "negative"):
+            assert e[pol] and (pol in e["fallback"] or all(s in train_text for s in e[pol]))
+    assert any(not e["fallback"] for e in cal["mined_prompts"].values())  # some sentence was mined
     val = embed_split(model, cache, "val", found.report_sections)
     for form, stored in aurocs.items():
-        scores = zero_shot_scores(model, val.image, cache.findings, form=form)
+        scores = zero_shot_scores(model, val.image, cache.findings, form=form, mined=mined)
         assert classification_metrics(val.labels, scores, cache.findings)["mean_auroc"] == pytest.approx(stored)
     assert len({round(v, 9) for v in aurocs.values()}) > 1  # the forms do score differently
 

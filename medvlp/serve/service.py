@@ -27,7 +27,7 @@ from medvlp.serve.uploads import UploadLimits, check_upload_size, probe_upload, 
 from medvlp.tasks import zeroshot
 from medvlp.tasks.calibration import apply_calibration
 from medvlp.tasks.grounding import similarity_map
-from medvlp.tasks.prompt_forms import prompt_form
+from medvlp.tasks.prompt_forms import mined_prompts, prompt_form
 from medvlp.tasks.retrieval import EmbeddingIndex
 from medvlp.viz.orient import planes
 from medvlp.viz.png import heatmap_png, image_png
@@ -116,6 +116,7 @@ class DiagnosisService:
             )
         self.logit_scale = zeroshot.model_logit_scale(model)
         self.prompt_form = prompt_form(context.calibration)  # chosen on val with the calibration
+        self.mined_prompts = mined_prompts(context.calibration)  # the mined form's sentences, when it has them
         self._prompts: OrderedDict[str, Tensor] = OrderedDict()
         self._prompt_cache_size = int(prompt_cache_size)
         self.prompt_computations = 0  # finding names whose prompts were embedded (tests read it)
@@ -172,7 +173,12 @@ class DiagnosisService:
         missing = [f for f in dict.fromkeys(findings) if f not in self._prompts]
         if missing:
             emb = zeroshot.build_prompt_embeddings(  # [M, 2, E], in the form chosen on val, the model's context
-                self.model, missing, *self.context.prompts, form=self.prompt_form, context=self.findings
+                self.model,
+                missing,
+                *self.context.prompts,
+                form=self.prompt_form,
+                context=self.findings,
+                mined=self.mined_prompts,
             )
             self.prompt_computations += len(missing)
             for f, e in zip(missing, emb, strict=True):

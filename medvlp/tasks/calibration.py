@@ -138,7 +138,9 @@ def calibrate_model_dir(
     record_path = Path(model_dir) / COHORT_RECORD
     record = json.loads(record_path.read_text()) if record_path.is_file() else cache.summary
     templates, synonyms = prompt_spec(record)
-    scores = {f: zero_shot_scores(model, val.image, cache.findings, templates, synonyms, f) for f in forms}
+    mined = _mine(model, cache, sections, templates, synonyms) if "mined" in forms else None
+    sets = {f: {pol: e[pol] for pol in ("positive", "negative")} for f, e in (mined or {}).items()}
+    scores = {f: zero_shot_scores(model, val.image, cache.findings, templates, synonyms, f, sets) for f in forms}
     aurocs = {f: classification_metrics(val.labels, s, cache.findings)["mean_auroc"] for f, s in scores.items()}
     form = choose_prompt_form(aurocs)
     calibration = fit_calibration(val.labels, scores[form], cache.findings)
@@ -147,8 +149,20 @@ def calibrate_model_dir(
         "prompt_form_candidates": list(forms),  # in order: an earlier one wins ties
         "prompt_form_val_auroc": {f: float(a) for f, a in aurocs.items()},
     }
+    if mined is not None:  # kept whichever form won, so the record shows what the mined form would have said
+        calibration["mined_prompts"] = mined
     save_calibration(model_dir, calibration)
     return calibration
+
+
+def _mine(model: Any, cache: Any, sections: Sequence[str], templates: Any, synonyms: Any) -> dict[str, Any]:
+    """The ``mined`` form's sentences from the training split's reports (no labels read)."""
+    from medvlp.tasks.mined_prompts import mine_prompts
+
+    train = cache.split("train")
+    subjects = list(train["subject"]) if "subject" in train.columns else None
+    mined = mine_prompts(model, list(train["report"]), cache.findings, templates, synonyms, subjects, sections)
+    return {f: {k: e[k] for k in ("positive", "negative", "fallback")} for f, e in mined.items()}
 
 
 def ece_floor(labels: np.ndarray, probs: np.ndarray, draws: int = 1000, seed: int = 0) -> np.ndarray:

@@ -10,6 +10,10 @@ is one sentence about one finding. The forms:
   pneumothorax."``); positive and negative differ only in their first sentence. The other findings' templates are
   taken in turn, so the ensemble does not repeat one context.
 - ``report_section``: the same, under a ``FINDINGS:`` section header, as reports are commonly written.
+- ``mined``: the sentences of the training reports themselves, mined without labels
+  (:func:`medvlp.tasks.mined_prompts.mine_prompts`), which the calibration stores (``mined_prompts`` in
+  ``calibration.json``) so that every reader of the model folder answers with the same sentences; a finding without
+  mined sentences (one asked for by name at the server) is prompted with its templates, as ``sentence``.
 
 How much the wording matters beyond the form: :func:`prompt_sensitivity` scores each single template pair
 (:func:`template_variants`) on ``val``.
@@ -34,12 +38,13 @@ __all__ = [
     "PROMPT_FORMS",
     "choose_prompt_form",
     "form_prompt_sets",
+    "mined_prompts",
     "prompt_form",
     "prompt_sensitivity",
     "template_variants",
 ]
 
-PROMPT_FORMS = ("sentence", "report", "report_section")
+PROMPT_FORMS = ("sentence", "report", "report_section", "mined")
 DEFAULT_FORM = "sentence"
 SECTION_HEADER = "FINDINGS:"
 
@@ -50,6 +55,7 @@ def form_prompt_sets(
     synonyms: Mapping[str, Sequence[str]] | None = None,
     form: str = DEFAULT_FORM,
     context: Sequence[str] | None = None,
+    mined: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
 ) -> list[dict[str, list[str]]]:
     """Per finding ``{"positive": [...], "negative": [...]}`` in the given form.
 
@@ -60,12 +66,23 @@ def form_prompt_sets(
         context: the findings whose negations surround each prompt in the report forms: the model's own findings
             (so a finding asked for alone, by the server, reads the same as in the card); ``findings`` when None.
             A finding is never its own context.
+        mined: the ``mined`` form's sentences, ``{finding: {"positive": [...], "negative": [...]}}``
+            (:func:`mined_prompts` of the calibration); required by that form.
     """
-    from medvlp.tasks.zeroshot import render_prompts
+    from medvlp.tasks.zeroshot import POLARITIES, render_prompts
 
     if form not in PROMPT_FORMS:
         raise ValueError(f"unknown prompt form {form!r}; known: {', '.join(PROMPT_FORMS)}")
     own = [render_prompts(f, templates, synonyms) for f in findings]
+    if form == "mined":
+        if mined is None:
+            raise ValueError("the mined prompt form needs the mined sentences (mined_prompts in calibration.json)")
+        return [
+            {pol: list(mined[f][pol]) for pol in POLARITIES}
+            if f in mined and all(mined[f].get(pol) for pol in POLARITIES)
+            else rendered
+            for f, rendered in zip(findings, own, strict=True)
+        ]
     if form == "sentence":
         return own
     others_of = list(dict.fromkeys(context if context is not None else findings))
@@ -95,6 +112,14 @@ def prompt_form(calibration: Mapping[str, Any] | None) -> str:
     if form not in PROMPT_FORMS:
         raise ValueError(f"the calibration names an unknown prompt form {form!r}; known: {', '.join(PROMPT_FORMS)}")
     return form
+
+
+def mined_prompts(calibration: Mapping[str, Any] | None) -> dict[str, dict[str, list[str]]] | None:
+    """The ``mined`` form's sentences stored with the calibration (``{finding: {"positive", "negative"}}``), or None."""
+    mined = (calibration or {}).get("mined_prompts")
+    if mined is None:
+        return None
+    return {f: {pol: list(entry[pol]) for pol in ("positive", "negative")} for f, entry in mined.items()}
 
 
 def choose_prompt_form(aurocs: Mapping[str, float]) -> str:

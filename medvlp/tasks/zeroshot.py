@@ -170,9 +170,11 @@ def build_prompt_embeddings(
     batch_size: int = 64,
     form: str = "sentence",
     context: Sequence[str] | None = None,
+    mined: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
 ) -> Tensor:
     """Positive/negative prompt embeddings per finding (:func:`render_prompts` in a prompt ``form`` with its
-    ``context``, :func:`medvlp.tasks.prompt_forms.form_prompt_sets`; then :func:`embed_prompt_sets`).
+    ``context``, or the ``mined`` sentences, :func:`medvlp.tasks.prompt_forms.form_prompt_sets`; then
+    :func:`embed_prompt_sets`).
 
     Args:
         model: a :class:`~medvlp.models.MedVLP` (anything with ``encode_text(list[str], normalize=True)``).
@@ -184,7 +186,8 @@ def build_prompt_embeddings(
     """
     from medvlp.tasks.prompt_forms import form_prompt_sets
 
-    return embed_prompt_sets(model, form_prompt_sets(findings, templates, synonyms, form, context), batch_size)
+    sets = form_prompt_sets(findings, templates, synonyms, form, context, mined)
+    return embed_prompt_sets(model, sets, batch_size)
 
 
 def model_logit_scale(model: Any, max_scale: float = 100.0) -> float:
@@ -222,10 +225,11 @@ def zero_shot_scores(
     templates: Mapping[str, Sequence[str]] | None = None,
     synonyms: Mapping[str, Sequence[str]] | None = None,
     form: str = "sentence",
+    mined: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
 ) -> np.ndarray:
     """``[N, F]`` zero-shot probabilities of images given as embeddings: prompt ensembles (in ``form``, see
-    :mod:`medvlp.tasks.prompt_forms`), the model's own scale."""
-    prompts = build_prompt_embeddings(model, findings, templates, synonyms, form=form)
+    :mod:`medvlp.tasks.prompt_forms`; ``mined`` sentences for that form), the model's own scale."""
+    prompts = build_prompt_embeddings(model, findings, templates, synonyms, form=form, mined=mined)
     return zero_shot_probabilities(image_features, prompts, model_logit_scale(model))
 
 
@@ -432,17 +436,22 @@ def zero_shot_task(
         ``(metrics, probabilities [N, F])``.
     """
     from medvlp.tasks.calibration import apply_calibration
-    from medvlp.tasks.prompt_forms import prompt_form
+    from medvlp.tasks.prompt_forms import mined_prompts, prompt_form
 
     templates, synonyms = prompts or (None, None)
     form = prompt_form(calibration)  # the prompt form chosen on val with the calibration
-    raw = zero_shot_scores(model, np.concatenate([val.image, test.image]), findings, templates, synonyms, form)
+    mined = mined_prompts(calibration)
+    images = np.concatenate([val.image, test.image])
+    raw = zero_shot_scores(model, images, findings, templates, synonyms, form, mined)
     probs = apply_calibration(raw, findings, calibration)[0] if calibration else raw
     metrics, test_probs = val_test_metrics(
         probs, val, test, findings, target_sensitivity, uncalibrated=raw if calibration else None
     )
     metrics["prompts"] = {"templates": "cohort" if templates else "default", "synonyms": dict(synonyms or {})}
     metrics["prompts"]["form"] = form
+    if form == "mined" and mined is not None:  # label-free: the training reports' sentences, never their labels
+        metrics["prompts"]["mined"] = {f: mined[f] for f in findings if f in mined}
+        metrics["prompts"]["uses_training_labels"] = False
     return metrics, test_probs
 
 

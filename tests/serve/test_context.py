@@ -64,3 +64,32 @@ def test_a_preprocessing_that_does_not_fit_the_model_is_refused(tiny_run: TinyRu
     ctx = ServingContext(cohort={}, preprocess=PreprocessSpec(size=(96, 96)), findings=[])
     with pytest.raises(ValueError, match=r"\[96, 96\] images but the model reads \[128, 128\]"):
         DiagnosisService(model, ctx)
+
+
+def test_the_server_answers_with_the_mined_sentences_of_its_calibration(tiny_run: TinyRun) -> None:
+    """A calibration whose val choice was the `mined` form: the server embeds those sentences for the model's own
+    findings and the templates for a finding asked for by name."""
+    import dataclasses
+
+    import torch
+
+    from medvlp.tasks import zeroshot
+
+    ctx = resolve_context(RunDir.open(tiny_run.run))
+    model = MedVLP.from_pretrained(find_model_dir(tiny_run.run)).eval()
+    first = ctx.findings[0]
+    mined = {first: {"positive": ["A finding as the reports say it."], "negative": ["No such thing is seen."]}}
+    calibration = dict(ctx.calibration or {}) | {
+        "prompt_form": "mined",
+        "mined_prompts": {first: mined[first] | {"fallback": []}},
+    }
+    service = DiagnosisService(model, dataclasses.replace(ctx, calibration=calibration))
+    asked = [*ctx.findings, "small left pleural effusion"]
+    got = service.prompt_embeddings(asked)
+    expected = zeroshot.build_prompt_embeddings(model, asked, *ctx.prompts, form="mined", mined=mined)
+    torch.testing.assert_close(got, expected)
+    own = zeroshot.embed_prompt_sets(model, [mined[first]])
+    torch.testing.assert_close(got[0], own[0])
+    plain = zeroshot.build_prompt_embeddings(model, asked[1:], *ctx.prompts)  # the rest: templates, `sentence`
+    torch.testing.assert_close(got[1:], plain)
+    assert service.describe()["calibration"]["prompt_form"] == "mined"

@@ -7,7 +7,7 @@ import typing
 import pytest
 
 from medvlp.config import AlignStageConfig
-from medvlp.tasks.prompt_forms import PROMPT_FORMS, choose_prompt_form, form_prompt_sets, prompt_form
+from medvlp.tasks.prompt_forms import PROMPT_FORMS, choose_prompt_form, form_prompt_sets, mined_prompts, prompt_form
 from medvlp.tasks.zeroshot import finding_text, render_prompts
 
 FINDINGS = ["cardiomegaly", "pleural_effusion", "lung_nodule"]
@@ -70,3 +70,25 @@ def test_the_form_is_read_from_the_calibration_and_chosen_on_val() -> None:
     assert AlignStageConfig().prompt_forms == ["sentence"]
     with pytest.raises(ValueError):
         AlignStageConfig(prompt_forms=[])
+
+
+def test_the_mined_form_answers_with_the_calibrations_sentences_and_templates_for_the_rest() -> None:
+    calibration = {
+        "prompt_form": "mined",
+        "mined_prompts": {
+            "cardiomegaly": {
+                "positive": ["The cardiac silhouette is enlarged."],
+                "negative": ["Heart size is normal.", "No cardiomegaly."],
+                "fallback": [],
+            }
+        },
+    }
+    mined = mined_prompts(calibration)
+    assert mined == {"cardiomegaly": {"positive": ["The cardiac silhouette is enlarged."],
+                                      "negative": ["Heart size is normal.", "No cardiomegaly."]}}  # fmt: skip
+    assert prompt_form(calibration) == "mined" and mined_prompts({"findings": {}}) is None
+    sets = form_prompt_sets(FINDINGS, form="mined", mined=mined)
+    assert sets[0] == mined["cardiomegaly"]
+    assert sets[1:] == [render_prompts(f) for f in FINDINGS[1:]]  # no mined sentence: the templates, as `sentence`
+    with pytest.raises(ValueError, match="mined sentences"):
+        form_prompt_sets(FINDINGS, form="mined")

@@ -1,0 +1,132 @@
+"""Label-free prompts mined from the training reports' own sentences: zero-shot in the cohort's words.
+
+The default prompts say "There is cardiomegaly." while a hospital's reports say "The cardiac silhouette is
+enlarged."; the prompt prototypes (:mod:`medvlp.tasks.prompts`) close that gap with the training labels, so they are
+not zero-shot. Mining uses the training reports' **text only**, as contrastive training does, and never a label:
+
+1. The training reports' sentences (the sections the text tower was trained on) are counted by distinct subject
+   (:func:`medvlp.tasks.prompts.sentence_key`: numbers as ``#``); one written by fewer than ``min_count`` subjects is
+   left out, so a sentence specific to one patient never becomes a prompt.
+2. Each sentence's polarity is read by the rules of :mod:`medvlp.data.perturb`: affirmative when it has a negated
+   twin, negated when it has an affirmative twin; an uncertain or unparsed sentence is left out.
+3. Each sentence's *topic* is the text tower's embedding of the sentence plus that of its twin (so polarity, which
+   the twin flips, cancels out), and each finding's topic the same of its template prompts (positive plus negative,
+   :func:`medvlp.tasks.zeroshot.render_prompts`, with the cohort's synonyms). A sentence belongs to the finding whose
+   topic is nearest (cosine), and only when it is nearer to it than ``min_margin`` over every other finding.
+4. A finding's prompts of each polarity are its ``k`` nearest sentences of that polarity; a polarity with none falls
+   back to the templates, and the result says which.
+
+Which prompts a model answers with stays a choice made on ``val`` (:mod:`medvlp.tasks.prompt_forms`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medvlp.data.perturb import affirm, negate
+from medvlp.tasks.prompts import _sentence_sets, _subject_counts
+from medvlp.tasks.zeroshot import POLARITIES, embed_prompt_sets, render_prompts
+
+__all__ = ["DEFAULT_K", "DEFAULT_MIN_COUNT", "DEFAULT_MIN_MARGIN", "mine_prompts", "sentence_polarity"]
+
+DEFAULT_K = 8
+DEFAULT_MIN_COUNT = 3  # distinct subjects
+DEFAULT_MIN_MARGIN = 0.02  # cosine by which a sentence's finding must beat every other finding
+
+
+def sentence_polarity(sentence: str) -> tuple[str, str] | None:
+    """``(polarity, twin)``: ``"positive"`` with its negated twin, ``"negative"`` with its affirmative twin, or None
+    for a sentence whose polarity the rules cannot read (uncertain, or no rule applies)."""
+    if (twin := negate(sentence)) is not None:
+        return "positive", twin
+    if (twin := affirm(sentence)) is not None:
+        return "negative", twin
+    return None
+
+
+@torch.no_grad()
+def _embed(model: Any, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    chunks = [
+        model.encode_text(list(texts[i : i + batch_size]), normalize=True).float().cpu()
+        for i in range(0, len(texts), batch_size)
+    ]
+    return torch.cat(chunks) if chunks else torch.zeros(0, 0)
+
+
+def mine_prompts(
+    model: Any,
+    reports: Sequence[str],
+    findings: Sequence[str],
+    templates: Mapping[str, Sequence[str]] | None = None,
+    synonyms: Mapping[str, Sequence[str]] | None = None,
+    subjects: Sequence[str] | None = None,
+    sections: Sequence[str] = ("findings", "impression"),
+    k: int = DEFAULT_K,
+    min_count: int = DEFAULT_MIN_COUNT,
+    min_margin: float = DEFAULT_MIN_MARGIN,
+) -> dict[str, dict[str, Any]]:
+    """Each finding's prompts mined from the training reports (no labels; see the module docstring).
+
+    Args:
+        model: a :class:`~medvlp.models.MedVLP` (anything with ``encode_text(list[str], normalize=True)``).
+        reports: the training reports (raw; ``sections`` of each are used).
+        findings: the finding names.
+        templates, synonyms: the cohort's, as :func:`~medvlp.tasks.zeroshot.render_prompts` takes them.
+        subjects: each report's subject (pseudonym); each report its own subject when None.
+        k: most prompts per finding and polarity.
+        min_count: least number of distinct subjects whose reports hold a sentence.
+        min_margin: least cosine by which a sentence's nearest finding beats the next one.
+
+    Returns:
+        ``{finding: {"positive": [...], "negative": [...], "similarity": {pol: [...]}, "fallback": [...]}}``,
+        nearest first; ``fallback`` lists the polarities left to the templates.
+    """
+    if k < 1 or min_count < 1:
+        raise ValueError(f"k and min_count must be at least 1, got {k} and {min_count}")
+    subjects = [str(i) for i in range(len(reports))] if subjects is None else [str(s) for s in subjects]
+    if len(subjects) != len(reports):
+        raise ValueError(f"{len(subjects)} subjects for {len(reports)} reports")
+    sentence_sets, forms = _sentence_sets(reports, sections)
+    counts = _subject_counts(sentence_sets, subjects, np.ones(len(reports), dtype=bool))
+    candidates: list[tuple[str, str, str]] = []  # (sentence, polarity, twin), in a fixed order
+    for key in sorted(k_ for k_, n in counts.items() if n >= min_count):
+        sentence = forms[key].most_common(1)[0][0]
+        if (read := sentence_polarity(sentence)) is not None:
+            candidates.append((sentence, *read))
+    templated = [render_prompts(f, templates, synonyms) for f in findings]
+    out: dict[str, dict[str, Any]] = {
+        f: {pol: [] for pol in POLARITIES} | {"similarity": {pol: [] for pol in POLARITIES}} for f in findings
+    }
+    if candidates and findings:
+        emb = _embed(model, [c[0] for c in candidates] + [c[2] for c in candidates])
+        topic = F.normalize(emb[: len(candidates)] + emb[len(candidates) :], dim=-1)  # [S, E]
+        prompts = embed_prompt_sets(model, templated)  # [F, 2, E]
+        centre = F.normalize(prompts.sum(dim=1), dim=-1)  # [F, E]
+        sim = (topic @ centre.T).numpy()  # [S, F]
+        best = sim.argmax(axis=1)
+        second = np.sort(sim, axis=1)[:, -2] if len(findings) > 1 else np.full(len(sim), -np.inf)
+        ranked = sorted(range(len(candidates)), key=lambda i: (-sim[i, best[i]], candidates[i][0]))
+        for i in ranked:
+            if sim[i, best[i]] - second[i] < min_margin:
+                continue
+            sentence, pol, _ = candidates[i]
+            entry = out[findings[best[i]]]
+            if len(entry[pol]) < k:
+                entry[pol].append(sentence)
+                entry["similarity"][pol].append(round(float(sim[i, best[i]]), 4))
+    for name, rendered in zip(findings, templated, strict=True):
+        entry = out[name]
+        entry["fallback"] = [pol for pol in POLARITIES if not entry[pol]]
+        for pol in entry["fallback"]:
+            entry[pol] = list(rendered[pol])
+    return out
+
+
+def mined_prompt_sets(mined: Mapping[str, Mapping[str, Any]], findings: Sequence[str]) -> list[dict[str, list[str]]]:
+    """Per finding the prompt set to embed (:func:`~medvlp.tasks.zeroshot.embed_prompt_sets`)."""
+    return [{pol: list(mined[f][pol]) for pol in POLARITIES} for f in findings]

@@ -1,0 +1,105 @@
+"""Label-free prompts mined from the training reports' sentences."""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medvlp.models import MedVLP, ModelConfig
+from medvlp.tasks.mined_prompts import mine_prompts, mined_prompt_sets, sentence_polarity
+from medvlp.tasks.prompts import sentence_key
+from medvlp.tasks.zeroshot import render_prompts
+
+FINDINGS = ["cardiomegaly", "pneumothorax"]
+
+
+class KeywordTower:
+    """A text tower whose embedding counts topic words (one axis per topic) and negations (a last axis), so which
+    finding a sentence is about is known in advance."""
+
+    TOPICS: ClassVar[dict[str, int]] = {"cardiomegaly": 0, "cardiac": 0, "heart": 0, "pneumothorax": 1, "lungs": 2}
+
+    def encode_text(self, texts: list[str], normalize: bool = True) -> torch.Tensor:
+        out = torch.full((len(texts), 4), 1e-3)
+        for i, text in enumerate(texts):
+            words = re.findall(r"[a-z]+", text.lower())
+            for w in words:
+                if w in self.TOPICS:
+                    out[i, self.TOPICS[w]] += 1.0
+            out[i, 3] += sum(w in ("no", "not") for w in words)
+        return F.normalize(out, dim=-1) if normalize else out
+
+
+def _reports() -> pd.DataFrame:
+    """12 subjects in their cohort's words; a label column is there but mining must not need it."""
+    rows = []
+    for i in range(12):
+        heart = "The cardiac silhouette is enlarged." if i < 6 else "The cardiac silhouette is not enlarged."
+        ptx = "Small right pneumothorax." if i in (0, 7, 9) else "No pneumothorax."
+        lungs = "Lungs are clear."  # about neither finding: never a prompt
+        unique = f"There is a marker {'abcdefghijkl'[i] * 3}."  # one subject each: never a prompt
+        rows.append({"subject": f"sj-{i}", "report": f"FINDINGS:\n{heart} {ptx} {lungs} {unique}", "label": i < 6})
+    return pd.DataFrame(rows)
+
+
+def test_sentence_polarity_reads_the_perturbation_rules() -> None:
+    assert sentence_polarity("Small right pneumothorax.") == ("positive", "No right pneumothorax.")
+    assert sentence_polarity("No pneumothorax.") == ("negative", "Pneumothorax.")
+    assert sentence_polarity("The heart is not enlarged.") == ("negative", "The heart is enlarged.")
+    assert sentence_polarity("Possible small effusion.") is None  # uncertain: neither
+
+
+def test_sentences_go_to_the_finding_they_are_about_by_polarity() -> None:
+    df = _reports()
+    mined = mine_prompts(KeywordTower(), list(df["report"]), FINDINGS, subjects=list(df["subject"]))
+    assert mined["cardiomegaly"]["positive"] == ["The cardiac silhouette is enlarged."]
+    assert mined["cardiomegaly"]["negative"] == ["The cardiac silhouette is not enlarged."]
+    assert mined["pneumothorax"]["positive"] == ["Small right pneumothorax."]
+    assert mined["pneumothorax"]["negative"] == ["No pneumothorax."]
+    assert all(m["fallback"] == [] for m in mined.values())
+    everything = {s for m in mined.values() for pol in ("positive", "negative") for s in m[pol]}
+    assert not any("Lungs" in s or "marker" in s for s in everything)  # off topic; one subject each
+
+
+def test_too_few_subjects_or_no_clear_finding_falls_back_to_the_templates() -> None:
+    df = _reports()
+    mined = mine_prompts(KeywordTower(), list(df["report"]), FINDINGS, subjects=list(df["subject"]), min_count=4)
+    ptx = mined["pneumothorax"]  # the positive sentence is in 3 subjects' reports only
+    assert ptx["fallback"] == ["positive"] and ptx["positive"] == render_prompts("pneumothorax")["positive"]
+    assert ptx["negative"] == ["No pneumothorax."]
+    # every report one subject: the count is of subjects, so 12 reports by one patient count once
+    one = mine_prompts(KeywordTower(), list(df["report"]), FINDINGS, subjects=["sj-0"] * len(df))
+    assert all(m["fallback"] == ["positive", "negative"] for m in one.values())
+
+
+def test_a_real_text_tower_mines_sentences_of_the_reports_by_their_polarity() -> None:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        image_encoder="tiny_resnet", spatial_dims=2, image_size=(32, 32), embed_dim=16, text_num_layers=1
+    )
+    model = MedVLP(config)
+    df = _reports()
+    mined = mine_prompts(model.eval(), list(df["report"]), FINDINGS, subjects=list(df["subject"]), k=2)
+    keys = {sentence_key(s) for r in df["report"] for s in re.split(r"(?<=\.)\s+", r.split("\n", 1)[1])}
+    sets = mined_prompt_sets(mined, FINDINGS)
+    for name, entry in mined.items():
+        for pol in ("positive", "negative"):
+            assert 1 <= len(entry[pol]) <= 2
+            if pol in entry["fallback"]:
+                continue
+            for sentence in entry[pol]:
+                assert sentence_key(sentence) in keys and "marker" not in sentence
+                assert sentence_polarity(sentence)[0] == pol
+        assert sets[FINDINGS.index(name)] == {pol: entry[pol] for pol in ("positive", "negative")}
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        mine_prompts(KeywordTower(), ["No pneumothorax."], FINDINGS, k=0)
+    with pytest.raises(ValueError, match="subjects"):
+        mine_prompts(KeywordTower(), ["No pneumothorax."], FINDINGS, subjects=["a", "b"])
