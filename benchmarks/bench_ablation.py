@@ -10,7 +10,8 @@ probe on the same embeddings, the worst finding, ECE after and before the calibr
 grounding, survival, the negation/laterality robustness suite, the training-label prompt prototypes when the
 evaluation reports them, and the training time. A method "pays" only when it beats the `report` arm's zero-shot
 AUROC on every style. The `*forms` arms are their base arm with the zero-shot prompt form chosen on val
-(`prompt_forms`), which acts after training only: they recalibrate a copy of the base arm's trained run. Writes
+(`prompt_forms`), which acts after training only: they recalibrate a copy of the base arm's trained run; the `mined`
+arm is the `report` run with the sentences mined from its training reports (no labels) as a fourth candidate. Writes
 benchmarks/results/ablation-<kind>.json after every run (an interrupted benchmark keeps what it finished; with
 --keep, a rerun reuses finished runs and resumes unfinished ones).
 """
@@ -60,14 +61,19 @@ ARMS: dict[str, list[str]] = {
     ],
     # studies with the same finding labels are not pushed apart (label-aware soft targets instead of same-report)
     "labels": ["stages.stage2-align.false_negatives=labels"],
+    # the image side (3D ResNet towers): the embedding is the maximum over the last stage's tokens, not their mean
+    "pool_max": ["model.image_encoder_args.global_pool=max"],
+    "pool_avgmax": ["model.image_encoder_args.global_pool=avgmax"],
 }
 #: Arms that differ from a base arm only after training (the prompt form is chosen on val with the calibration):
 #: they start from a copy of the base arm's finished run, which training resumes (nothing to train) and recalibrates.
 #: The other arms keep the `sentence` form whatever the demo config chooses, so `report` stays the baseline.
 FORMS = "stages.stage2-align.prompt_forms=[sentence,report,report_section]"
+#: ... and with the sentences mined from the training reports (label-free) as a fourth candidate.
+MINED = "stages.stage2-align.prompt_forms=[sentence,report,report_section,mined]"
 ARMS = {arm: ["stages.stage2-align.prompt_forms=[sentence]", *overrides] for arm, overrides in ARMS.items()}
-DERIVED = {"forms": "report", "twin_text_forms": "twin_text", "labels_forms": "labels"}
-ARMS |= {arm: [*ARMS[base], FORMS] for arm, base in DERIVED.items()}
+DERIVED = {"forms": "report", "twin_text_forms": "twin_text", "labels_forms": "labels", "mined": "report"}
+ARMS |= {arm: [*ARMS[base], MINED if arm == "mined" else FORMS] for arm, base in DERIVED.items()}
 COLUMNS = {
     "zero_shot_auroc": ("zero_shot", "mean_auroc"),
     "zero_shot_ece": ("zero_shot", "mean_ece"),
