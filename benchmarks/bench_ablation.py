@@ -11,7 +11,7 @@ grounding, survival, the negation/laterality robustness suite, the training-labe
 evaluation reports them, and the training time. A method "pays" only when it beats the `report` arm's zero-shot
 AUROC on every style. The `*forms` arms are their base arm with the zero-shot prompt form chosen on val
 (`prompt_forms`), which acts after training only: they recalibrate a copy of the base arm's trained run; the `mined`
-arm is the `report` run with the sentences mined from its training reports (no labels) as a fourth candidate. Writes
+arm is the `report` run with the sentences mined from its training reports (no labels) as further candidates. Writes
 benchmarks/results/ablation-<kind>.json after every run (an interrupted benchmark keeps what it finished; with
 --keep, a rerun reuses finished runs and resumes unfinished ones).
 """
@@ -69,8 +69,8 @@ ARMS: dict[str, list[str]] = {
 #: they start from a copy of the base arm's finished run, which training resumes (nothing to train) and recalibrates.
 #: The other arms keep the `sentence` form whatever the demo config chooses, so `report` stays the baseline.
 FORMS = "stages.stage2-align.prompt_forms=[sentence,report,report_section]"
-#: ... and with the sentences mined from the training reports (label-free) as a fourth candidate.
-MINED = "stages.stage2-align.prompt_forms=[sentence,report,report_section,mined]"
+#: ... and with the sentences mined from the training reports (label-free), alone and framed, as two more.
+MINED = "stages.stage2-align.prompt_forms=[sentence,report,report_section,mined,mined_report_section]"
 ARMS = {arm: ["stages.stage2-align.prompt_forms=[sentence]", *overrides] for arm, overrides in ARMS.items()}
 DERIVED = {"forms": "report", "twin_text_forms": "twin_text", "labels_forms": "labels", "mined": "report"}
 ARMS |= {arm: [*ARMS[base], MINED if arm == "mined" else FORMS] for arm, base in DERIVED.items()}

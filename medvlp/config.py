@@ -130,12 +130,13 @@ class AlignStageConfig(OptimConfig):
     patience: int | None = Field(
         default=None, ge=1, description="stop after this many evaluations without a better select_metric"
     )
-    prompt_forms: list[Literal["sentence", "report", "report_section", "mined"]] = Field(
+    prompt_forms: list[Literal["sentence", "report", "report_section", "mined", "mined_report_section"]] = Field(
         default_factory=lambda: ["sentence"],
         min_length=1,
         description="candidate zero-shot prompt forms (medvlp.tasks.prompt_forms); after training the one with the "
         "best mean zero-shot AUROC on val is kept with the calibration (earlier wins ties); [sentence]: prompts alone; "
-        "mined: sentences of the training reports, mined without labels (medvlp.tasks.mined_prompts)",
+        "mined, mined_report_section: sentences of the training reports, mined without labels "
+        "(medvlp.tasks.mined_prompts), alone or framed as report_section frames the templates",
     )
 
     @model_validator(mode="after")

@@ -138,7 +138,8 @@ def calibrate_model_dir(
     record_path = Path(model_dir) / COHORT_RECORD
     record = json.loads(record_path.read_text()) if record_path.is_file() else cache.summary
     templates, synonyms = prompt_spec(record)
-    mined = _mine(model, cache, sections, templates, synonyms) if "mined" in forms else None
+    wants_mined = any(f.startswith("mined") for f in forms)
+    mined = _mine(model, cache, sections, templates, synonyms) if wants_mined else None
     sets = {f: {pol: e[pol] for pol in ("positive", "negative")} for f, e in (mined or {}).items()}
     scores = {f: zero_shot_scores(model, val.image, cache.findings, templates, synonyms, f, sets) for f in forms}
     aurocs = {f: classification_metrics(val.labels, s, cache.findings)["mean_auroc"] for f, s in scores.items()}

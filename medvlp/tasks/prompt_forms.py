@@ -13,7 +13,8 @@ is one sentence about one finding. The forms:
 - ``mined``: the sentences of the training reports themselves, mined without labels
   (:func:`medvlp.tasks.mined_prompts.mine_prompts`), which the calibration stores (``mined_prompts`` in
   ``calibration.json``) so that every reader of the model folder answers with the same sentences; a finding without
-  mined sentences (one asked for by name at the server) is prompted with its templates, as ``sentence``.
+  mined sentences (one asked for by name at the server) is prompted with its templates.
+- ``mined_report_section``: the mined sentences framed as ``report_section`` frames the templates.
 
 How much the wording matters beyond the form: :func:`prompt_sensitivity` scores each single template pair
 (:func:`template_variants`) on ``val``.
@@ -35,6 +36,7 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_FORM",
+    "MINED_FORMS",
     "PROMPT_FORMS",
     "choose_prompt_form",
     "form_prompt_sets",
@@ -44,7 +46,9 @@ __all__ = [
     "template_variants",
 ]
 
-PROMPT_FORMS = ("sentence", "report", "report_section", "mined")
+PROMPT_FORMS = ("sentence", "report", "report_section", "mined", "mined_report_section")
+#: The forms that answer with the mined sentences, and the framing each puts them in.
+MINED_FORMS = {"mined": "sentence", "mined_report_section": "report_section"}
 DEFAULT_FORM = "sentence"
 SECTION_HEADER = "FINDINGS:"
 
@@ -74,15 +78,16 @@ def form_prompt_sets(
     if form not in PROMPT_FORMS:
         raise ValueError(f"unknown prompt form {form!r}; known: {', '.join(PROMPT_FORMS)}")
     own = [render_prompts(f, templates, synonyms) for f in findings]
-    if form == "mined":
+    if form in MINED_FORMS:
         if mined is None:
-            raise ValueError("the mined prompt form needs the mined sentences (mined_prompts in calibration.json)")
-        return [
+            raise ValueError(f"the {form} prompt form needs the mined sentences (mined_prompts in calibration.json)")
+        own = [
             {pol: list(mined[f][pol]) for pol in POLARITIES}
             if f in mined and all(mined[f].get(pol) for pol in POLARITIES)
             else rendered
             for f, rendered in zip(findings, own, strict=True)
         ]
+        form = MINED_FORMS[form]
     if form == "sentence":
         return own
     others_of = list(dict.fromkeys(context if context is not None else findings))

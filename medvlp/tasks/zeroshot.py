@@ -449,7 +449,7 @@ def zero_shot_task(
     )
     metrics["prompts"] = {"templates": "cohort" if templates else "default", "synonyms": dict(synonyms or {})}
     metrics["prompts"]["form"] = form
-    if form == "mined" and mined is not None:  # label-free: the training reports' sentences, never their labels
+    if form.startswith("mined") and mined is not None:  # label-free: the training reports' sentences, no labels
         metrics["prompts"]["mined"] = {f: mined[f] for f in findings if f in mined}
         metrics["prompts"]["uses_training_labels"] = False
     return metrics, test_probs

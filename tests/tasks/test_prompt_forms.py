@@ -92,3 +92,15 @@ def test_the_mined_form_answers_with_the_calibrations_sentences_and_templates_fo
     assert sets[1:] == [render_prompts(f) for f in FINDINGS[1:]]  # no mined sentence: the templates, as `sentence`
     with pytest.raises(ValueError, match="mined sentences"):
         form_prompt_sets(FINDINGS, form="mined")
+    # framed: each mined sentence opens a report section that denies the other findings, as report_section does
+    framed = form_prompt_sets(FINDINGS, form="mined_report_section", mined=mined)
+    templated = form_prompt_sets(FINDINGS, form="report_section")
+    assert framed[1:] == templated[1:]
+    got = framed[0]
+    assert len(got["positive"]) == len(got["negative"]) == 2
+    for i, (pos, neg) in enumerate(zip(got["positive"], got["negative"], strict=True)):
+        assert pos.startswith("FINDINGS: The cardiac silhouette is enlarged. ")
+        assert neg.startswith(f"FINDINGS: {mined['cardiomegaly']['negative'][i]} ")
+        rest = rest_after(pos.removeprefix("FINDINGS: "), mined["cardiomegaly"]["positive"])
+        assert rest == rest_after(neg.removeprefix("FINDINGS: "), mined["cardiomegaly"]["negative"])
+        assert "pleural effusion" in rest and "cardiomegaly" not in rest
