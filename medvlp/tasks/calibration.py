@@ -140,8 +140,7 @@ def calibrate_model_dir(
     templates, synonyms = prompt_spec(record)
     wants_mined = any(f.startswith("mined") for f in forms)
     mined = _mine(model, cache, sections, templates, synonyms) if wants_mined else None
-    sets = {f: {pol: e[pol] for pol in ("positive", "negative")} for f, e in (mined or {}).items()}
-    scores = {f: zero_shot_scores(model, val.image, cache.findings, templates, synonyms, f, sets) for f in forms}
+    scores = {f: zero_shot_scores(model, val.image, cache.findings, templates, synonyms, f, mined) for f in forms}
     aurocs = {f: classification_metrics(val.labels, s, cache.findings)["mean_auroc"] for f, s in scores.items()}
     form = choose_prompt_form(aurocs)
     calibration = fit_calibration(val.labels, scores[form], cache.findings)

@@ -25,11 +25,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 
 from medvlp.data.perturb import affirm, negate
-from medvlp.tasks.prompts import _sentence_sets, _subject_counts
+from medvlp.tasks.prompts import _sentence_sets, _subject_counts, report_subjects
 from medvlp.tasks.zeroshot import POLARITIES, embed_prompt_sets, render_prompts
 
 __all__ = ["DEFAULT_K", "DEFAULT_MIN_COUNT", "DEFAULT_MIN_MARGIN", "mine_prompts", "sentence_polarity"]
@@ -47,15 +46,6 @@ def sentence_polarity(sentence: str) -> tuple[str, str] | None:
     if (twin := affirm(sentence)) is not None:
         return "negative", twin
     return None
-
-
-@torch.no_grad()
-def _embed(model: Any, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-    chunks = [
-        model.encode_text(list(texts[i : i + batch_size]), normalize=True).float().cpu()
-        for i in range(0, len(texts), batch_size)
-    ]
-    return torch.cat(chunks) if chunks else torch.zeros(0, 0)
 
 
 def mine_prompts(
@@ -88,9 +78,7 @@ def mine_prompts(
     """
     if k < 1 or min_count < 1:
         raise ValueError(f"k and min_count must be at least 1, got {k} and {min_count}")
-    subjects = [str(i) for i in range(len(reports))] if subjects is None else [str(s) for s in subjects]
-    if len(subjects) != len(reports):
-        raise ValueError(f"{len(subjects)} subjects for {len(reports)} reports")
+    subjects = report_subjects(reports, subjects)
     sentence_sets, forms = _sentence_sets(reports, sections)
     counts = _subject_counts(sentence_sets, subjects, np.ones(len(reports), dtype=bool))
     candidates: list[tuple[str, str, str]] = []  # (sentence, polarity, twin), in a fixed order
@@ -103,10 +91,10 @@ def mine_prompts(
         f: {pol: [] for pol in POLARITIES} | {"similarity": {pol: [] for pol in POLARITIES}} for f in findings
     }
     if candidates and findings:
-        emb = _embed(model, [c[0] for c in candidates] + [c[2] for c in candidates])
-        topic = F.normalize(emb[: len(candidates)] + emb[len(candidates) :], dim=-1)  # [S, E]
-        prompts = embed_prompt_sets(model, templated)  # [F, 2, E]
-        centre = F.normalize(prompts.sum(dim=1), dim=-1)  # [F, E]
+        # a sentence and its twin, or a finding's positive and negative templates: the sum of the two polarities
+        pairs = [{"positive": [c[0]], "negative": [c[2]]} for c in candidates]
+        topic = F.normalize(embed_prompt_sets(model, pairs).sum(dim=1), dim=-1)  # [S, E]
+        centre = F.normalize(embed_prompt_sets(model, templated).sum(dim=1), dim=-1)  # [F, E]
         sim = (topic @ centre.T).numpy()  # [S, F]
         best = sim.argmax(axis=1)
         second = np.sort(sim, axis=1)[:, -2] if len(findings) > 1 else np.full(len(sim), -np.inf)
@@ -125,8 +113,3 @@ def mine_prompts(
         for pol in entry["fallback"]:
             entry[pol] = list(rendered[pol])
     return out
-
-
-def mined_prompt_sets(mined: Mapping[str, Mapping[str, Any]], findings: Sequence[str]) -> list[dict[str, list[str]]]:
-    """Per finding the prompt set to embed (:func:`~medvlp.tasks.zeroshot.embed_prompt_sets`)."""
-    return [{pol: list(mined[f][pol]) for pol in POLARITIES} for f in findings]

@@ -124,7 +124,12 @@ def mined_prompts(calibration: Mapping[str, Any] | None) -> dict[str, dict[str, 
     mined = (calibration or {}).get("mined_prompts")
     if mined is None:
         return None
-    return {f: {pol: list(entry[pol]) for pol in ("positive", "negative")} for f, entry in mined.items()}
+    polarities = ("positive", "negative")
+    if not isinstance(mined, Mapping) or not all(
+        isinstance(e, Mapping) and all(isinstance(e.get(p), list) for p in polarities) for e in mined.values()
+    ):
+        raise ValueError("the calibration's mined_prompts must map each finding to positive and negative lists")
+    return {f: {pol: [str(x) for x in entry[pol]] for pol in polarities} for f, entry in mined.items()}
 
 
 def choose_prompt_form(aurocs: Mapping[str, float]) -> str:

@@ -78,6 +78,14 @@ def _sentence_sets(reports: Sequence[str], sections: Sequence[str]) -> tuple[lis
     return per_report, forms
 
 
+def report_subjects(reports: Sequence[str], subjects: Sequence[str] | None) -> list[str]:
+    """Each report's subject as a string (each report its own subject when None); the lengths must agree."""
+    out = [str(i) for i in range(len(reports))] if subjects is None else [str(s) for s in subjects]
+    if len(out) != len(reports):
+        raise ValueError(f"{len(out)} subjects for {len(reports)} reports")
+    return out
+
+
 def _subject_counts(sentence_sets: list[set[str]], subjects: Sequence[str], rows: np.ndarray) -> Counter[str]:
     """How many distinct subjects, among ``rows``, have a report containing each sentence."""
     by_subject: dict[str, set[str]] = defaultdict(set)
@@ -126,9 +134,7 @@ def select_prototypes(
     labels = labels.reshape(-1, 1) if labels.ndim == 1 else labels
     if labels.shape != (len(reports), len(findings)):
         raise ValueError(f"labels {labels.shape} and {len(findings)} findings do not agree")
-    subjects = [str(i) for i in range(len(reports))] if subjects is None else [str(s) for s in subjects]
-    if len(subjects) != len(reports):
-        raise ValueError(f"{len(subjects)} subjects for {len(reports)} reports")
+    subjects = report_subjects(reports, subjects)
     sentence_sets, forms = _sentence_sets(reports, sections)
     out: dict[str, dict[str, Any]] = {}
     for j, name in enumerate(findings):

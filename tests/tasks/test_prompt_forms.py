@@ -92,6 +92,8 @@ def test_the_mined_form_answers_with_the_calibrations_sentences_and_templates_fo
     assert sets[1:] == [render_prompts(f) for f in FINDINGS[1:]]  # no mined sentence: the templates, as `sentence`
     with pytest.raises(ValueError, match="mined sentences"):
         form_prompt_sets(FINDINGS, form="mined")
+    with pytest.raises(ValueError, match="mined_prompts must map"):
+        mined_prompts({"mined_prompts": {"cardiomegaly": {"positive": "Enlarged heart."}}})
     # framed: each mined sentence opens a report section that denies the other findings, as report_section does
     framed = form_prompt_sets(FINDINGS, form="mined_report_section", mined=mined)
     templated = form_prompt_sets(FINDINGS, form="report_section")
