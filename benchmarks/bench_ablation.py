@@ -11,7 +11,8 @@ grounding, survival, the negation/laterality robustness suite, the training-labe
 evaluation reports them, and the training time. A method "pays" only when it beats the `report` arm's zero-shot
 AUROC on every style. The `*forms` arms are their base arm with the zero-shot prompt form chosen on val
 (`prompt_forms`), which acts after training only: they recalibrate a copy of the base arm's trained run; the `mined`
-arm is the `report` run with the sentences mined from its training reports (no labels) as further candidates. Writes
+arm is the `report` run with the sentences mined from its training reports (no labels) as further candidates, and the
+`mined_reports` arm adds the training reports' mean embeddings per finding (label-free report prototypes). Writes
 benchmarks/results/ablation-<kind>.json after every run (an interrupted benchmark keeps what it finished; with
 --keep, a rerun reuses finished runs and resumes unfinished ones).
 """
@@ -71,9 +72,18 @@ ARMS: dict[str, list[str]] = {
 FORMS = "stages.stage2-align.prompt_forms=[sentence,report,report_section]"
 #: ... and with the sentences mined from the training reports (label-free), alone and framed, as two more.
 MINED = "stages.stage2-align.prompt_forms=[sentence,report,report_section,mined,mined_report_section]"
+#: ... and with the training reports' mean embeddings per finding (label-free report prototypes) as one more.
+MINED_REPORTS = MINED.replace("mined_report_section]", "mined_report_section,mined_reports]")
 ARMS = {arm: ["stages.stage2-align.prompt_forms=[sentence]", *overrides] for arm, overrides in ARMS.items()}
-DERIVED = {"forms": "report", "twin_text_forms": "twin_text", "labels_forms": "labels", "mined": "report"}
-ARMS |= {arm: [*ARMS[base], MINED if arm == "mined" else FORMS] for arm, base in DERIVED.items()}
+DERIVED = {
+    "forms": "report",
+    "twin_text_forms": "twin_text",
+    "labels_forms": "labels",
+    "mined": "report",
+    "mined_reports": "report",
+}
+FORMS_OF = {"mined": MINED, "mined_reports": MINED_REPORTS}
+ARMS |= {arm: [*ARMS[base], FORMS_OF.get(arm, FORMS)] for arm, base in DERIVED.items()}
 COLUMNS = {
     "zero_shot_auroc": ("zero_shot", "mean_auroc"),
     "zero_shot_ece": ("zero_shot", "mean_ece"),
@@ -153,7 +163,15 @@ def run_arm(
         metrics = evaluate(out / "run", yaml_path, out / "card", baselines=False, cache_dir=cache)
         seconds["evaluate_s"] = round(time.perf_counter() - t0, 1)
         (out / "seconds.json").write_text(json.dumps(seconds) + "\n")
-    return {**row_of(metrics), **text_side(out / "run", cache), "seconds": seconds}
+    return {**row_of(metrics), **text_side(out / "run", cache), **chosen_form(out / "run"), "seconds": seconds}
+
+
+def chosen_form(run: Path) -> dict[str, Any]:
+    """The prompt form the calibration chose on val, and every candidate's val AUROC (empty without a calibration)."""
+    from medvlp.artifacts import RunDir
+
+    calibration = RunDir.open(run).calibration() or {}
+    return {k: calibration[k] for k in ("prompt_form", "prompt_form_val_auroc") if k in calibration}
 
 
 def derive(base: Path, out: Path) -> None:

@@ -130,13 +130,16 @@ class AlignStageConfig(OptimConfig):
     patience: int | None = Field(
         default=None, ge=1, description="stop after this many evaluations without a better select_metric"
     )
-    prompt_forms: list[Literal["sentence", "report", "report_section", "mined", "mined_report_section"]] = Field(
+    prompt_forms: list[
+        Literal["sentence", "report", "report_section", "mined", "mined_report_section", "mined_reports"]
+    ] = Field(
         default_factory=lambda: ["sentence"],
         min_length=1,
         description="candidate zero-shot prompt forms (medvlp.tasks.prompt_forms); after training the one with the "
         "best mean zero-shot AUROC on val is kept with the calibration (earlier wins ties); [sentence]: prompts alone; "
         "mined, mined_report_section: sentences of the training reports, mined without labels "
-        "(medvlp.tasks.mined_prompts), alone or framed as report_section frames the templates",
+        "(medvlp.tasks.mined_prompts), alone or framed as report_section frames the templates; mined_reports: "
+        "the mean embeddings of the training reports that state each finding and of the others (no labels)",
     )
 
     @model_validator(mode="after")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import matplotlib.image as mpimg
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -44,7 +45,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("eval")
     yaml_path = synthesize("cxr", 60, root / "cxr", seed=7)
     # the form is chosen on val
-    forms = "stages.stage2-align.prompt_forms=[sentence,report,report_section,mined,mined_report_section]"
+    forms = "stages.stage2-align.prompt_forms=[sentence,report,report_section,mined,mined_report_section,mined_reports]"
     train(load_config(ROOT / "configs" / "tiny-2d.yaml", [forms]), yaml_path, root / "run")
     return yaml_path, root / "run"
 
@@ -111,16 +112,19 @@ def _check_the_prompt_form_was_chosen_on_val(run: Path, zs: dict) -> None:
     """Every candidate form scored on val, the best kept (earlier wins ties), and the card answers with it."""
     from medvlp.artifacts import RunDir
     from medvlp.tasks.embed import embed_split
+    from medvlp.tasks.prompt_forms import mined_report_prototypes
     from medvlp.tasks.zeroshot import classification_metrics, zero_shot_scores
 
     found = RunDir.open(run)
     cal = found.calibration()
     order, aurocs = cal["prompt_form_candidates"], cal["prompt_form_val_auroc"]
-    assert order == ["sentence", "report", "report_section", "mined", "mined_report_section"]
+    assert order == ["sentence", "report", "report_section", "mined", "mined_report_section", "mined_reports"]
     assert set(aurocs) == set(order)
     assert cal["prompt_form"] == max(order, key=lambda f: (aurocs[f], -order.index(f)))
     assert zs["prompts"]["form"] == cal["prompt_form"]
-    assert ("mined" in zs["prompts"]) == cal["prompt_form"].startswith("mined")
+    assert ("mined" in zs["prompts"]) == (cal["prompt_form"] in ("mined", "mined_report_section"))
+    assert ("mined_reports" in zs["prompts"]) == (cal["prompt_form"] == "mined_reports")
+    assert zs["prompts"].get("uses_training_labels", False) is False
     model, cache = found.load_model(), found.open_cache()
     # the mined sentences were mined from the training reports, without their labels, and stored with the calibration
     train_text = " ".join(cache.split("train")["report"])
@@ -130,9 +134,15 @@ def _check_the_prompt_form_was_chosen_on_val(run: Path, zs: dict) -> None:
         for pol in ("positive", "negative"):
             assert e[pol] and (pol in e["fallback"] or all(s in train_text for s in e[pol]))
     assert any(not e["fallback"] for e in cal["mined_prompts"].values())  # some sentence was mined
+    # the report prototypes: two unit vectors per finding, the counts of the training reports behind them
+    prototypes = mined_report_prototypes(cal)
+    assert set(prototypes) <= set(cache.findings) and prototypes
+    for f, e in cal["mined_report_prototypes"].items():
+        assert sum(e["reports"].values()) == len(cache.split("train"))
+        assert np.linalg.norm(prototypes[f], axis=1) == pytest.approx([1.0, 1.0], abs=1e-4)
     val = embed_split(model, cache, "val", found.report_sections)
     for form, stored in aurocs.items():
-        scores = zero_shot_scores(model, val.image, cache.findings, form=form, mined=mined)
+        scores = zero_shot_scores(model, val.image, cache.findings, form=form, mined=mined, prototypes=prototypes)
         assert classification_metrics(val.labels, scores, cache.findings)["mean_auroc"] == pytest.approx(stored)
     assert len({round(v, 9) for v in aurocs.values()}) > 1  # the forms do score differently
 

@@ -27,7 +27,7 @@ from medvlp.serve.uploads import UploadLimits, check_upload_size, probe_upload, 
 from medvlp.tasks import zeroshot
 from medvlp.tasks.calibration import apply_calibration
 from medvlp.tasks.grounding import similarity_map
-from medvlp.tasks.prompt_forms import mined_prompts, prompt_form
+from medvlp.tasks.prompt_forms import mined_prompts, mined_report_prototypes, prompt_form
 from medvlp.tasks.retrieval import EmbeddingIndex
 from medvlp.viz.orient import planes
 from medvlp.viz.png import heatmap_png, image_png
@@ -117,6 +117,7 @@ class DiagnosisService:
         self.logit_scale = zeroshot.model_logit_scale(model)
         self.prompt_form = prompt_form(context.calibration)  # chosen on val with the calibration
         self.mined_prompts = mined_prompts(context.calibration)  # the mined form's sentences, when it has them
+        self.report_prototypes = mined_report_prototypes(context.calibration)  # the mined_reports form's vectors
         self._prompts: OrderedDict[str, Tensor] = OrderedDict()
         self._prompt_cache_size = int(prompt_cache_size)
         self.prompt_computations = 0  # finding names whose prompts were embedded (tests read it)
@@ -179,6 +180,7 @@ class DiagnosisService:
                 form=self.prompt_form,
                 context=self.findings,
                 mined=self.mined_prompts,
+                prototypes=self.report_prototypes,
             )
             self.prompt_computations += len(missing)
             for f, e in zip(missing, emb, strict=True):

@@ -127,7 +127,12 @@ def calibrate_model_dir(
     from medvlp.data.cache import COHORT_RECORD
     from medvlp.models import MedVLP
     from medvlp.tasks.embed import embed_split
-    from medvlp.tasks.prompt_forms import choose_prompt_form
+    from medvlp.tasks.prompt_forms import (
+        MINED_FORMS,
+        REPORT_PROTOTYPE_FORM,
+        choose_prompt_form,
+        mined_report_prototypes,
+    )
     from medvlp.tasks.zeroshot import classification_metrics, prompt_spec, zero_shot_scores
 
     if cache.split("val").empty or not cache.findings:
@@ -138,9 +143,13 @@ def calibrate_model_dir(
     record_path = Path(model_dir) / COHORT_RECORD
     record = json.loads(record_path.read_text()) if record_path.is_file() else cache.summary
     templates, synonyms = prompt_spec(record)
-    wants_mined = any(f.startswith("mined") for f in forms)
+    wants_mined = any(f in MINED_FORMS for f in forms)
     mined = _mine(model, cache, sections, templates, synonyms) if wants_mined else None
-    scores = {f: zero_shot_scores(model, val.image, cache.findings, templates, synonyms, f, mined) for f in forms}
+    stored = _mine_reports(model, cache, sections, templates, synonyms) if REPORT_PROTOTYPE_FORM in forms else None
+    prototypes = mined_report_prototypes({"mined_report_prototypes": stored})
+    scores = {
+        f: zero_shot_scores(model, val.image, cache.findings, templates, synonyms, f, mined, prototypes) for f in forms
+    }
     aurocs = {f: classification_metrics(val.labels, s, cache.findings)["mean_auroc"] for f, s in scores.items()}
     form = choose_prompt_form(aurocs)
     calibration = fit_calibration(val.labels, scores[form], cache.findings)
@@ -151,6 +160,8 @@ def calibrate_model_dir(
     }
     if mined is not None:  # kept whichever form won, so the record shows what the mined form would have said
         calibration["mined_prompts"] = mined
+    if stored is not None:
+        calibration["mined_report_prototypes"] = stored
     save_calibration(model_dir, calibration)
     return calibration
 
@@ -163,6 +174,15 @@ def _mine(model: Any, cache: Any, sections: Sequence[str], templates: Any, synon
     subjects = list(train["subject"]) if "subject" in train.columns else None
     mined = mine_prompts(model, list(train["report"]), cache.findings, templates, synonyms, subjects, sections)
     return {f: {k: e[k] for k in ("positive", "negative", "fallback")} for f, e in mined.items()}
+
+
+def _mine_reports(model: Any, cache: Any, sections: Sequence[str], templates: Any, synonyms: Any) -> dict[str, Any]:
+    """The ``mined_reports`` form's prototypes from the training split's reports (no labels read)."""
+    from medvlp.tasks.mined_prompts import mine_report_prototypes
+
+    train = cache.split("train")
+    subjects = list(train["subject"]) if "subject" in train.columns else None
+    return mine_report_prototypes(model, list(train["report"]), cache.findings, templates, synonyms, subjects, sections)
 
 
 def ece_floor(labels: np.ndarray, probs: np.ndarray, draws: int = 1000, seed: int = 0) -> np.ndarray:

@@ -16,6 +16,9 @@ not zero-shot. Mining uses the training reports' **text only**, as contrastive t
 4. A finding's prompts of each polarity are its ``k`` nearest sentences of that polarity; a polarity with none falls
    back to the templates, and the result says which.
 
+The same reading gives each finding *report prototypes* (:func:`mine_report_prototypes`): the mean embedding of the
+training reports that state the finding, against that of the others. They are text too, and still read no label.
+
 Which prompts a model answers with stays a choice made on ``val`` (:mod:`medvlp.tasks.prompt_forms`).
 """
 
@@ -25,13 +28,21 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 
 from medvlp.data.perturb import affirm, negate
 from medvlp.tasks.prompts import _sentence_sets, _subject_counts, report_subjects
 from medvlp.tasks.zeroshot import POLARITIES, embed_prompt_sets, render_prompts
 
-__all__ = ["DEFAULT_K", "DEFAULT_MIN_COUNT", "DEFAULT_MIN_MARGIN", "mine_prompts", "sentence_polarity"]
+__all__ = [
+    "DEFAULT_K",
+    "DEFAULT_MIN_COUNT",
+    "DEFAULT_MIN_MARGIN",
+    "mine_prompts",
+    "mine_report_prototypes",
+    "sentence_polarity",
+]
 
 DEFAULT_K = 8
 DEFAULT_MIN_COUNT = 3  # distinct subjects
@@ -90,26 +101,109 @@ def mine_prompts(
     out: dict[str, dict[str, Any]] = {
         f: {pol: [] for pol in POLARITIES} | {"similarity": {pol: [] for pol in POLARITIES}} for f in findings
     }
-    if candidates and findings:
-        # a sentence and its twin, or a finding's positive and negative templates: the sum of the two polarities
-        pairs = [{"positive": [c[0]], "negative": [c[2]]} for c in candidates]
-        topic = F.normalize(embed_prompt_sets(model, pairs).sum(dim=1), dim=-1)  # [S, E]
-        centre = F.normalize(embed_prompt_sets(model, templated).sum(dim=1), dim=-1)  # [F, E]
-        sim = (topic @ centre.T).numpy()  # [S, F]
-        best = sim.argmax(axis=1)
-        second = np.sort(sim, axis=1)[:, -2] if len(findings) > 1 else np.full(len(sim), -np.inf)
-        ranked = sorted(range(len(candidates)), key=lambda i: (-sim[i, best[i]], candidates[i][0]))
-        for i in ranked:
-            if sim[i, best[i]] - second[i] < min_margin:
-                continue
-            sentence, pol, _ = candidates[i]
-            entry = out[findings[best[i]]]
-            if len(entry[pol]) < k:
-                entry[pol].append(sentence)
-                entry["similarity"][pol].append(round(float(sim[i, best[i]]), 4))
+    best, sim, margin = _assign_topics(model, candidates, templated)
+    ranked = sorted(range(len(candidates)), key=lambda i: (-sim[i], candidates[i][0]))
+    for i in ranked:
+        if margin[i] < min_margin:
+            continue
+        sentence, pol, _ = candidates[i]
+        entry = out[findings[best[i]]]
+        if len(entry[pol]) < k:
+            entry[pol].append(sentence)
+            entry["similarity"][pol].append(round(float(sim[i]), 4))
     for name, rendered in zip(findings, templated, strict=True):
         entry = out[name]
         entry["fallback"] = [pol for pol in POLARITIES if not entry[pol]]
         for pol in entry["fallback"]:
             entry[pol] = list(rendered[pol])
+    return out
+
+
+def _assign_topics(
+    model: Any, candidates: Sequence[tuple[str, str, str]], templated: Sequence[Mapping[str, Sequence[str]]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each ``(sentence, polarity, twin)`` candidate's nearest finding by topic (step 3 of the module docstring):
+    ``(finding index, cosine to it, margin over the next finding)``, three arrays of ``len(candidates)``."""
+    if not candidates or not templated:  # nothing to assign: every margin fails
+        n = len(candidates)
+        return np.zeros(n, dtype=int), np.zeros(n), np.full(n, -np.inf)
+    # a sentence and its twin, or a finding's positive and negative templates: the sum of the two polarities
+    pairs = [{"positive": [c[0]], "negative": [c[2]]} for c in candidates]
+    topic = F.normalize(embed_prompt_sets(model, pairs).sum(dim=1), dim=-1)  # [S, E]
+    centre = F.normalize(embed_prompt_sets(model, templated).sum(dim=1), dim=-1)  # [F, E]
+    sim = (topic @ centre.T).numpy()  # [S, F]
+    best = sim.argmax(axis=1)
+    top = sim[np.arange(len(sim)), best]
+    second = np.sort(sim, axis=1)[:, -2] if sim.shape[1] > 1 else np.full(len(sim), -np.inf)
+    return best, top, top - second
+
+
+@torch.no_grad()
+def mine_report_prototypes(
+    model: Any,
+    reports: Sequence[str],
+    findings: Sequence[str],
+    templates: Mapping[str, Sequence[str]] | None = None,
+    synonyms: Mapping[str, Sequence[str]] | None = None,
+    subjects: Sequence[str] | None = None,
+    sections: Sequence[str] = ("findings", "impression"),
+    min_count: int = DEFAULT_MIN_COUNT,
+    min_margin: float = DEFAULT_MIN_MARGIN,
+    batch_size: int = 64,
+) -> dict[str, dict[str, Any]]:
+    """Each finding's positive and negative *report prototypes*: the mean text embedding of the training reports
+    that the rules read as stating the finding, and of the others (no labels read).
+
+    The image tower is aligned with whole reports, so a whole report's embedding is where an image with its findings
+    lands, and a mean over many reports averages the other findings out. A report states a finding when one of its
+    sentences (``sections``; every sentence, however rare) is affirmative by :func:`sentence_polarity` and belongs
+    to that finding by topic (as in :func:`mine_prompts`, with ``min_margin``); every other report, negated or
+    silent about it, is a negative, as report labellers count an unmentioned finding. A finding gets prototypes
+    only when each side holds reports of at least ``min_count`` distinct subjects, and only the means are kept,
+    never a report's text, so no single patient's words leave the training split.
+
+    Returns:
+        ``{finding: {"positive": [E floats], "negative": [E floats], "reports": {"positive": n, "negative": n}}}``
+        for the findings that got prototypes (unit norm, the model's joint space).
+    """
+    from medvlp.data.reports import report_sentences, report_text
+
+    if min_count < 1:
+        raise ValueError(f"min_count must be at least 1, got {min_count}")
+    subjects = report_subjects(reports, subjects)
+    per_report = [report_sentences(str(r), tuple(sections)) for r in reports]
+    candidates = [(s, *read) for s in sorted({s for ss in per_report for s in ss}) if (read := sentence_polarity(s))]
+    best, _, margin = _assign_topics(model, candidates, [render_prompts(f, templates, synonyms) for f in findings])
+    states = {c[0]: int(best[i]) for i, c in enumerate(candidates) if c[1] == "positive" and margin[i] >= min_margin}
+    positive = np.zeros((len(reports), len(findings)), dtype=bool)
+    for i, sentences in enumerate(per_report):
+        for sentence in sentences:
+            if sentence in states:
+                positive[i, states[sentence]] = True
+    texts = [report_text(str(r), list(sections)) for r in reports]
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        chunks = [
+            model.encode_text(texts[i : i + batch_size], normalize=True).float().cpu()
+            for i in range(0, len(texts), batch_size)
+        ]
+    finally:
+        if was_training:
+            model.train()
+    if not chunks:
+        return {}
+    emb = F.normalize(torch.cat(chunks), dim=-1)  # [R, E]
+    out: dict[str, dict[str, Any]] = {}
+    for j, name in enumerate(findings):
+        sides = {"positive": positive[:, j], "negative": ~positive[:, j]}
+        if any(len({subjects[i] for i in np.flatnonzero(rows)}) < min_count for rows in sides.values()):
+            continue
+        entry: dict[str, Any] = {
+            pol: [round(float(x), 6) for x in F.normalize(emb[torch.from_numpy(rows)].mean(0), dim=-1)]
+            for pol, rows in sides.items()
+        }
+        entry["reports"] = {pol: int(rows.sum()) for pol, rows in sides.items()}
+        out[name] = entry
     return out

@@ -15,6 +15,11 @@ is one sentence about one finding. The forms:
   ``calibration.json``) so that every reader of the model folder answers with the same sentences; a finding without
   mined sentences (one asked for by name at the server) is prompted with its templates.
 - ``mined_report_section``: the mined sentences framed as ``report_section`` frames the templates.
+- ``mined_reports``: no sentence at all but each finding's *report prototypes*, the mean embeddings of the training
+  reports that state the finding and of the others, read without labels
+  (:func:`medvlp.tasks.mined_prompts.mine_report_prototypes`); the calibration stores the two vectors per finding
+  (``mined_report_prototypes`` in ``calibration.json``), and a finding without them is prompted with its
+  ``sentence`` templates.
 
 How much the wording matters beyond the form: :func:`prompt_sensitivity` scores each single template pair
 (:func:`template_variants`) on ``val``.
@@ -38,15 +43,19 @@ __all__ = [
     "DEFAULT_FORM",
     "MINED_FORMS",
     "PROMPT_FORMS",
+    "REPORT_PROTOTYPE_FORM",
     "choose_prompt_form",
     "form_prompt_sets",
     "mined_prompts",
+    "mined_report_prototypes",
     "prompt_form",
     "prompt_sensitivity",
     "template_variants",
 ]
 
-PROMPT_FORMS = ("sentence", "report", "report_section", "mined", "mined_report_section")
+PROMPT_FORMS = ("sentence", "report", "report_section", "mined", "mined_report_section", "mined_reports")
+#: The form that answers with the report prototypes (its text prompts, ``sentence``, serve the findings without).
+REPORT_PROTOTYPE_FORM = "mined_reports"
 #: The forms that answer with the mined sentences, and the framing each puts them in.
 MINED_FORMS = {"mined": "sentence", "mined_report_section": "report_section"}
 DEFAULT_FORM = "sentence"
@@ -88,7 +97,7 @@ def form_prompt_sets(
             for f, rendered in zip(findings, own, strict=True)
         ]
         form = MINED_FORMS[form]
-    if form == "sentence":
+    if form in ("sentence", REPORT_PROTOTYPE_FORM):
         return own
     others_of = list(dict.fromkeys(context if context is not None else findings))
     negatives = {f: render_prompts(f, templates, synonyms)["negative"] for f in others_of}
@@ -130,6 +139,48 @@ def mined_prompts(calibration: Mapping[str, Any] | None) -> dict[str, dict[str, 
     ):
         raise ValueError("the calibration's mined_prompts must map each finding to positive and negative lists")
     return {f: {pol: [str(x) for x in entry[pol]] for pol in polarities} for f, entry in mined.items()}
+
+
+def mined_report_prototypes(calibration: Mapping[str, Any] | None) -> dict[str, np.ndarray] | None:
+    """The report prototypes stored with the calibration as ``{finding: [2, E]}`` (positive, negative), or None."""
+    stored = (calibration or {}).get("mined_report_prototypes")
+    if stored is None:
+        return None
+    out = {}
+    for finding, entry in stored.items() if isinstance(stored, Mapping) else [(None, None)]:
+        vectors = [entry.get(p) if isinstance(entry, Mapping) else None for p in ("positive", "negative")]
+        if not all(isinstance(v, list) and v for v in vectors) or len(vectors[0]) != len(vectors[1]):
+            raise ValueError(
+                "the calibration's mined_report_prototypes must map each finding to positive and negative vectors"
+            )
+        out[str(finding)] = np.asarray(vectors, dtype=np.float32)
+    return out
+
+
+def with_report_prototypes(
+    embeddings: Any, findings: Sequence[str], prototypes: Mapping[str, np.ndarray] | None
+) -> Any:
+    """``[F, 2, E]`` prompt embeddings with each finding's report prototypes in place of its text prompts, where it
+    has them (:func:`mined_report_prototypes`)."""
+    import torch
+    import torch.nn.functional as F
+
+    if prototypes is None:
+        raise ValueError(
+            f"the {REPORT_PROTOTYPE_FORM} prompt form needs the report prototypes "
+            "(mined_report_prototypes in calibration.json)"
+        )
+    out = embeddings.clone()
+    for i, finding in enumerate(findings):
+        if finding in prototypes:
+            vectors = torch.as_tensor(prototypes[finding], dtype=out.dtype)
+            if vectors.shape != out.shape[1:]:
+                raise ValueError(
+                    f"the report prototypes of {finding!r} are {list(vectors.shape)}, the model's prompts "
+                    f"{list(out.shape[1:])}: they were mined with another model"
+                )
+            out[i] = F.normalize(vectors, dim=-1)
+    return out
 
 
 def choose_prompt_form(aurocs: Mapping[str, float]) -> str:

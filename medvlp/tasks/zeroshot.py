@@ -171,10 +171,11 @@ def build_prompt_embeddings(
     form: str = "sentence",
     context: Sequence[str] | None = None,
     mined: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+    prototypes: Mapping[str, np.ndarray] | None = None,
 ) -> Tensor:
     """Positive/negative prompt embeddings per finding (:func:`render_prompts` in a prompt ``form`` with its
     ``context``, or the ``mined`` sentences, :func:`medvlp.tasks.prompt_forms.form_prompt_sets`; then
-    :func:`embed_prompt_sets`).
+    :func:`embed_prompt_sets`; the ``mined_reports`` form puts the report ``prototypes`` in place).
 
     Args:
         model: a :class:`~medvlp.models.MedVLP` (anything with ``encode_text(list[str], normalize=True)``).
@@ -184,10 +185,11 @@ def build_prompt_embeddings(
     Returns:
         ``[F, 2, E]`` float32 on the CPU, unit norm; index 0 is positive, 1 negative.
     """
-    from medvlp.tasks.prompt_forms import form_prompt_sets
+    from medvlp.tasks.prompt_forms import REPORT_PROTOTYPE_FORM, form_prompt_sets, with_report_prototypes
 
     sets = form_prompt_sets(findings, templates, synonyms, form, context, mined)
-    return embed_prompt_sets(model, sets, batch_size)
+    out = embed_prompt_sets(model, sets, batch_size)
+    return with_report_prototypes(out, findings, prototypes) if form == REPORT_PROTOTYPE_FORM else out
 
 
 def model_logit_scale(model: Any, max_scale: float = 100.0) -> float:
@@ -226,10 +228,14 @@ def zero_shot_scores(
     synonyms: Mapping[str, Sequence[str]] | None = None,
     form: str = "sentence",
     mined: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+    prototypes: Mapping[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """``[N, F]`` zero-shot probabilities of images given as embeddings: prompt ensembles (in ``form``, see
-    :mod:`medvlp.tasks.prompt_forms`; ``mined`` sentences for that form), the model's own scale."""
-    prompts = build_prompt_embeddings(model, findings, templates, synonyms, form=form, mined=mined)
+    :mod:`medvlp.tasks.prompt_forms`; ``mined`` sentences or report ``prototypes`` for those forms), the model's
+    own scale."""
+    prompts = build_prompt_embeddings(
+        model, findings, templates, synonyms, form=form, mined=mined, prototypes=prototypes
+    )
     return zero_shot_probabilities(image_features, prompts, model_logit_scale(model))
 
 
@@ -436,20 +442,26 @@ def zero_shot_task(
         ``(metrics, probabilities [N, F])``.
     """
     from medvlp.tasks.calibration import apply_calibration
-    from medvlp.tasks.prompt_forms import mined_prompts, prompt_form
+    from medvlp.tasks.prompt_forms import mined_prompts, mined_report_prototypes, prompt_form
 
     templates, synonyms = prompts or (None, None)
     form = prompt_form(calibration)  # the prompt form chosen on val with the calibration
     mined = mined_prompts(calibration)
     images = np.concatenate([val.image, test.image])
-    raw = zero_shot_scores(model, images, findings, templates, synonyms, form, mined)
+    raw = zero_shot_scores(
+        model, images, findings, templates, synonyms, form, mined, mined_report_prototypes(calibration)
+    )
     probs = apply_calibration(raw, findings, calibration)[0] if calibration else raw
     metrics, test_probs = val_test_metrics(
         probs, val, test, findings, target_sensitivity, uncalibrated=raw if calibration else None
     )
     metrics["prompts"] = {"templates": "cohort" if templates else "default", "synonyms": dict(synonyms or {})}
     metrics["prompts"]["form"] = form
-    if form.startswith("mined") and mined is not None:  # label-free: the training reports' sentences, no labels
+    if form == "mined_reports":  # label-free: the training reports' mean embeddings (how many reports), no labels
+        stored = (calibration or {}).get("mined_report_prototypes") or {}
+        metrics["prompts"]["mined_reports"] = {f: stored[f].get("reports") for f in findings if f in stored}
+        metrics["prompts"]["uses_training_labels"] = False
+    elif form.startswith("mined") and mined is not None:  # label-free: the training reports' sentences, no labels
         metrics["prompts"]["mined"] = {f: mined[f] for f in findings if f in mined}
         metrics["prompts"]["uses_training_labels"] = False
     return metrics, test_probs

@@ -93,3 +93,29 @@ def test_the_server_answers_with_the_mined_sentences_of_its_calibration(tiny_run
     plain = zeroshot.build_prompt_embeddings(model, asked[1:], *ctx.prompts)  # the rest: templates, `sentence`
     torch.testing.assert_close(got[1:], plain)
     assert service.describe()["calibration"]["prompt_form"] == "mined"
+
+
+def test_the_server_answers_with_the_report_prototypes_of_its_calibration(tiny_run: TinyRun) -> None:
+    """A calibration whose val choice was `mined_reports`: the server (and so its exports) answers with the stored
+    vectors for the model's own findings, the templates for a finding asked for by name, and says which form."""
+    import dataclasses
+
+    import torch
+
+    from medvlp.tasks import zeroshot
+
+    ctx = resolve_context(RunDir.open(tiny_run.run))
+    model = MedVLP.from_pretrained(find_model_dir(tiny_run.run)).eval()
+    first, dim = ctx.findings[0], int(model.config.embed_dim)
+    vectors = {"positive": [1.0] + [0.0] * (dim - 1), "negative": [0.0, 1.0] + [0.0] * (dim - 2)}
+    calibration = dict(ctx.calibration or {}) | {
+        "prompt_form": "mined_reports",
+        "mined_report_prototypes": {first: vectors | {"reports": {"positive": 5, "negative": 7}}},
+    }
+    service = DiagnosisService(model, dataclasses.replace(ctx, calibration=calibration))
+    asked = [*ctx.findings, "small left pleural effusion"]
+    got = service.prompt_embeddings(asked)
+    torch.testing.assert_close(got[0], torch.tensor([vectors["positive"], vectors["negative"]]))
+    plain = zeroshot.build_prompt_embeddings(model, asked[1:], *ctx.prompts)  # the rest: templates, `sentence`
+    torch.testing.assert_close(got[1:], plain)
+    assert service.describe()["calibration"]["prompt_form"] == "mined_reports"

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from medvlp.models import MedVLP, ModelConfig
-from medvlp.tasks.mined_prompts import mine_prompts, sentence_polarity
+from medvlp.tasks.mined_prompts import mine_prompts, mine_report_prototypes, sentence_polarity
 from medvlp.tasks.prompts import sentence_key
 from medvlp.tasks.zeroshot import render_prompts
 
@@ -101,3 +101,28 @@ def test_bad_arguments_are_refused() -> None:
         mine_prompts(KeywordTower(), ["No pneumothorax."], FINDINGS, k=0)
     with pytest.raises(ValueError, match="subjects"):
         mine_prompts(KeywordTower(), ["No pneumothorax."], FINDINGS, subjects=["a", "b"])
+
+
+def test_report_prototypes_are_the_mean_embeddings_of_the_reports_that_state_each_finding() -> None:
+    df = _reports()
+    reports = list(df["report"])
+    reports[11] = reports[11].replace("No pneumothorax.", "Possible pneumothorax.")  # uncertain: not a statement
+    tower = KeywordTower()
+    got = mine_report_prototypes(tower, reports, FINDINGS, subjects=list(df["subject"]))
+    texts = [r.split("\n", 1)[1] for r in reports]  # what the text tower reads: the FINDINGS section
+    emb = F.normalize(tower.encode_text(texts), dim=-1)
+    states = {"cardiomegaly": [i < 6 for i in range(12)], "pneumothorax": [i in (0, 7, 9) for i in range(12)]}
+    for finding, positive in states.items():
+        rows = torch.tensor(positive)
+        assert got[finding]["reports"] == {"positive": int(rows.sum()), "negative": int((~rows).sum())}
+        for pol, side in (("positive", rows), ("negative", ~rows)):
+            expected = F.normalize(emb[side].mean(0), dim=0)
+            torch.testing.assert_close(torch.tensor(got[finding][pol]), expected, atol=1e-5, rtol=0)
+    # only numbers leave the training split: no sentence of any report (the one-subject markers included)
+    assert all(isinstance(x, float) for e in got.values() for pol in ("positive", "negative") for x in e[pol])
+    # a side with fewer distinct subjects than min_count gets no prototypes: that finding is left to the templates
+    fewer = mine_report_prototypes(tower, reports, FINDINGS, subjects=list(df["subject"]), min_count=4)
+    assert set(fewer) == {"cardiomegaly"}  # 3 subjects state a pneumothorax
+    with pytest.raises(ValueError, match="at least 1"):
+        mine_report_prototypes(tower, reports, FINDINGS, min_count=0)
+    assert mine_report_prototypes(tower, [], FINDINGS) == {}

@@ -7,7 +7,14 @@ import typing
 import pytest
 
 from medvlp.config import AlignStageConfig
-from medvlp.tasks.prompt_forms import PROMPT_FORMS, choose_prompt_form, form_prompt_sets, mined_prompts, prompt_form
+from medvlp.tasks.prompt_forms import (
+    PROMPT_FORMS,
+    choose_prompt_form,
+    form_prompt_sets,
+    mined_prompts,
+    mined_report_prototypes,
+    prompt_form,
+)
 from medvlp.tasks.zeroshot import finding_text, render_prompts
 
 FINDINGS = ["cardiomegaly", "pleural_effusion", "lung_nodule"]
@@ -106,3 +113,33 @@ def test_the_mined_form_answers_with_the_calibrations_sentences_and_templates_fo
         rest = rest_after(pos.removeprefix("FINDINGS: "), mined["cardiomegaly"]["positive"])
         assert rest == rest_after(neg.removeprefix("FINDINGS: "), mined["cardiomegaly"]["negative"])
         assert "pleural effusion" in rest and "cardiomegaly" not in rest
+
+
+def test_the_mined_reports_form_answers_with_the_calibrations_prototypes_and_templates_for_the_rest() -> None:
+    import torch
+
+    from medvlp.models import MedVLP, ModelConfig
+    from medvlp.tasks.zeroshot import build_prompt_embeddings
+
+    torch.manual_seed(0)
+    model = MedVLP(ModelConfig(image_encoder="tiny_resnet", spatial_dims=2, image_size=(32, 32), embed_dim=8))
+    model.eval()
+    stored = {"cardiomegaly": {"positive": [3.0] + [0.0] * 7, "negative": [0.0, 2.0] + [0.0] * 6, "reports": {}}}
+    calibration = {"findings": {}, "prompt_form": "mined_reports", "mined_report_prototypes": stored}
+    prototypes = mined_report_prototypes(calibration)
+    assert prompt_form(calibration) == "mined_reports" and mined_report_prototypes({"findings": {}}) is None
+    got = build_prompt_embeddings(model, FINDINGS, form="mined_reports", prototypes=prototypes)
+    assert got[0, 0, 0] == pytest.approx(1.0) and got[0, 1, 1] == pytest.approx(1.0)  # the vectors, unit norm
+    torch.testing.assert_close(got[1:], build_prompt_embeddings(model, FINDINGS[1:]))  # the rest: `sentence`
+    with pytest.raises(ValueError, match="report prototypes"):
+        build_prompt_embeddings(model, FINDINGS, form="mined_reports")
+    with pytest.raises(ValueError, match="another model"):
+        short = {"cardiomegaly": {"positive": [1.0, 0.0], "negative": [0.0, 1.0]}}
+        build_prompt_embeddings(
+            model,
+            FINDINGS,
+            form="mined_reports",
+            prototypes=mined_report_prototypes({"mined_report_prototypes": short}),
+        )
+    with pytest.raises(ValueError, match="mined_report_prototypes must map"):
+        mined_report_prototypes({"mined_report_prototypes": {"cardiomegaly": {"positive": [1.0]}}})
