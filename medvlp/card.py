@@ -81,6 +81,7 @@ def write_model_card(out: Path, metrics: dict[str, Any], model_path: Path) -> Pa
             "*ECE floor*: the ECE a perfectly calibrated model with the same probabilities would show on this many "
             "test studies (labels drawn from the probabilities); an ECE near its floor is within the metric's noise.",
         ]
+        lines += _prompt_note((metrics.get("zero_shot") or {}).get("prompts") or {})
     ground = (metrics.get("grounding") or {}).get("per_category") or {}
     if ground:
         lines += [
@@ -165,3 +166,23 @@ def summary(metrics_path: Path) -> dict[str, Any]:
     """The headline numbers of a card (for the API's /v1/model)."""
     metrics = json.loads(Path(metrics_path).read_text())
     return {label: get(metrics, path) for label, path in HEADLINE}
+
+
+PROMPT_NOTES = {
+    "sentence": "the template prompts alone",
+    "report": "the template prompts, each framed as a report that denies the other findings",
+    "report_section": "the template prompts, each framed as a report section that denies the other findings",
+    "mined": "sentences mined from the training reports' text",
+    "mined_report_section": "sentences mined from the training reports' text, framed as a report section",
+    "mined_reports": "each finding's mean embedding of the training reports that state it, against the others",
+}
+
+
+def _prompt_note(prompts: dict[str, Any]) -> list[str]:
+    """One line on what the zero-shot answers with (the form chosen on val) and whether it read training labels."""
+    form = prompts.get("form")
+    if form not in PROMPT_NOTES:
+        return []
+    labels = prompts.get("uses_training_labels")
+    read = "" if labels is None else (" No training label was read." if labels is False else " Uses training labels.")
+    return ["", f"*Prompts*: `{form}` (chosen on val): {PROMPT_NOTES[form]}.{read}"]

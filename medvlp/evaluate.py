@@ -41,6 +41,8 @@ PROTOCOL = {
     "survival": "Cox fitted on train; risk groups cut at the training median; bootstrap by subject",
     "robustness": "true finding sentence vs its negated and laterality-swapped twins; ties count as misses",
     "prompt_prototype": "prompts chosen from the train split's report sentences with its labels: not zero-shot",
+    "zero_shot_prompts": "the prompt form chosen on val; the mined forms read the train split's report text, never "
+    "its labels",
     "ece_floor": "mean ECE of labels drawn from the answered probabilities themselves (1000 seeded draws): the ECE "
     "a perfectly calibrated model would show on this test split",
 }

@@ -30,3 +30,19 @@ def test_a_card_without_grounding_has_no_grounding_section(tmp_path: Path) -> No
     metrics = COHORT | {"grounding": {"n": 0, "per_category": {}}}
     text = write_model_card(tmp_path, metrics, tmp_path / "model").read_text()
     assert "Grounding per finding" not in text
+
+
+def test_the_card_says_which_prompts_the_zero_shot_answers_with(tmp_path: Path) -> None:
+    per = {"kidney_stone": {"auroc": 0.7, "n_pos": 3, "n_neg": 9}}
+    for form, labels, expected in (
+        ("mined_reports", False, "mean embedding of the training reports that state it"),
+        ("sentence", None, "the template prompts alone"),
+    ):
+        prompts = {"form": form} | ({} if labels is None else {"uses_training_labels": labels})
+        metrics = COHORT | {"zero_shot": {"per_finding": per, "prompts": prompts}}
+        text = write_model_card(tmp_path, metrics, tmp_path / "model").read_text()
+        line = next(x for x in text.splitlines() if x.startswith("*Prompts*"))
+        assert f"`{form}` (chosen on val)" in line and expected in line
+        assert ("No training label was read." in line) == (labels is False)
+    metrics = COHORT | {"zero_shot": {"per_finding": per, "prompts": {}}}  # a card from before the forms: no line
+    assert "*Prompts*" not in write_model_card(tmp_path, metrics, tmp_path / "model").read_text()
