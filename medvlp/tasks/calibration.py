@@ -3,8 +3,14 @@
 The zero-shot probability of a finding is ``sigmoid(z)`` with ``z = scale * (cos(image, positive prompt) -
 cos(image, negative prompt))``; calibration replaces it by ``sigmoid(a * z + b)`` with ``a > 0`` (a temperature, so
 the ranking and the AUROC are unchanged) and ``b`` fitted per finding by minimising the log-loss on the validation
-split (Platt scaling). It is stored in the model folder as ``calibration.json`` and applied by the evaluation card,
-the notebooks and the server alike; a finding without both classes on ``val`` keeps ``a = 1, b = 0``.
+split (Platt scaling). A sigmoid cannot bend, so a finding with at least :data:`ISOTONIC_MIN_PER_CLASS` studies of
+each class on ``val`` then also gets an isotonic map fitted on the same studies (``isotonic``: its knots, as
+scikit-learn's ``IsotonicRegression`` finds them, interpolated linearly). The answer is ``(1 - w) * platt + w *
+isotonic(platt)`` with ``w`` = :data:`ISOTONIC_WEIGHT`: the small Platt share keeps the map strictly increasing, so
+flat isotonic steps never tie two studies, and the ranking and AUROC stay those of the raw scores. It is stored in
+the model folder as ``calibration.json`` and applied by the evaluation card, the notebooks, the server and the ONNX
+scorer alike; a finding without both classes on ``val`` keeps ``a = 1, b = 0``, and a calibration written before
+the isotonic step (no ``isotonic`` entry) is applied as Platt scaling alone.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from scipy.special import expit
 
 __all__ = [
     "CALIBRATION_FILE",
+    "ISOTONIC_MIN_PER_CLASS",
+    "ISOTONIC_WEIGHT",
     "apply_calibration",
     "calibrate_model_dir",
     "ece_floor",
@@ -29,6 +37,8 @@ __all__ = [
 ]
 
 CALIBRATION_FILE = "calibration.json"  # in the model folder
+ISOTONIC_MIN_PER_CLASS = 10  # val studies of each class a finding needs for its isotonic step
+ISOTONIC_WEIGHT = 0.98  # the isotonic map's share; the Platt share keeps the answer strictly increasing
 _EPS = 1e-12
 
 
@@ -68,7 +78,21 @@ def fit_calibration(labels: np.ndarray, probs: np.ndarray, findings: Sequence[st
             continue
         a, b = _fit_one(z, y)
         out["findings"][str(name)] = {"a": a, "b": b, "n": int(keep.sum())}
+        if min(int(y.sum()), int(len(y) - y.sum())) >= ISOTONIC_MIN_PER_CLASS:
+            out["findings"][str(name)]["isotonic"] = _fit_isotonic(expit(a * z + b), y)
     return out
+
+
+def _fit_isotonic(p: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """The knots of the isotonic regression of the labels on the Platt probabilities, and its weight."""
+    from sklearn.isotonic import IsotonicRegression
+
+    fitted = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(p, y)
+    return {
+        "x": [float(v) for v in fitted.X_thresholds_],
+        "y": [float(v) for v in fitted.y_thresholds_],
+        "weight": ISOTONIC_WEIGHT,
+    }
 
 
 def apply_calibration(
@@ -83,7 +107,12 @@ def apply_calibration(
         c = fitted.get(name)
         applied.append(c is not None)
         if c is not None:
-            out[..., j] = expit(float(c["a"]) * _logit(probs[..., j]) + float(c["b"]))
+            platt = expit(float(c["a"]) * _logit(probs[..., j]) + float(c["b"]))
+            iso = c.get("isotonic")
+            if iso:
+                w = float(iso["weight"])
+                platt = (1.0 - w) * platt + w * np.interp(platt, np.asarray(iso["x"]), np.asarray(iso["y"]))
+            out[..., j] = platt
     return out, applied
 
 

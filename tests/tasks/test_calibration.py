@@ -77,3 +77,31 @@ def test_ece_floor_is_what_a_perfectly_calibrated_model_scores_and_falls_with_mo
     got = ece_floor(masked, small, draws=200)
     assert got[0] == pytest.approx(ece_floor(y[:40, :1], small[:40, :1], draws=200)[0], abs=1e-12)
     assert np.isnan(got[1])
+
+
+def _bent(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The answered score is uniform; the true risk is 0.1 below 0.6 and 0.9 above: no sigmoid of it fits."""
+    rng = np.random.default_rng(seed)
+    probs = rng.uniform(0.01, 0.99, size=(n, 1))
+    labels = (rng.random((n, 1)) < np.where(probs < 0.6, 0.1, 0.9)).astype(float)
+    return labels, probs
+
+
+def test_the_isotonic_step_bends_where_a_sigmoid_cannot_and_never_ties_two_studies() -> None:
+    val_labels, val_probs = _bent(2000, 11)
+    labels, probs = _bent(4000, 12)
+    cal = fit_calibration(val_labels, val_probs, ["effusion"])
+    iso = cal["findings"]["effusion"]["isotonic"]
+    assert iso["weight"] == pytest.approx(0.98) and len(iso["x"]) == len(iso["y"]) >= 2
+    platt_only = {"findings": {"effusion": {k: v for k, v in cal["findings"]["effusion"].items() if k != "isotonic"}}}
+    bent = apply_calibration(probs, ["effusion"], cal)[0]
+    platt = apply_calibration(probs, ["effusion"], platt_only)[0]  # a calibration from before the isotonic step
+    assert expected_calibration_error(labels[:, 0], bent[:, 0]) < 0.5 * expected_calibration_error(
+        labels[:, 0], platt[:, 0]
+    )
+    # strictly increasing: the same order as the raw scores, no two studies tied, the same AUROC
+    assert np.array_equal(np.argsort(bent[:, 0], kind="stable"), np.argsort(probs[:, 0], kind="stable"))
+    assert len(np.unique(bent[:, 0])) == len(np.unique(probs[:, 0]))
+    # too few studies of a class on val: Platt scaling alone
+    few = fit_calibration(val_labels[:15], val_probs[:15], ["effusion"])
+    assert "isotonic" not in few["findings"]["effusion"]
