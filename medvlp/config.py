@@ -130,6 +130,11 @@ class AlignStageConfig(OptimConfig):
     patience: int | None = Field(
         default=None, ge=1, description="stop after this many evaluations without a better select_metric"
     )
+    calibration_isotonic: bool = Field(
+        default=False,
+        description="after Platt scaling, an isotonic map per finding fitted on val (at least 10 studies of each "
+        "class), blended 0.98 / 0.02 with the Platt answer so that the ranking is kept (medvlp.tasks.calibration)",
+    )
     prompt_forms: list[
         Literal["sentence", "report", "report_section", "mined", "mined_report_section", "mined_reports"]
     ] = Field(

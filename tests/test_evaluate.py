@@ -188,3 +188,33 @@ def test_a_cohort_with_its_own_column_names_gets_a_complete_card(tiny_run: tuple
     assert isinstance(s["c_index"], float) and (tmp_path / "card" / "kaplan_meier.png").is_file()
     card = (tmp_path / "card" / "model_card.md").read_text()
     assert "Harrell C" in card and "Survival was not evaluated" not in card
+
+
+def test_the_isotonic_step_is_a_switch_fitted_on_val_that_keeps_the_ranking(
+    tiny_run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`calibration_isotonic`: on in the 2D demo config, off by default and in 3D; when on, the model folder's
+    calibration holds the knots, and the answered val probabilities rank the studies as the raw scores do."""
+    from medvlp.artifacts import RunDir
+    from medvlp.tasks import calibration as cal_mod
+    from medvlp.tasks.embed import embed_split
+    from medvlp.tasks.zeroshot import classification_metrics, zero_shot_scores
+
+    assert load_config(ROOT / "configs" / "demo-2d.yaml").stages.stage2_align.calibration_isotonic is True
+    assert load_config(ROOT / "configs" / "demo-3d.yaml").stages.stage2_align.calibration_isotonic is False
+    assert load_config(None).stages.stage2_align.calibration_isotonic is False
+    _, run = tiny_run
+    found = RunDir.open(run)
+    model_dir = tmp_path / "model"
+    shutil.copytree(found.model_dir, model_dir)
+    monkeypatch.setattr(cal_mod, "ISOTONIC_MIN_PER_CLASS", 2)  # the tiny cohort's val split is small
+    cache = found.open_cache()
+    cal = cal_mod.calibrate_model_dir(model_dir, cache, found.report_sections, ["sentence"], isotonic=True)
+    assert cal == cal_mod.load_calibration(model_dir)
+    assert any("isotonic" in entry for entry in cal["findings"].values())
+    val = embed_split(found.load_model(), cache, "val", found.report_sections)
+    raw = zero_shot_scores(found.load_model(), val.image, cache.findings)
+    answered = cal_mod.apply_calibration(raw, cache.findings, cal)[0]
+    before, after = (classification_metrics(val.labels, p, cache.findings) for p in (raw, answered))
+    assert after["mean_auroc"] == pytest.approx(before["mean_auroc"], abs=1e-12)
+    assert after["mean_ece"] <= before["mean_ece"]

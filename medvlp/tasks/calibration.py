@@ -3,7 +3,8 @@
 The zero-shot probability of a finding is ``sigmoid(z)`` with ``z = scale * (cos(image, positive prompt) -
 cos(image, negative prompt))``; calibration replaces it by ``sigmoid(a * z + b)`` with ``a > 0`` (a temperature, so
 the ranking and the AUROC are unchanged) and ``b`` fitted per finding by minimising the log-loss on the validation
-split (Platt scaling). A sigmoid cannot bend, so a finding with at least :data:`ISOTONIC_MIN_PER_CLASS` studies of
+split (Platt scaling). A sigmoid cannot bend, so with ``isotonic`` (config
+``stages.stage2-align.calibration_isotonic``) a finding with at least :data:`ISOTONIC_MIN_PER_CLASS` studies of
 each class on ``val`` then also gets an isotonic map fitted on the same studies (``isotonic``: its knots, as
 scikit-learn's ``IsotonicRegression`` finds them, interpolated linearly). The answer is ``(1 - w) * platt + w *
 isotonic(platt)`` with ``w`` = :data:`ISOTONIC_WEIGHT`: the small Platt share keeps the map strictly increasing, so
@@ -60,8 +61,11 @@ def _fit_one(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(np.exp(res.x[0])), float(res.x[1])
 
 
-def fit_calibration(labels: np.ndarray, probs: np.ndarray, findings: Sequence[str]) -> dict[str, Any]:
-    """Per finding ``a`` and ``b`` from validation labels ``[N, F]`` (1/0; -1 and NaN left out) and probabilities.
+def fit_calibration(
+    labels: np.ndarray, probs: np.ndarray, findings: Sequence[str], isotonic: bool = False
+) -> dict[str, Any]:
+    """Per finding ``a`` and ``b`` from validation labels ``[N, F]`` (1/0; -1 and NaN left out) and probabilities,
+    and with ``isotonic`` the isotonic step's knots where a finding has enough studies of each class.
 
     Returns:
         ``{"fitted_on": "val", "findings": {name: {"a", "b", "n"}}}``; a finding without both classes is not listed.
@@ -78,7 +82,7 @@ def fit_calibration(labels: np.ndarray, probs: np.ndarray, findings: Sequence[st
             continue
         a, b = _fit_one(z, y)
         out["findings"][str(name)] = {"a": a, "b": b, "n": int(keep.sum())}
-        if min(int(y.sum()), int(len(y) - y.sum())) >= ISOTONIC_MIN_PER_CLASS:
+        if isotonic and min(int(y.sum()), int(len(y) - y.sum())) >= ISOTONIC_MIN_PER_CLASS:
             out["findings"][str(name)]["isotonic"] = _fit_isotonic(expit(a * z + b), y)
     return out
 
@@ -137,7 +141,11 @@ def load_calibration(model_dir: str | Path) -> dict[str, Any] | None:
 
 
 def calibrate_model_dir(
-    model_dir: str | Path, cache: Any, sections: Sequence[str], forms: Sequence[str] = ("sentence",)
+    model_dir: str | Path,
+    cache: Any,
+    sections: Sequence[str],
+    forms: Sequence[str] = ("sentence",),
+    isotonic: bool = False,
 ) -> dict[str, Any] | None:
     """Fit the calibration of a model folder on its cohort's ``val`` split and write it there.
 
@@ -181,7 +189,7 @@ def calibrate_model_dir(
     }
     aurocs = {f: classification_metrics(val.labels, s, cache.findings)["mean_auroc"] for f, s in scores.items()}
     form = choose_prompt_form(aurocs)
-    calibration = fit_calibration(val.labels, scores[form], cache.findings)
+    calibration = fit_calibration(val.labels, scores[form], cache.findings, isotonic=isotonic)
     calibration |= {
         "prompt_form": form,
         "prompt_form_candidates": list(forms),  # in order: an earlier one wins ties

@@ -181,8 +181,9 @@ def train(
         if "stage2-align" in wanted and rt.is_main:
             from medvlp.tasks.calibration import calibrate_model_dir
 
-            forms = cfg.stages.stage2_align.prompt_forms
-            calibrate_model_dir(run / "stage2-align" / "model", cache, list(cfg.data.report_sections), forms)
+            align = cfg.stages.stage2_align
+            model_dir, sections = run / "stage2-align" / "model", list(cfg.data.report_sections)
+            calibrate_model_dir(model_dir, cache, sections, align.prompt_forms, isotonic=align.calibration_isotonic)
         barrier(rt)
         return results
     finally:

@@ -90,7 +90,8 @@ def _bent(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def test_the_isotonic_step_bends_where_a_sigmoid_cannot_and_never_ties_two_studies() -> None:
     val_labels, val_probs = _bent(2000, 11)
     labels, probs = _bent(4000, 12)
-    cal = fit_calibration(val_labels, val_probs, ["effusion"])
+    assert "isotonic" not in fit_calibration(val_labels, val_probs, ["effusion"])["findings"]["effusion"]  # off
+    cal = fit_calibration(val_labels, val_probs, ["effusion"], isotonic=True)
     iso = cal["findings"]["effusion"]["isotonic"]
     assert iso["weight"] == pytest.approx(0.98) and len(iso["x"]) == len(iso["y"]) >= 2
     platt_only = {"findings": {"effusion": {k: v for k, v in cal["findings"]["effusion"].items() if k != "isotonic"}}}
@@ -103,5 +104,5 @@ def test_the_isotonic_step_bends_where_a_sigmoid_cannot_and_never_ties_two_studi
     assert np.array_equal(np.argsort(bent[:, 0], kind="stable"), np.argsort(probs[:, 0], kind="stable"))
     assert len(np.unique(bent[:, 0])) == len(np.unique(probs[:, 0]))
     # too few studies of a class on val: Platt scaling alone
-    few = fit_calibration(val_labels[:15], val_probs[:15], ["effusion"])
+    few = fit_calibration(val_labels[:15], val_probs[:15], ["effusion"], isotonic=True)
     assert "isotonic" not in few["findings"]["effusion"]
