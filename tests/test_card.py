@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medvlp.card import write_model_card
+from medvlp.card import PROMPT_NOTES, write_model_card
+from medvlp.tasks.prompt_forms import PROMPT_FORMS
 
 COHORT = {"cohort": {"name": "ct-demo", "test_studies": 12, "findings": ["kidney_stone", "renal_mass"]}}
 
@@ -44,5 +45,6 @@ def test_the_card_says_which_prompts_the_zero_shot_answers_with(tmp_path: Path) 
         line = next(x for x in text.splitlines() if x.startswith("*Prompts*"))
         assert f"`{form}` (chosen on val)" in line and expected in line
         assert ("No training label was read." in line) == (labels is False)
+    assert set(PROMPT_NOTES) == set(PROMPT_FORMS)  # every form the calibration can choose is explained
     metrics = COHORT | {"zero_shot": {"per_finding": per, "prompts": {}}}  # a card from before the forms: no line
     assert "*Prompts*" not in write_model_card(tmp_path, metrics, tmp_path / "model").read_text()

@@ -164,12 +164,7 @@ def calibrate_model_dir(
     from medvlp.data.cache import COHORT_RECORD
     from medvlp.models import MedVLP
     from medvlp.tasks.embed import embed_split
-    from medvlp.tasks.prompt_forms import (
-        MINED_FORMS,
-        REPORT_PROTOTYPE_FORM,
-        choose_prompt_form,
-        mined_report_prototypes,
-    )
+    from medvlp.tasks.prompt_forms import choose_prompt_form, mined_report_prototypes
     from medvlp.tasks.zeroshot import classification_metrics, prompt_spec, zero_shot_scores
 
     if cache.split("val").empty or not cache.findings:
@@ -180,9 +175,7 @@ def calibrate_model_dir(
     record_path = Path(model_dir) / COHORT_RECORD
     record = json.loads(record_path.read_text()) if record_path.is_file() else cache.summary
     templates, synonyms = prompt_spec(record)
-    wants_mined = any(f in MINED_FORMS for f in forms)
-    mined = _mine(model, cache, sections, templates, synonyms) if wants_mined else None
-    stored = _mine_reports(model, cache, sections, templates, synonyms) if REPORT_PROTOTYPE_FORM in forms else None
+    mined, stored = _mine(model, cache, sections, templates, synonyms, forms)
     prototypes = mined_report_prototypes({"mined_report_prototypes": stored})
     scores = {
         f: zero_shot_scores(model, val.image, cache.findings, templates, synonyms, f, mined, prototypes) for f in forms
@@ -203,23 +196,25 @@ def calibrate_model_dir(
     return calibration
 
 
-def _mine(model: Any, cache: Any, sections: Sequence[str], templates: Any, synonyms: Any) -> dict[str, Any]:
-    """The ``mined`` form's sentences from the training split's reports (no labels read)."""
-    from medvlp.tasks.mined_prompts import mine_prompts
+def _mine(
+    model: Any, cache: Any, sections: Sequence[str], templates: Any, synonyms: Any, forms: Sequence[str]
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """What the candidate ``forms`` need from the training split's reports (no labels read): the ``mined`` forms'
+    sentences and the ``mined_reports`` form's prototypes, each None when no candidate needs it."""
+    from medvlp.tasks.mined_prompts import mine_prompts, mine_report_prototypes
+    from medvlp.tasks.prompt_forms import MINED_FORMS, REPORT_PROTOTYPE_FORM
 
+    wants_sentences, wants_prototypes = any(f in MINED_FORMS for f in forms), REPORT_PROTOTYPE_FORM in forms
+    if not (wants_sentences or wants_prototypes):
+        return None, None
     train = cache.split("train")
+    reports = list(train["report"])
     subjects = list(train["subject"]) if "subject" in train.columns else None
-    mined = mine_prompts(model, list(train["report"]), cache.findings, templates, synonyms, subjects, sections)
-    return {f: {k: e[k] for k in ("positive", "negative", "fallback")} for f, e in mined.items()}
-
-
-def _mine_reports(model: Any, cache: Any, sections: Sequence[str], templates: Any, synonyms: Any) -> dict[str, Any]:
-    """The ``mined_reports`` form's prototypes from the training split's reports (no labels read)."""
-    from medvlp.tasks.mined_prompts import mine_report_prototypes
-
-    train = cache.split("train")
-    subjects = list(train["subject"]) if "subject" in train.columns else None
-    return mine_report_prototypes(model, list(train["report"]), cache.findings, templates, synonyms, subjects, sections)
+    args = (model, reports, cache.findings, templates, synonyms, subjects, sections)
+    sentences = None
+    if wants_sentences:
+        sentences = {f: {k: e[k] for k in ("positive", "negative", "fallback")} for f, e in mine_prompts(*args).items()}
+    return sentences, mine_report_prototypes(*args) if wants_prototypes else None
 
 
 def ece_floor(labels: np.ndarray, probs: np.ndarray, draws: int = 1000, seed: int = 0) -> np.ndarray:

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from medvlp.data.cache import CachedCohort
 
-__all__ = ["SplitEmbeddings", "embed_split", "load_images"]
+__all__ = ["SplitEmbeddings", "embed_split", "encode_texts", "load_images"]
 
 
 @dataclass
@@ -69,3 +70,20 @@ def embed_split(
     text = torch.cat(txts).numpy() if txts else np.zeros((0, dim), np.float32)
     labels = rec[cache.findings].astype("float32").to_numpy() if cache.findings else np.zeros((len(rec), 0))
     return SplitEmbeddings(rec, image, text, labels, reports)
+
+
+@torch.no_grad()
+def encode_texts(model: Any, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """``[N, E]`` unit-norm float32 CPU embeddings of ``texts`` (at least one), in batches, the model in eval mode."""
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        chunks = [
+            model.encode_text(list(texts[i : i + batch_size]), normalize=True).float().cpu()
+            for i in range(0, len(texts), batch_size)
+        ]
+    finally:
+        if was_training:
+            model.train()
+    return F.normalize(torch.cat(chunks), dim=-1)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from medvlp.data.perturb import affirm, negate
+from medvlp.tasks.embed import encode_texts
 from medvlp.tasks.prompts import _sentence_sets, _subject_counts, report_subjects
 from medvlp.tasks.zeroshot import POLARITIES, embed_prompt_sets, render_prompts
 
@@ -138,7 +139,6 @@ def _assign_topics(
     return best, top, top - second
 
 
-@torch.no_grad()
 def mine_report_prototypes(
     model: Any,
     reports: Sequence[str],
@@ -180,21 +180,9 @@ def mine_report_prototypes(
         for sentence in sentences:
             if sentence in states:
                 positive[i, states[sentence]] = True
-    texts = [report_text(str(r), list(sections)) for r in reports]
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    try:
-        chunks = [
-            model.encode_text(texts[i : i + batch_size], normalize=True).float().cpu()
-            for i in range(0, len(texts), batch_size)
-        ]
-    finally:
-        if was_training:
-            model.train()
-    if not chunks:
+    if not reports:
         return {}
-    emb = F.normalize(torch.cat(chunks), dim=-1)  # [R, E]
+    emb = encode_texts(model, [report_text(str(r), list(sections)) for r in reports], batch_size)  # [R, E]
     out: dict[str, dict[str, Any]] = {}
     for j, name in enumerate(findings):
         sides = {"positive": positive[:, j], "negative": ~positive[:, j]}

@@ -146,13 +146,14 @@ def mined_report_prototypes(calibration: Mapping[str, Any] | None) -> dict[str, 
     stored = (calibration or {}).get("mined_report_prototypes")
     if stored is None:
         return None
+    bad = ValueError("the calibration's mined_report_prototypes must map each finding to positive and negative vectors")
+    if not isinstance(stored, Mapping):
+        raise bad
     out = {}
-    for finding, entry in stored.items() if isinstance(stored, Mapping) else [(None, None)]:
+    for finding, entry in stored.items():
         vectors = [entry.get(p) if isinstance(entry, Mapping) else None for p in ("positive", "negative")]
         if not all(isinstance(v, list) and v for v in vectors) or len(vectors[0]) != len(vectors[1]):
-            raise ValueError(
-                "the calibration's mined_report_prototypes must map each finding to positive and negative vectors"
-            )
+            raise bad
         out[str(finding)] = np.asarray(vectors, dtype=np.float32)
     return out
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score, roc_curve
 from torch import Tensor
 
+from medvlp.tasks.embed import encode_texts
 from medvlp.tasks.prompt_forms import prompt_sensitivity, template_variants  # re-exported: their home moved
 
 __all__ = [
@@ -140,18 +141,7 @@ def embed_prompt_sets(model: Any, prompt_sets: Sequence[Mapping[str, Sequence[st
             if not per.get(pol):
                 raise ValueError(f"prompt set {i} has no {pol!r} prompt")
     flat = [p for per in prompt_sets for pol in POLARITIES for p in per[pol]]
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    try:
-        chunks = [
-            model.encode_text(flat[i : i + batch_size], normalize=True).float().cpu()
-            for i in range(0, len(flat), batch_size)
-        ]
-    finally:
-        if was_training:
-            model.train()
-    emb = F.normalize(torch.cat(chunks), dim=-1) if chunks else torch.zeros(0, 0)  # [P, E]
+    emb = encode_texts(model, flat, batch_size) if flat else torch.zeros(0, 0)  # [P, E]
     out = torch.empty(len(prompt_sets), 2, emb.shape[-1])
     start = 0
     for i, per in enumerate(prompt_sets):
