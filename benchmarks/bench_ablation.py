@@ -12,7 +12,10 @@ evaluation reports them, and the training time. A method "pays" only when it bea
 AUROC on every style. The `*forms` arms are their base arm with the zero-shot prompt form chosen on val
 (`prompt_forms`), which acts after training only: they recalibrate a copy of the base arm's trained run; the `mined`
 arm is the `report` run with the sentences mined from its training reports (no labels) as further candidates, and the
-`mined_reports` arm adds the training reports' mean embeddings per finding (label-free report prototypes). Writes
+`mined_reports` arm adds the training reports' mean embeddings per finding (label-free report prototypes); the
+`synonyms` and `synonyms_mined_reports` arms are `report` and `mined_reports` with a cohort YAML's synonyms (one
+generic list per kind, :data:`SYNONYMS`) in the model's prompts; `align_only` is the demo config without stage1-text
+(compare it with `mined_reports`). Writes
 benchmarks/results/ablation-<kind>.json after every run (an interrupted benchmark keeps what it finished; with
 --keep, a rerun reuses finished runs and resumes unfinished ones).
 """
@@ -82,8 +85,32 @@ DERIVED = {
     "mined": "report",
     "mined_reports": "report",
 }
-FORMS_OF = {"mined": MINED, "mined_reports": MINED_REPORTS}
+#: Prompts in the cohort's words (a cohort YAML's ``prompts: synonyms:``), which act after training only (training
+#: reads no prompt; validation during training only logs them): the `synonyms*` arms are the `report` run with these
+#: written into its model folder's cohort record, then recalibrated, as if the cohort YAML had held them. One generic
+#: list per kind, the names a radiologist would add, the same for every style (none read from a style's phrasing).
+SYNONYMS: dict[str, dict[str, list[str]]] = {
+    "cxr": {
+        "cardiomegaly": ["enlarged heart", "enlarged cardiac silhouette"],
+        "pleural_effusion": ["effusion", "pleural fluid"],
+        "lung_nodule": ["pulmonary nodule", "nodule"],
+        "pneumothorax": ["collapsed lung", "air in the pleural space"],
+    },
+    "ct": {
+        "renal_mass": ["kidney mass", "renal tumor"],
+        "kidney_stone": ["renal calculus", "nephrolithiasis"],
+        "hepatic_lesion": ["liver lesion", "liver mass"],
+        "ascites": ["free fluid", "peritoneal fluid"],
+    },
+}
+DERIVED |= {"synonyms": "report", "synonyms_mined_reports": "report"}
+WITH_SYNONYMS = ("synonyms", "synonyms_mined_reports")
+SENTENCE = ARMS["report"][0]
+FORMS_OF = {"mined": MINED, "mined_reports": MINED_REPORTS, "synonyms": SENTENCE}
+FORMS_OF["synonyms_mined_reports"] = MINED_REPORTS
 ARMS |= {arm: [*ARMS[base], FORMS_OF.get(arm, FORMS)] for arm, base in DERIVED.items()}
+#: Stage 2 alone (no text MLM first) with the demo's prompt forms: compared with `mined_reports`, the demo config.
+ARMS["align_only"] = [*ARMS["report"], "stages.stage1-text.enabled=false", MINED_REPORTS]
 COLUMNS = {
     "zero_shot_auroc": ("zero_shot", "mean_auroc"),
     "zero_shot_ece": ("zero_shot", "mean_ece"),
@@ -135,10 +162,17 @@ def row_of(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_arm(
-    config: Path, overrides: list[str], yaml_path: Path, cache: Path, out: Path, reevaluate: bool = False
+    config: Path,
+    overrides: list[str],
+    yaml_path: Path,
+    cache: Path,
+    out: Path,
+    reevaluate: bool = False,
+    synonyms: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """Trains (resuming) and evaluates one arm; a finished arm's metrics.json is read back, not recomputed, unless
-    ``reevaluate`` (its trained model evaluated again by today's code, the training time kept)."""
+    ``reevaluate`` (its trained model evaluated again by today's code, the training time kept). With ``synonyms``,
+    the trained model's cohort record gets them as its prompts and is calibrated again before the evaluation."""
     from medvlp.config import load_config
     from medvlp.evaluate import evaluate
     from medvlp.train.run import train
@@ -157,7 +191,10 @@ def run_arm(
         copied = out / "seconds.json"  # a derived arm's copy of its base arm's timings
         seconds = json.loads(copied.read_text()) if copied.is_file() else {}
         t0 = time.perf_counter()
-        train(load_config(config, ["seed=0", *overrides]), yaml_path, out / "run", cache_dir=cache, resume=True)
+        cfg = load_config(config, ["seed=0", *overrides])
+        train(cfg, yaml_path, out / "run", cache_dir=cache, resume=True)
+        if synonyms is not None:  # after training, which writes the cohort record from the cache afresh
+            recalibrate_with(out / "run", cfg, cache, synonyms)
         seconds["resume_s" if "train_s" in seconds else "train_s"] = round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
         metrics = evaluate(out / "run", yaml_path, out / "card", baselines=False, cache_dir=cache)
@@ -182,6 +219,27 @@ def derive(base: Path, out: Path) -> None:
         raise SystemExit(f"{out.name} starts from the finished {base.name} arm: run --arms {base.name} first")
     shutil.copytree(base / "run", out / "run")
     shutil.copy2(base / "seconds.json", out / "seconds.json")
+
+
+def recalibrate_with(run: Path, cfg: Any, cache: Path, synonyms: dict[str, list[str]]) -> None:
+    """Put ``synonyms`` into every cohort record of a trained run, as a cohort YAML's ``prompts:`` would have, and
+    fit the model folder's calibration again (its prompt form too) with them."""
+    from medvlp.data.cache import COHORT_RECORD, CachedCohort, atomic_write_json
+    from medvlp.tasks.calibration import calibrate_model_dir
+
+    for path in run.rglob(COHORT_RECORD):
+        record = json.loads(path.read_text())
+        prompts = dict(record.get("prompts") or {})
+        prompts["synonyms"] = {f: names for f, names in synonyms.items() if f in record.get("findings", synonyms)}
+        atomic_write_json(path, {**record, "prompts": prompts})
+    align = cfg.stages.stage2_align
+    calibrate_model_dir(
+        run / "stage2-align" / "model",
+        CachedCohort.open(cache),
+        list(cfg.data.report_sections),
+        align.prompt_forms,
+        isotonic=align.calibration_isotonic,
+    )
 
 
 def text_side(run: Path, cache: Path) -> dict[str, Any]:
@@ -305,7 +363,8 @@ def main() -> None:
                     continue
                 if arm in DERIVED and not (where / "run").exists():
                     derive(base / f"style{style}" / DERIVED[arm], where)
-                row = run_arm(config, [*args.overrides, *ARMS[arm]], yaml_path, cache, where, args.reevaluate)
+                synonyms = SYNONYMS[args.kind] if arm in WITH_SYNONYMS else None
+                row = run_arm(config, [*args.overrides, *ARMS[arm]], yaml_path, cache, where, args.reevaluate, synonyms)
                 rows.setdefault(str(style), {})[arm] = row
                 print(f"style {style} {arm}:", json.dumps({k: v for k, v in row.items() if k != "seconds"}), flush=True)
                 result = {
