@@ -15,7 +15,8 @@ arm is the `report` run with the sentences mined from its training reports (no l
 `mined_reports` arm adds the training reports' mean embeddings per finding (label-free report prototypes); the
 `synonyms` and `synonyms_mined_reports` arms are `report` and `mined_reports` with a cohort YAML's synonyms (one
 generic list per kind, :data:`SYNONYMS`) in the model's prompts; `align_only` is the demo config without stage1-text
-(compare it with `mined_reports`). Writes
+(compare it with `mined_reports`), `attn_pool` the demo config with a positional attention pool ending the image
+tower. Writes
 benchmarks/results/ablation-<kind>.json after every run (an interrupted benchmark keeps what it finished; with
 --keep, a rerun reuses finished runs and resumes unfinished ones).
 """
@@ -111,6 +112,9 @@ FORMS_OF["synonyms_mined_reports"] = MINED_REPORTS
 ARMS |= {arm: [*ARMS[base], FORMS_OF.get(arm, FORMS)] for arm, base in DERIVED.items()}
 #: Stage 2 alone (no text MLM first) with the demo's prompt forms: compared with `mined_reports`, the demo config.
 ARMS["align_only"] = [*ARMS["report"], "stages.stage1-text.enabled=false", MINED_REPORTS]
+#: The image tower ends in a positional attention pool (`global_pool: attn`) instead of the mean: an embedding that
+#: can say left from right (the laterality half of the robustness suite); compared with `mined_reports`.
+ARMS["attn_pool"] = [*ARMS["report"], "model.image_encoder_args.global_pool=attn", MINED_REPORTS]
 COLUMNS = {
     "zero_shot_auroc": ("zero_shot", "mean_auroc"),
     "zero_shot_ece": ("zero_shot", "mean_ece"),

@@ -30,6 +30,7 @@ __all__ = [
     "MonaiResNetEncoder",
     "MonaiSwinEncoder",
     "MonaiViTEncoder",
+    "PositionalAttentionPool",
     "TimmImageEncoder",
     "global_pool",
 ]
@@ -134,12 +135,49 @@ def _flatten_map(feats: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     return feats.flatten(2).transpose(1, 2), tuple(int(s) for s in feats.shape[2:])
 
 
+class PositionalAttentionPool(nn.Module):
+    """Attention pooling of a feature map with learned absolute positions, so the embedding says *where*.
+
+    A mean-pooled CNN embedding is nearly blind to position: a left and a right pleural effusion give almost the same
+    vector, and no text can tell them apart. CLIP's ResNets end in an attention pool whose keys and values carry a
+    position embedding (timm's :class:`~timm.layers.AttentionPool2d`, used here as is); its tokens for grounding are
+    MaskCLIP's dense features: each position's value (feature plus position) through the same output projection, so
+    they live in the pooled embedding's space and the shared projection head fits both.
+    """
+
+    def __init__(self, channels: int, grid: Sequence[int]) -> None:
+        super().__init__()
+        from timm.layers import AttentionPool2d
+
+        heads = max(1, channels // 64) if channels % 64 == 0 else 1
+        self.pool = AttentionPool2d(channels, tuple(grid), num_heads=heads, qkv_separate=True)
+
+    def forward(self, feats: Tensor) -> tuple[Tensor, Tensor]:
+        """``[B, C, H, W]`` -> (embedding ``[B, C]``, tokens ``[B, H * W, C]``)."""
+        from timm.layers import resample_abs_pos_embed
+
+        pool = self.pool
+        pos = resample_abs_pos_embed(
+            pool.pos_embed.unsqueeze(0), tuple(feats.shape[2:]), old_size=pool.feat_size, num_prefix_tokens=1
+        )
+        tokens = pool.proj(pool.v(feats.flatten(2).transpose(1, 2) + pos[:, 1:]))
+        return pool(feats), tokens
+
+
 class TimmImageEncoder(ImageEncoder):
-    """Any timm architecture, built for one input channel and no classifier (2D only)."""
+    """Any timm architecture, built for one input channel and no classifier (2D only).
+
+    ``global_pool="attn"`` (CNNs only) ends the tower in a :class:`PositionalAttentionPool` instead of timm's pooling;
+    any other ``global_pool`` is timm's own.
+    """
 
     def __init__(self, model_name: str, image_size: Sequence[int], **timm_kwargs: Any) -> None:
         super().__init__(2, image_size)
         self.model_name = model_name
+        self.attn_pool: PositionalAttentionPool | None = None
+        attn = timm_kwargs.get("global_pool") == "attn"
+        if attn:
+            timm_kwargs = {k: v for k, v in timm_kwargs.items() if k != "global_pool"}
         kwargs = {"pretrained": False, "in_chans": 1, "num_classes": 0, **timm_kwargs}
         if kwargs["pretrained"]:
             raise ValueError("medvlp never downloads weights: pass checkpoint=<local file> instead of pretrained=True")
@@ -159,6 +197,12 @@ class TimmImageEncoder(ImageEncoder):
         self.num_prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 0))
         self.output_fmt = str(getattr(self.backbone, "output_fmt", "NCHW"))
         was_training = self.backbone.training
+        if attn:
+            with torch.no_grad():
+                feats = self.backbone.eval().forward_features(torch.zeros(1, int(kwargs["in_chans"]), *self.image_size))
+            if feats.ndim != 4 or self.output_fmt != "NCHW":
+                raise ValueError(f"global_pool 'attn' needs a CNN's [B, C, H, W] feature map; {model_name} has none")
+            self.attn_pool = PositionalAttentionPool(int(feats.shape[1]), tuple(int(g) for g in feats.shape[2:]))
         with torch.no_grad():
             out = self.eval()._forward(torch.zeros(1, int(kwargs["in_chans"]), *self.image_size))
         self.train(was_training)
@@ -171,6 +215,9 @@ class TimmImageEncoder(ImageEncoder):
 
     def _forward(self, x: Tensor) -> ImageEncoderOutput:
         feats = self.backbone.forward_features(x)
+        if self.attn_pool is not None:
+            embedding, tokens = self.attn_pool(feats)
+            return ImageEncoderOutput(embedding=embedding, tokens=tokens, grid=tuple(int(g) for g in feats.shape[2:]))
         embedding = self.backbone.forward_head(feats, pre_logits=True)  # [B, embed_dim]
         if feats.ndim == 3:  # [B, prefix + N, C] (ViT-like)
             tokens = feats[:, self.num_prefix_tokens :]
@@ -198,9 +245,12 @@ class TimmImageEncoder(ImageEncoder):
             from timm.models import group_parameters
 
             grouped = group_parameters(self.backbone, self.backbone.group_matcher(coarse=True))
-            return [[f"backbone.{n}" for n in grouped[k]] for k in sorted(grouped)]
+            groups = [[f"backbone.{n}" for n in grouped[k]] for k in sorted(grouped)]
         except (AttributeError, NotImplementedError):
-            return super().layer_groups()
+            return super().layer_groups()  # the attention pool falls in the last group there
+        if self.attn_pool is not None:  # the pool is the head: it belongs with the last group
+            groups[-1] += [f"attn_pool.{n}" for n, _ in self.attn_pool.named_parameters()]
+        return groups
 
 
 class MonaiViTEncoder(ImageEncoder):

@@ -276,3 +276,62 @@ def test_resnet_max_pool_keeps_a_one_token_signal_that_the_mean_dilutes() -> Non
 def test_resnet_global_pool_rejects_an_unknown_name() -> None:
     with pytest.raises(ValueError, match="global_pool"):
         create_image_encoder("tiny_resnet", 3, SIZE_3D, global_pool="median")
+
+
+def _lateral_maps(n: int, channels: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` feature maps with one random lesion vector in the left (side 1) or right (side 0) column, and their
+    mirror images."""
+    lesions, side = torch.randn(n, channels), torch.arange(n) % 2
+    feats, mirrored = torch.zeros(n, channels, 4, 4), torch.zeros(n, channels, 4, 4)
+    feats[side == 1, :, 1, 0], feats[side == 0, :, 1, 3] = lesions[side == 1], lesions[side == 0]
+    mirrored[:, :, 1, 0], mirrored[:, :, 1, 3] = feats[:, :, 1, 3], feats[:, :, 1, 0]
+    return feats, mirrored, side
+
+
+def test_attention_pool_learns_left_from_right_where_the_mean_cannot() -> None:
+    """The same feature at mirrored positions has one mean, so a mean pool answers left and right alike; a linear
+    read-out of the positional attention pool learns the side, and answers the mirrored maps the other way."""
+    from medvlp.models.image import PositionalAttentionPool
+
+    torch.manual_seed(0)
+    feats, mirrored, side = _lateral_maps(64)
+    torch.testing.assert_close(feats.mean(dim=(2, 3)), mirrored.mean(dim=(2, 3)))  # the mean cannot tell them apart
+    pool, head = PositionalAttentionPool(32, (4, 4)), torch.nn.Linear(32, 1)
+    opt = torch.optim.Adam([*pool.parameters(), *head.parameters()], lr=3e-3)
+    for _ in range(300):  # new lesions every step: only the position can be learned
+        x, _, y = _lateral_maps(64)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(pool(x)[0]).squeeze(1), y.float())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        right = (head(pool(feats)[0]).squeeze(1) > 0).long() == side
+        flipped = (head(pool(mirrored)[0]).squeeze(1) > 0).long() == 1 - side
+    assert float(right.float().mean()) >= 0.9 and float(flipped.float().mean()) >= 0.9
+
+
+def test_attention_pool_tokens_are_values_in_the_embedding_space() -> None:
+    """With no position signal and one feature everywhere, attention returns that feature's value: the pooled
+    embedding equals every dense token, so the tokens go through the same projections as the embedding."""
+    from medvlp.models.image import PositionalAttentionPool
+
+    torch.manual_seed(0)
+    pool = PositionalAttentionPool(128, (3, 5)).eval()
+    with torch.no_grad():
+        pool.pool.pos_embed.zero_()
+        feats = torch.randn(2, 128, 1, 1).expand(2, 128, 3, 5).contiguous()
+        embedding, tokens = pool(feats)
+    assert embedding.shape == (2, 128) and tokens.shape == (2, 15, 128)
+    torch.testing.assert_close(tokens, embedding[:, None].expand_as(tokens), rtol=1e-4, atol=1e-5)
+
+
+def test_timm_attention_pool_builds_trains_and_groups_its_parameters() -> None:
+    enc = create_image_encoder("timm/resnet10t", 2, (64, 64), global_pool="attn")
+    out = enc(torch.randn(2, 1, 64, 64))
+    assert out.embedding.shape == (2, enc.embed_dim) and out.tokens.shape == (2, 4, enc.token_dim)
+    assert enc.embed_dim == enc.token_dim and out.grid == (2, 2)  # the shared projection head fits both
+    out.embedding.sum().backward()
+    assert enc.attn_pool is not None and enc.attn_pool.pool.pos_embed.grad is not None
+    assert any(n.startswith("attn_pool.") for n in enc.layer_groups()[-1])  # the head unlocks with the last group
+    with pytest.raises(ValueError, match="attn"):
+        create_image_encoder("tiny_timm_vit", 2, SIZE_2D, global_pool="attn")
