@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -204,7 +206,8 @@ def run_arm(
         metrics = evaluate(out / "run", yaml_path, out / "card", baselines=False, cache_dir=cache)
         seconds["evaluate_s"] = round(time.perf_counter() - t0, 1)
         (out / "seconds.json").write_text(json.dumps(seconds) + "\n")
-    return {**row_of(metrics), **text_side(out / "run", cache), **chosen_form(out / "run"), "seconds": seconds}
+    diagnostics = {**text_side(out / "run", cache), **image_side(out / "run", cache)}
+    return {**row_of(metrics), **diagnostics, **chosen_form(out / "run"), "seconds": seconds}
 
 
 def chosen_form(run: Path) -> dict[str, Any]:
@@ -244,6 +247,42 @@ def recalibrate_with(run: Path, cfg: Any, cache: Path, synonyms: dict[str, list[
         align.prompt_forms,
         isotonic=align.calibration_isotonic,
     )
+
+
+def image_side(run: Path, cache: Path) -> dict[str, Any]:
+    """``laterality_probe_auroc``: how well a logistic regression on the frozen global image embeddings tells a
+    finding written on the left from one written on the right (fitted on the train split's annotated phrases that
+    name exactly one side, scored on test's). Near 0.5, the embedding does not carry the side, and the laterality
+    half of the robustness suite cannot be met by any text; None when a split lacks one of the sides."""
+    import re
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    from medvlp.artifacts import RunDir
+    from medvlp.data.cache import CachedCohort
+    from medvlp.tasks.embed import embed_split
+    from medvlp.tasks.grounding import grounding_pairs
+
+    rd, cohort = RunDir.open(run), CachedCohort.open(cache)
+    model = rd.load_model().eval()
+    data = {}
+    for split in ("train", "test"):
+        emb = embed_split(model, cohort, split, rd.report_sections)
+        row = {s: i for i, s in enumerate(emb.records["study"])}
+        x, y = [], []
+        for p in grounding_pairs(cohort, split).itertuples(index=False):
+            sides = {w.lower() for w in re.findall(r"\b(left|right)\b", p.phrase, re.I)}
+            if len(sides) == 1:
+                x.append(emb.image[row[p.study]])
+                y.append(int("left" in sides))
+        data[split] = (np.asarray(x), np.asarray(y))
+    (xtr, ytr), (xte, yte) = data["train"], data["test"]
+    if len(set(ytr)) < 2 or len(set(yte)) < 2:
+        return {"laterality_probe_auroc": None}
+    clf = LogisticRegression(max_iter=2000).fit(xtr, ytr)
+    probe = float(roc_auc_score(yte, clf.predict_proba(xte)[:, 1]))
+    return {"laterality_probe_auroc": probe, "laterality_phrases": len(yte)}
 
 
 def text_side(run: Path, cache: Path) -> dict[str, Any]:
