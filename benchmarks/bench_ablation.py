@@ -117,6 +117,9 @@ ARMS["align_only"] = [*ARMS["report"], "stages.stage1-text.enabled=false", MINED
 #: The image tower ends in a positional attention pool (`global_pool: attn`) instead of the mean: an embedding that
 #: can say left from right (the laterality half of the robustness suite); compared with `mined_reports`.
 ARMS["attn_pool"] = [*ARMS["report"], "model.image_encoder_args.global_pool=attn", MINED_REPORTS]
+#: ... with the twin term and the faster text tower (`twin_text`): an image side that can carry the side, and a text
+#: tower taught that "left" is not "right" and "no" is not "yes".
+ARMS["twin_text_attn"] = [*ARMS["twin_text"], "model.image_encoder_args.global_pool=attn", MINED_REPORTS]
 COLUMNS = {
     "zero_shot_auroc": ("zero_shot", "mean_auroc"),
     "zero_shot_ece": ("zero_shot", "mean_ece"),
