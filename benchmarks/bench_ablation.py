@@ -15,8 +15,8 @@ arm is the `report` run with the sentences mined from its training reports (no l
 `mined_reports` arm adds the training reports' mean embeddings per finding (label-free report prototypes); the
 `synonyms` and `synonyms_mined_reports` arms are `report` and `mined_reports` with a cohort YAML's synonyms (one
 generic list per kind, :data:`SYNONYMS`) in the model's prompts; `align_only` is the demo config without stage1-text
-(compare it with `mined_reports`), `attn_pool` the demo config with a positional attention pool ending the image
-tower. Writes
+(compare it with `mined_reports`), `attn_pool` and `avgattn_pool` the demo config with a positional attention pool ending the image
+tower (alone, or as a residual on the mean). Writes
 benchmarks/results/ablation-<kind>.json after every run (an interrupted benchmark keeps what it finished; with
 --keep, a rerun reuses finished runs and resumes unfinished ones).
 """
@@ -117,6 +117,8 @@ ARMS["align_only"] = [*ARMS["report"], "stages.stage1-text.enabled=false", MINED
 #: The image tower ends in a positional attention pool (`global_pool: attn`) instead of the mean: an embedding that
 #: can say left from right (the laterality half of the robustness suite); compared with `mined_reports`.
 ARMS["attn_pool"] = [*ARMS["report"], "model.image_encoder_args.global_pool=attn", MINED_REPORTS]
+#: ... as a residual on the mean that starts at zero (`global_pool: avgattn`), grounding's tokens left as they were.
+ARMS["avgattn_pool"] = [*ARMS["report"], "model.image_encoder_args.global_pool=avgattn", MINED_REPORTS]
 #: ... with the twin term and the faster text tower (`twin_text`): an image side that can carry the side, and a text
 #: tower taught that "left" is not "right" and "no" is not "yes".
 ARMS["twin_text_attn"] = [*ARMS["twin_text"], "model.image_encoder_args.global_pool=attn", MINED_REPORTS]

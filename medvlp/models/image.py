@@ -140,42 +140,58 @@ class PositionalAttentionPool(nn.Module):
 
     A mean-pooled CNN embedding is nearly blind to position: a left and a right pleural effusion give almost the same
     vector, and no text can tell them apart. CLIP's ResNets end in an attention pool whose keys and values carry a
-    position embedding (timm's :class:`~timm.layers.AttentionPool2d`, used here as is); its tokens for grounding are
-    MaskCLIP's dense features: each position's value (feature plus position) through the same output projection, so
-    they live in the pooled embedding's space and the shared projection head fits both.
+    position embedding (timm's :class:`~timm.layers.AttentionPool2d`, used here as is). Two ways to use it:
+
+    - ``attn``: the pool *is* the embedding; its tokens for grounding are MaskCLIP's dense features (each position's
+      value, feature plus position, through the same output projection), so they live in the embedding's space and
+      the shared projection head fits both.
+    - ``avgattn``: the mean of the feature map plus the pool as a residual whose output projection starts at zero, so
+      the tower starts as the mean pool and learns what position adds; the tokens stay the feature map's own, in the
+      mean's space, as grounding reads them without the pool.
     """
 
-    def __init__(self, channels: int, grid: Sequence[int]) -> None:
+    MODES = ("attn", "avgattn")
+
+    def __init__(self, channels: int, grid: Sequence[int], mode: str = "attn") -> None:
         super().__init__()
         from timm.layers import AttentionPool2d
 
+        if mode not in self.MODES:
+            raise ValueError(f"unknown attention pool mode {mode!r}; choose one of {', '.join(self.MODES)}")
+        self.mode = mode
         heads = max(1, channels // 64) if channels % 64 == 0 else 1
         self.pool = AttentionPool2d(channels, tuple(grid), num_heads=heads, qkv_separate=True)
+        if mode == "avgattn":
+            nn.init.zeros_(self.pool.proj.weight)
+            nn.init.zeros_(self.pool.proj.bias)
 
     def forward(self, feats: Tensor) -> tuple[Tensor, Tensor]:
         """``[B, C, H, W]`` -> (embedding ``[B, C]``, tokens ``[B, H * W, C]``)."""
         from timm.layers import resample_abs_pos_embed
 
         pool = self.pool
+        raw = feats.flatten(2).transpose(1, 2)
+        if self.mode == "avgattn":
+            return raw.mean(dim=1) + pool(feats), raw
         pos = resample_abs_pos_embed(
             pool.pos_embed.unsqueeze(0), tuple(feats.shape[2:]), old_size=pool.feat_size, num_prefix_tokens=1
         )
-        tokens = pool.proj(pool.v(feats.flatten(2).transpose(1, 2) + pos[:, 1:]))
-        return pool(feats), tokens
+        return pool(feats), pool.proj(pool.v(raw + pos[:, 1:]))
 
 
 class TimmImageEncoder(ImageEncoder):
     """Any timm architecture, built for one input channel and no classifier (2D only).
 
-    ``global_pool="attn"`` (CNNs only) ends the tower in a :class:`PositionalAttentionPool` instead of timm's pooling;
-    any other ``global_pool`` is timm's own.
+    ``global_pool="attn"`` or ``"avgattn"`` (CNNs only) ends the tower in a :class:`PositionalAttentionPool` instead
+    of timm's pooling; any other ``global_pool`` is timm's own.
     """
 
     def __init__(self, model_name: str, image_size: Sequence[int], **timm_kwargs: Any) -> None:
         super().__init__(2, image_size)
         self.model_name = model_name
         self.attn_pool: PositionalAttentionPool | None = None
-        attn = timm_kwargs.get("global_pool") == "attn"
+        pool_kind = timm_kwargs.get("global_pool")
+        attn = pool_kind if pool_kind in PositionalAttentionPool.MODES else None
         if attn:
             timm_kwargs = {k: v for k, v in timm_kwargs.items() if k != "global_pool"}
         kwargs = {"pretrained": False, "in_chans": 1, "num_classes": 0, **timm_kwargs}
@@ -201,8 +217,9 @@ class TimmImageEncoder(ImageEncoder):
             with torch.no_grad():
                 feats = self.backbone.eval().forward_features(torch.zeros(1, int(kwargs["in_chans"]), *self.image_size))
             if feats.ndim != 4 or self.output_fmt != "NCHW":
-                raise ValueError(f"global_pool 'attn' needs a CNN's [B, C, H, W] feature map; {model_name} has none")
-            self.attn_pool = PositionalAttentionPool(int(feats.shape[1]), tuple(int(g) for g in feats.shape[2:]))
+                raise ValueError(f"global_pool {attn!r} needs a CNN's [B, C, H, W] feature map; {model_name} has none")
+            grid = tuple(int(g) for g in feats.shape[2:])
+            self.attn_pool = PositionalAttentionPool(int(feats.shape[1]), grid, mode=attn)
         with torch.no_grad():
             out = self.eval()._forward(torch.zeros(1, int(kwargs["in_chans"]), *self.image_size))
         self.train(was_training)

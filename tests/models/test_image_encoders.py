@@ -325,8 +325,36 @@ def test_attention_pool_tokens_are_values_in_the_embedding_space() -> None:
     torch.testing.assert_close(tokens, embedding[:, None].expand_as(tokens), rtol=1e-4, atol=1e-5)
 
 
-def test_timm_attention_pool_builds_trains_and_groups_its_parameters() -> None:
-    enc = create_image_encoder("timm/resnet10t", 2, (64, 64), global_pool="attn")
+def test_avgattn_pool_starts_as_the_mean_and_learns_the_side() -> None:
+    """``avgattn`` is the mean plus a zero-initialised attention residual: at first exactly the mean pool, with the
+    feature map itself as tokens; trained, it tells left from right as the plain attention pool does."""
+    from medvlp.models.image import PositionalAttentionPool
+
+    torch.manual_seed(0)
+    pool = PositionalAttentionPool(32, (4, 4), mode="avgattn")
+    feats, mirrored, side = _lateral_maps(64)
+    embedding, tokens = pool(feats)
+    torch.testing.assert_close(embedding, feats.mean(dim=(2, 3)))
+    torch.testing.assert_close(tokens, feats.flatten(2).transpose(1, 2))
+    head = torch.nn.Linear(32, 1)
+    opt = torch.optim.Adam([*pool.parameters(), *head.parameters()], lr=3e-3)
+    for _ in range(300):
+        x, _, y = _lateral_maps(64)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(pool(x)[0]).squeeze(1), y.float())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        right = (head(pool(feats)[0]).squeeze(1) > 0).long() == side
+        flipped = (head(pool(mirrored)[0]).squeeze(1) > 0).long() == 1 - side
+    assert float(right.float().mean()) >= 0.9 and float(flipped.float().mean()) >= 0.9
+    with pytest.raises(ValueError, match="mode"):
+        PositionalAttentionPool(32, (4, 4), mode="median")
+
+
+@pytest.mark.parametrize("pool", ["attn", "avgattn"])
+def test_timm_attention_pool_builds_trains_and_groups_its_parameters(pool: str) -> None:
+    enc = create_image_encoder("timm/resnet10t", 2, (64, 64), global_pool=pool)
     out = enc(torch.randn(2, 1, 64, 64))
     assert out.embedding.shape == (2, enc.embed_dim) and out.tokens.shape == (2, 4, enc.token_dim)
     assert enc.embed_dim == enc.token_dim and out.grid == (2, 2)  # the shared projection head fits both
@@ -334,4 +362,4 @@ def test_timm_attention_pool_builds_trains_and_groups_its_parameters() -> None:
     assert enc.attn_pool is not None and enc.attn_pool.pool.pos_embed.grad is not None
     assert any(n.startswith("attn_pool.") for n in enc.layer_groups()[-1])  # the head unlocks with the last group
     with pytest.raises(ValueError, match="attn"):
-        create_image_encoder("tiny_timm_vit", 2, SIZE_2D, global_pool="attn")
+        create_image_encoder("tiny_timm_vit", 2, SIZE_2D, global_pool=pool)
