@@ -15,8 +15,8 @@ arm is the `report` run with the sentences mined from its training reports (no l
 `mined_reports` arm adds the training reports' mean embeddings per finding (label-free report prototypes); the
 `synonyms` and `synonyms_mined_reports` arms are `report` and `mined_reports` with a cohort YAML's synonyms (one
 generic list per kind, :data:`SYNONYMS`) in the model's prompts; `align_only` is the demo config without stage1-text
-(compare it with `mined_reports`), `attn_pool` and `avgattn_pool` the demo config with a positional attention pool ending the image
-tower (alone, or as a residual on the mean). Writes
+(compare it with `mined_reports`), `attn_pool` and `avgattn_pool` the demo config with a positional attention pool
+ending the image tower (alone, or as a residual on the mean). Writes
 benchmarks/results/ablation-<kind>.json after every run (an interrupted benchmark keeps what it finished; with
 --keep, a rerun reuses finished runs and resumes unfinished ones).
 """
