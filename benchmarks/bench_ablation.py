@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -40,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_styles import worst_finding  # noqa: E402
+from machine import machine  # noqa: E402
 
 from medvlp.card import get  # noqa: E402
 
@@ -418,7 +417,7 @@ def main() -> None:
                 result = {
                     "benchmark": f"bench_ablation --kind {args.kind} --styles {args.styles} --arms {args.arms} "
                     f"--n {args.n} --config {config.name} " + " ".join(f"--set {o}" for o in args.overrides),
-                    "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                    "machine": machine(),
                     "arms": {a: ARMS[a] for a in arms},
                     "goals": GOALS,
                     "complete": sum(len(v) for v in rows.values()) == len(styles) * len(arms),

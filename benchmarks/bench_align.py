@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -26,6 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from machine import machine
 
 WARMUP = 3
 
@@ -219,7 +218,7 @@ def main() -> None:
             print(side, results[side], flush=True)
     out = {
         "benchmark": "stage2-align training step vs open_clip train_one_epoch (same towers, batches, optimizer)",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": machine(torch=torch.__version__),
         "args": {"steps": args.steps, "batch": args.batch, "encoder": args.encoder, "text_layers": args.text_layers},
         "results": results,
         "medvlp_vs_open_clip_throughput": round(

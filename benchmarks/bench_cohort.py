@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from machine import machine
 
 
 def _monai_pipeline(spatial_dims: int, pp: dict):
@@ -120,7 +120,7 @@ def main() -> None:
         rows = [bench("cxr", args.n2d, args.workers, Path(tmp)), bench("ct", args.n3d, args.workers, Path(tmp))]
     result = {
         "benchmark": "cohort build and cached read",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": machine(torch=torch.__version__),
         "workers": args.workers,
         "results": rows,
     }

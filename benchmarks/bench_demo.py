@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import machine
 
 from medvlp.card import get
 
@@ -77,7 +77,7 @@ def main() -> None:
         failures.append(f"demo took {minutes:.1f} min > budget {args.budget_min} min")
     result = {
         "benchmark": f"medvlp demo --kind {args.kind} --n {args.n}" + (" --ablation" if args.ablation else ""),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine(),
         "minutes": round(minutes, 2),
         "budget_minutes": args.budget_min,
         "tasks": rows,

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from machine import machine
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
@@ -101,7 +100,7 @@ def main() -> None:
             print(method, rows[method], flush=True)
     out = {
         "benchmark": "stage1-image method: linear probe AUROC on frozen embeddings (test split)",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": machine(torch=torch.__version__),
         "args": {k: str(v) for k, v in vars(args).items()},
         "results": rows,
     }

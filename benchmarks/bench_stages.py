@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -104,7 +104,7 @@ def main() -> None:
     result = {
         "benchmark": f"bench_stages --kind {args.kind} --n {args.n} --config {config.name} "
         + " ".join(f"--set {o}" for o in args.overrides),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine(),
         "seconds": timings,
         "tasks": rows,
     }

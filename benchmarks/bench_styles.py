@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from machine import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -133,7 +133,7 @@ def main() -> None:
             result = {  # written after every style, so that an interrupted run keeps the styles it finished
                 "benchmark": f"bench_styles --kind {args.kind} --styles {args.styles} --n {args.n} "
                 f"--config {config.name} " + " ".join(f"--set {o}" for o in args.overrides),
-                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                "machine": machine(),
                 "complete": len(rows) == len(styles),
                 "styles": {str(k): v for k, v in rows.items()},
                 "spread": spread(rows),

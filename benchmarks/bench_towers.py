@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from machine import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -112,7 +112,7 @@ def main() -> None:
                     {
                         "benchmark": f"bench_towers --style {args.style} --n {args.n} --budget-s {args.budget_s} "
                         f"--towers {args.towers}",
-                        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                        "machine": machine(),
                         "complete": len(rows) == len(towers),
                         "towers": rows,
                     },

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from machine import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -171,7 +171,7 @@ def main() -> None:
                 + (f"--steps {args.steps} " if args.steps is not None else "")
                 + f"--config {config.name} "
                 + " ".join(f"--set {o}" for o in args.overrides),
-                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                "machine": machine(),
                 "paired_train_studies": train_pairs,
                 "note": "align-only uses the pairs alone, so it is trained once (K = 0) and holds for every K",
                 "overrides": overrides,
