@@ -118,9 +118,9 @@ ARMS["align_only"] = [*ARMS["report"], "stages.stage1-text.enabled=false", MINED
 ARMS["attn_pool"] = [*ARMS["report"], "model.image_encoder_args.global_pool=attn", MINED_REPORTS]
 #: ... as a residual on the mean that starts at zero (`global_pool: avgattn`), grounding's tokens left as they were.
 ARMS["avgattn_pool"] = [*ARMS["report"], "model.image_encoder_args.global_pool=avgattn", MINED_REPORTS]
-#: ... with the twin term and the faster text tower (`twin_text`): an image side that can carry the side, and a text
-#: tower taught that "left" is not "right" and "no" is not "yes".
-ARMS["twin_text_attn"] = [*ARMS["twin_text"], "model.image_encoder_args.global_pool=attn", MINED_REPORTS]
+#: The residual pool with the twin term and the faster text tower (`twin_text`): an image side that can carry the
+#: side, and a text tower taught that "left" is not "right" and "no" is not "yes".
+ARMS["twin_text_attn"] = [*ARMS["twin_text"], "model.image_encoder_args.global_pool=avgattn", MINED_REPORTS]
 COLUMNS = {
     "zero_shot_auroc": ("zero_shot", "mean_auroc"),
     "zero_shot_ece": ("zero_shot", "mean_ece"),
