@@ -232,6 +232,14 @@ def derive(base: Path, out: Path) -> None:
     shutil.copy2(base / "seconds.json", out / "seconds.json")
 
 
+def synonyms_by_column(kind: str) -> dict[str, list[str]]:
+    """:data:`SYNONYMS` keyed by every column name a style may give the finding (``effusion`` as well as
+    ``pleural_effusion``), as a hospital writes them under its own finding names."""
+    from medvlp.data.synthetic.style import COLUMN_NAMES
+
+    return {name: names for f, names in SYNONYMS[kind].items() for name in COLUMN_NAMES[kind].get(f, (f,))}
+
+
 def recalibrate_with(run: Path, cfg: Any, cache: Path, synonyms: dict[str, list[str]]) -> None:
     """Put ``synonyms`` into every cohort record of a trained run, as a cohort YAML's ``prompts:`` would have, and
     fit the model folder's calibration again (its prompt form too) with them."""
@@ -410,7 +418,7 @@ def main() -> None:
                     continue
                 if arm in DERIVED and not (where / "run").exists():
                     derive(base / f"style{style}" / DERIVED[arm], where)
-                synonyms = SYNONYMS[args.kind] if arm in WITH_SYNONYMS else None
+                synonyms = synonyms_by_column(args.kind) if arm in WITH_SYNONYMS else None
                 row = run_arm(config, [*args.overrides, *ARMS[arm]], yaml_path, cache, where, args.reevaluate, synonyms)
                 rows.setdefault(str(style), {})[arm] = row
                 print(f"style {style} {arm}:", json.dumps({k: v for k, v in row.items() if k != "seconds"}), flush=True)
