@@ -108,8 +108,12 @@ SYNONYMS: dict[str, dict[str, list[str]]] = {
 DERIVED |= {"synonyms": "report", "synonyms_mined_reports": "report"}
 WITH_SYNONYMS = ("synonyms", "synonyms_mined_reports")
 SENTENCE = ARMS["report"][0]
-FORMS_OF = {"mined": MINED, "mined_reports": MINED_REPORTS, "synonyms": SENTENCE}
-FORMS_OF["synonyms_mined_reports"] = MINED_REPORTS
+FORMS_OF = {
+    "mined": MINED,
+    "mined_reports": MINED_REPORTS,
+    "synonyms": SENTENCE,
+    "synonyms_mined_reports": MINED_REPORTS,
+}
 ARMS |= {arm: [*ARMS[base], FORMS_OF.get(arm, FORMS)] for arm, base in DERIVED.items()}
 #: Stage 2 alone (no text MLM first) with the demo's prompt forms: compared with `mined_reports`, the demo config.
 ARMS["align_only"] = [*ARMS["report"], "stages.stage1-text.enabled=false", MINED_REPORTS]
@@ -273,6 +277,7 @@ def image_side(run: Path, cache: Path) -> dict[str, Any]:
 
     from medvlp.artifacts import RunDir
     from medvlp.data.cache import CachedCohort
+    from medvlp.data.perturb import swap_laterality
     from medvlp.tasks.embed import embed_split
     from medvlp.tasks.grounding import grounding_pairs
 
@@ -284,10 +289,9 @@ def image_side(run: Path, cache: Path) -> dict[str, Any]:
         row = {s: i for i, s in enumerate(emb.records["study"])}
         x, y = [], []
         for p in grounding_pairs(cohort, split).itertuples(index=False):
-            sides = {w.lower() for w in re.findall(r"\b(left|right)\b", p.phrase, re.I)}
-            if len(sides) == 1:
+            if swap_laterality(p.phrase) is not None:  # exactly one side named: the robustness suite's rule
                 x.append(emb.image[row[p.study]])
-                y.append(int("left" in sides))
+                y.append(int(re.search(r"\bleft\b", p.phrase, re.I) is not None))
         data[split] = (np.asarray(x), np.asarray(y))
     (xtr, ytr), (xte, yte) = data["train"], data["test"]
     if len(set(ytr)) < 2 or len(set(yte)) < 2:
