@@ -40,7 +40,7 @@ from medvlp.data.cache import (
 )
 from medvlp.data.cohort import Cohort, PreprocessSpec, load_cohort
 from medvlp.data.image import ImageReadError
-from medvlp.data.preprocess import map_boxes, preprocess_image
+from medvlp.data.preprocess import body_shape, map_boxes, preprocess_image
 from medvlp.data.privacy import load_or_create_key, pseudonym
 from medvlp.data.readers import read_image
 from medvlp.data.resolution import output_axes, proposal_from_items, resolve_auto_preprocess
@@ -155,6 +155,7 @@ def _process(task: _Task) -> dict[str, Any]:
         "source_shape": list(image.array.shape),
         "source_spacing": [float(s) for s in image.spacing],
         "source_axes": list(output_axes(image.affine, task.preprocess.orientation, len(image.spacing))),
+        **({"body_shape": list(body_shape(image.array))} if task.preprocess.crop_foreground else {}),
         "source": {k: image.meta[k] for k in _SAFE_META if k in image.meta},
         "affine": out.affine.tolist(),
         "boxes": np.asarray(boxes, dtype=float).tolist(),

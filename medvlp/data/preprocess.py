@@ -7,7 +7,9 @@ through every spatial transform, so a box corner in the stored image maps to the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +23,7 @@ from monai.transforms import (
     Spacing,
     SpatialPad,
 )
+from monai.transforms.utils import generate_spatial_bounding_box
 
 from medvlp.data.cohort import PreprocessSpec, WindowIntensity
 from medvlp.data.image import MedicalImage
@@ -36,13 +39,29 @@ def body_threshold(array: np.ndarray) -> float:
     return lo + FOREGROUND_FRACTION * (hi - lo)
 
 
+def _body_select(array: np.ndarray) -> Callable[[Any], Any] | None:
+    """The voxel selector of the body (above :func:`body_threshold`), or None when no voxel is above it."""
+    t = body_threshold(array)
+    return (lambda a: a > t) if bool((array > t).any()) else None
+
+
 def crop_to_body(x: MetaTensor) -> MetaTensor:
     """The bounding box of the body (voxels above :func:`body_threshold`) plus a margin; the affine follows, so
     boxes map as before. An image with no voxel above the threshold (a constant image) is returned whole."""
-    t = body_threshold(x.as_tensor().numpy())
-    if not bool((x > t).any()):
+    select = _body_select(x.as_tensor().numpy())
+    if select is None:
         return x
-    return CropForeground(select_fn=lambda a: a > t, margin=FOREGROUND_MARGIN, allow_smaller=True)(x)
+    return CropForeground(select_fn=select, margin=FOREGROUND_MARGIN, allow_smaller=True)(x)
+
+
+def body_shape(array: np.ndarray) -> tuple[int, ...]:
+    """The shape :func:`crop_to_body` keeps of an image ``[X, Y(, Z)]`` (in its own axes; the whole shape for a
+    constant image): what the body costs in voxels, for :mod:`medvlp.data.resolution` to size the field of view."""
+    select = _body_select(array)
+    if select is None:
+        return tuple(int(s) for s in array.shape)
+    start, end = generate_spatial_bounding_box(array[None], select, margin=FOREGROUND_MARGIN, allow_smaller=True)
+    return tuple(int(e - s) for s, e in zip(start, end, strict=True))
 
 
 @dataclass

@@ -2,9 +2,10 @@
 
 :func:`propose_resolution` is a pure function of the cohort's source spacings and extents and of its annotated
 boxes (in mm): it proposes the coarsest spacing that keeps the smallest annotated box at least ``min_voxels``
-across on every axis (never finer than the source), and the size that holds the cohort's field of view at that
-spacing; when that exceeds the voxel budget, the spacing is coarsened uniformly until it fits, and the proposal
-says that the smallest box then falls below ``min_voxels`` (``fits: False``).
+across on every axis (never finer than the source), and the size that holds the cohort's field of view (with
+``crop_foreground``, its bodies': the air is cropped before resampling) at that spacing; when that exceeds the voxel
+budget, the spacing is coarsened uniformly until it fits, and the proposal says that the smallest box then falls below
+``min_voxels`` (``fits: False``).
 """
 
 from __future__ import annotations
@@ -170,7 +171,8 @@ def proposal_from_items(
     """:func:`propose_resolution` from a cache's item records and the studies' boxes in stored-image voxels.
 
     Args:
-        items: item records (``source_shape``, ``source_spacing`` and, when known, ``source_axes``).
+        items: item records (``source_shape``, ``source_spacing`` and, when known, ``source_axes``; with
+            ``body_shape``, the body's crop (``crop_foreground``), the field of view is the body's, not the scan's).
         source_boxes: for each item, its ``[N, 2 * D]`` boxes ``(corner, size)`` in stored-image voxels.
         **options: passed to :func:`propose_resolution`.
 
@@ -184,7 +186,7 @@ def proposal_from_items(
         spacing = np.asarray(item["source_spacing"], dtype=np.float64)
         axes = list(item.get("source_axes") or range(len(spacing)))
         spacings.append(spacing[axes])
-        shapes.append(np.asarray(item["source_shape"], dtype=np.float64)[axes])
+        shapes.append(np.asarray(item.get("body_shape") or item["source_shape"], dtype=np.float64)[axes])
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 2 * len(spacing))
         extents.append((boxes[:, len(spacing) :] * spacing)[:, axes])
     return propose_resolution(spacings, shapes, np.concatenate(extents), **options)
@@ -205,6 +207,7 @@ def resolve_auto_preprocess(cohort: Any) -> Any:
     """
     from medvlp.data.cohort import CohortError
     from medvlp.data.image import ImageReadError
+    from medvlp.data.preprocess import body_shape
     from medvlp.data.readers import read_image
 
     spec, pp = cohort.spec, cohort.spec.preprocessing
@@ -221,7 +224,10 @@ def resolve_auto_preprocess(cohort: Any) -> Any:
         if image.spatial_dims != spec.spatial_dims:
             continue
         axes = output_axes(image.affine, pp.orientation, image.spatial_dims)
-        items.append({"source_shape": list(image.array.shape), "source_spacing": image.spacing, "source_axes": axes})
+        item = {"source_shape": list(image.array.shape), "source_spacing": image.spacing, "source_axes": axes}
+        if pp.crop_foreground:  # the air around the body is cropped before resampling: it costs no voxels
+            item["body_shape"] = list(body_shape(image.array))
+        items.append(item)
         boxes.append(by_study.get(sid, np.zeros((0, len(box_cols)))))
     proposal = proposal_from_items(items, boxes, budget=pp.voxel_budget, min_voxels=pp.min_lesion_voxels)
     if proposal is None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from medvlp.data.build import build_cohort
@@ -190,3 +191,33 @@ def test_size_auto_options_are_checked(ct_cohort: Path, preprocess: dict, match:
     ct_cohort.write_text(yaml.safe_dump(spec))
     with pytest.raises(CohortError, match=match):
         load_cohort(ct_cohort)
+
+
+def test_body_shape_is_the_crop_of_crop_to_body() -> None:
+    from monai.data import MetaTensor
+
+    from medvlp.data.preprocess import FOREGROUND_MARGIN, body_shape, crop_to_body
+
+    air = np.full((60, 50, 20), -1000.0, dtype=np.float32)
+    air[10:30, 5:45, 3:12] = 40.0  # a 20 x 40 x 9 body
+    expected = tuple(n + 2 * FOREGROUND_MARGIN for n in (20, 40, 9))
+    assert body_shape(air) == expected
+    assert tuple(crop_to_body(MetaTensor(torch.from_numpy(air)[None])).shape[1:]) == expected
+    assert body_shape(np.zeros((8, 8, 4), np.float32)) == (8, 8, 4)  # a constant image is kept whole
+
+
+def test_proposal_sizes_the_body_not_the_scan_with_crop_foreground(ct_cohort: Path) -> None:
+    from medvlp.data.resolution import resolve_auto_preprocess
+
+    _set_preprocess(ct_cohort, size="auto", spacing=None)
+    scan = resolve_auto_preprocess(load_cohort(ct_cohort))
+    _set_preprocess(ct_cohort, crop_foreground=True)
+    body = resolve_auto_preprocess(load_cohort(ct_cohort))
+    # the synthetic abdomen (at most 344 x 272 mm with its table) in a 384 x 384 mm field of view: the same voxel
+    # budget buys a finer spacing once the air is not paid for
+    assert body.crop_foreground and not scan.crop_foreground
+    assert all(b < s for b, s in zip(body.spacing, scan.spacing, strict=True))
+    assert np.prod(body.size) <= 64 * 64 * 32 and np.prod(scan.size) <= 64 * 64 * 32
+    items = [{"source_shape": [96, 96, 40], "source_spacing": [4.0, 4.0, 5.0], "body_shape": [80, 60, 40]}]
+    p = proposal_from_items(items, [np.zeros((0, 6))], budget=10**6)
+    assert p.extent_mm == (320.0, 240.0, 200.0)  # the body's extent, not the 384 x 384 x 200 mm scan
