@@ -16,8 +16,9 @@ arm is the `report` run with the sentences mined from its training reports (no l
 `synonyms` and `synonyms_mined_reports` arms are `report` and `mined_reports` with a cohort YAML's synonyms (one
 generic list per kind, :data:`SYNONYMS`) in the model's prompts; `align_only` is the demo config without stage1-text
 (compare it with `mined_reports`), `attn_pool` and `avgattn_pool` the demo config with a positional attention pool
-ending the image tower (alone, or as a residual on the mean). Writes
-benchmarks/results/ablation-<kind>.json after every run (an interrupted benchmark keeps what it finished; with
+ending the image tower (alone, or as a residual on the mean); `auto_resolution` trains `report` on a cache whose
+spacing and size `cohort build` chose from the cohort after cropping to the body (``size: auto``, ``crop_foreground``).
+Writes benchmarks/results/ablation-<kind>.json after every run (an interrupted benchmark keeps what it finished; with
 --keep, a rerun reuses finished runs and resumes unfinished ones).
 """
 
@@ -125,6 +126,11 @@ ARMS["avgattn_pool"] = [*ARMS["report"], "model.image_encoder_args.global_pool=a
 #: The residual pool with the twin term and the faster text tower (`twin_text`): an image side that can carry the
 #: side, and a text tower taught that "left" is not "right" and "no" is not "yes".
 ARMS["twin_text_attn"] = [*ARMS["twin_text"], "model.image_encoder_args.global_pool=avgattn", MINED_REPORTS]
+#: Arms that train the `report` arm's config on a cache of their own, built with these preprocess settings over the
+#: cohort YAML's: `auto_resolution` lets `cohort build` choose spacing and size from the cohort (the smallest box,
+#: within the same voxel budget) after cropping to the body (issue 12 point 1); compared with `report`.
+PREPROCESS: dict[str, dict[str, Any]] = {"auto_resolution": {"size": "auto", "spacing": None, "crop_foreground": True}}
+ARMS |= {arm: ARMS["report"] for arm in PREPROCESS}
 COLUMNS = {
     "zero_shot_auroc": ("zero_shot", "mean_auroc"),
     "zero_shot_ece": ("zero_shot", "mean_ece"),
@@ -155,6 +161,22 @@ def prepare(kind: str, style: int, n: int, work: Path) -> tuple[Path, Path, floa
         yaml_path = synthesize(kind, n, work / "cohort", seed=0, style=style)
     build_cohort(yaml_path, work / "cache")
     return yaml_path, work / "cache", round(time.perf_counter() - t0, 1)
+
+
+def prepare_preprocess(yaml_path: Path, work: Path, arm: str) -> tuple[Path, Path]:
+    """The style's cohort YAML with the arm's :data:`PREPROCESS` settings (beside it, so paths still resolve) and
+    its own cache, built once; returns (yaml, cache)."""
+    import yaml
+
+    from medvlp.data.build import build_cohort
+
+    spec = yaml.safe_load(yaml_path.read_text())
+    merged = {**spec["preprocess"], **PREPROCESS[arm]}
+    spec["preprocess"] = {k: v for k, v in merged.items() if v is not None}
+    variant = yaml_path.with_name(f"cohort-{arm}.yaml")
+    variant.write_text(yaml.safe_dump(spec, sort_keys=False))
+    build_cohort(variant, work / f"cache-{arm}")
+    return variant, work / f"cache-{arm}"
 
 
 def row_of(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -423,7 +445,11 @@ def main() -> None:
                 if arm in DERIVED and not (where / "run").exists():
                     derive(base / f"style{style}" / DERIVED[arm], where)
                 synonyms = synonyms_by_column(args.kind) if arm in WITH_SYNONYMS else None
-                row = run_arm(config, [*args.overrides, *ARMS[arm]], yaml_path, cache, where, args.reevaluate, synonyms)
+                arm_yaml, arm_cache = yaml_path, cache
+                if arm in PREPROCESS:
+                    arm_yaml, arm_cache = prepare_preprocess(yaml_path, base / f"style{style}", arm)
+                overrides = [*args.overrides, *ARMS[arm]]
+                row = run_arm(config, overrides, arm_yaml, arm_cache, where, args.reevaluate, synonyms)
                 rows.setdefault(str(style), {})[arm] = row
                 print(f"style {style} {arm}:", json.dumps({k: v for k, v in row.items() if k != "seconds"}), flush=True)
                 result = {

@@ -1,14 +1,16 @@
 """3D image towers at equal wall-clock: each trains stage 2 for the same number of seconds, then is evaluated.
 
     python benchmarks/bench_towers.py [--style 0] [--n 500] [--budget-s 300]
-        [--towers resnet3d,slices,vit3d,resnet3d_bf16] [--keep DIR]
+        [--towers resnet3d,slices,vit3d,resnet3d_bf16] [--keep DIR] [--mode align|supervised|both]
 
 The CT cohort of the style (0 = the built-in one, others `medvlp cohort synth --kind ct --style`) is made once. For
 each tower a short timing run (`--probe-steps` stage-2 steps, stage 1 off) measures its training samples/s on this
 machine; the real run then gets `budget_s * samples_per_s / batch_size` stage-2 steps of configs/demo-3d.yaml (its
 warm-up and validation scaled to the step count), so every tower spends about the same seconds learning. Per tower:
 samples/s, steps, training seconds, zero-shot AUROC per finding, linear probe AUROC, image-to-report R@10, grounding
-CNR. Writes benchmarks/results/towers-ct.json after every tower.
+CNR. With --mode supervised (or both), each tower also trains *with the finding labels* for the same seconds (a
+linear head, binary cross-entropy): about the most its embeddings could give zero-shot at this budget. Writes
+benchmarks/results/towers-ct.json after every tower.
 """
 
 from __future__ import annotations
@@ -85,6 +87,63 @@ def run_tower(
     return {"overrides": overrides, "samples_per_s": rate, "steps": steps, "train_s": train_s, **row_of(metrics)}
 
 
+def supervised_ceiling(name: str, config: Path, cache_dir: Path, budget_s: float) -> dict[str, Any]:
+    """What the tower learns *with the labels* in the same seconds: the tower and a linear head trained with binary
+    cross-entropy on train's finding labels (uncertain and unknown left out), the config's batch size, learning rate,
+    augmentation and seed, for ``budget_s`` seconds; per-finding AUROC on val and test (nothing is chosen on either).
+    Zero-shot and the linear probe cannot exceed what the tower learns this way, so it tells the image tower's limit
+    from the alignment's."""
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+
+    from medvlp.config import load_config
+    from medvlp.data.cache import CachedCohort
+    from medvlp.models.registry import create_image_encoder
+    from medvlp.tasks.zeroshot import classification_metrics
+    from medvlp.train.data import CachedImages, collate
+
+    cfg = load_config(config, ["seed=0", *TOWERS[name]])
+    align, cache = cfg.stages.stage2_align, CachedCohort.open(cache_dir)
+    torch.manual_seed(cfg.seed)
+    size = tuple(cache.summary["preprocess"]["size"])
+    encoder, encoder_args = cfg.model["image_encoder"], cfg.model.get("image_encoder_args") or {}
+    tower = create_image_encoder(encoder, cache.spatial_dims, size, **encoder_args)
+    head = torch.nn.Linear(tower.embed_dim, len(cache.findings))
+    params = [*tower.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=align.lr, weight_decay=align.weight_decay)
+    train = CachedImages(cache, "train", views=1 if cfg.data.augment else 0, seed=cfg.seed)
+    loader = DataLoader(train, batch_size=align.batch_size, shuffle=True, drop_last=True, collate_fn=collate)
+    steps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < budget_s:
+        for batch in loader:
+            y = batch["labels"]
+            known = (y >= 0).float()  # 1 / 0 only: uncertain (-1) and unknown (-2) are left out
+            logits = head(tower(batch["image"]).embedding)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, (y == 1).float(), weight=known)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps += 1
+            if time.perf_counter() - t0 >= budget_s:
+                break
+    train_s = round(time.perf_counter() - t0, 1)
+    tower.eval()
+    out: dict[str, Any] = {"steps": steps, "train_s": train_s, "batch_size": align.batch_size}
+    for split in ("val", "test"):
+        data = CachedImages(cache, split, views=0)
+        probs, labels = [], []
+        with torch.no_grad():
+            for batch in DataLoader(data, batch_size=32, collate_fn=collate):
+                probs.append(torch.sigmoid(head(tower(batch["image"]).embedding)).numpy())
+                labels.append(batch["labels"].numpy())
+        y = np.concatenate(labels)
+        m = classification_metrics(np.where(y < -1, np.nan, y), np.concatenate(probs), cache.findings)
+        out[f"{split}_auroc"] = m["mean_auroc"]
+        out[f"{split}_per_finding"] = {f: v["auroc"] for f, v in m["per_finding"].items()}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--style", type=int, default=0)
@@ -94,6 +153,12 @@ def main() -> None:
     ap.add_argument("--towers", default=",".join(TOWERS), help=f"comma-separated, of {', '.join(TOWERS)}")
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "demo-3d.yaml")
     ap.add_argument("--keep", type=Path)
+    ap.add_argument(
+        "--mode",
+        default="align",
+        choices=["align", "supervised", "both"],
+        help="stage 2 at equal seconds (align), the tower trained with the labels for the same seconds, or both",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "towers-ct.json")
     args = ap.parse_args()
     towers = [t for t in args.towers.split(",") if t.strip()]
@@ -104,14 +169,19 @@ def main() -> None:
         base = args.keep or Path(tmp)
         yaml_path, cache, _ = prepare("ct", args.style, args.n, base / f"style{args.style}")
         for name in towers:
-            rows[name] = run_tower(name, args.config, yaml_path, cache, base / name, args.budget_s, args.probe_steps)
+            rows[name] = {}
+            if args.mode != "supervised":
+                work = base / name
+                rows[name] = run_tower(name, args.config, yaml_path, cache, work, args.budget_s, args.probe_steps)
+            if args.mode != "align":
+                rows[name]["supervised"] = supervised_ceiling(name, args.config, cache, args.budget_s)
             print(name, json.dumps(rows[name]), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(
                 json.dumps(
                     {
                         "benchmark": f"bench_towers --style {args.style} --n {args.n} --budget-s {args.budget_s} "
-                        f"--towers {args.towers}",
+                        f"--towers {args.towers} --mode {args.mode}",
                         "machine": machine(),
                         "complete": len(rows) == len(towers),
                         "towers": rows,
@@ -121,9 +191,14 @@ def main() -> None:
                 + "\n"
             )
     for name, r in rows.items():
+        if "samples_per_s" not in r:
+            sup = r["supervised"]
+            print(f"{name:14s} supervised: val {sup['val_auroc']:.3f}  test {sup['test_auroc']:.3f}")
+            continue
         print(
             f"{name:14s} {r['samples_per_s']:6.1f} samples/s {r['steps']:4d} steps  zero-shot {r['zero_shot_auroc']}  "
             f"probe {r['linear_probe_auroc']}  R@10 {r['retrieval_i2r_R@10']}  CNR {r['grounding_cnr']}"
+            + (f"  supervised test {r['supervised']['test_auroc']:.3f}" if "supervised" in r else "")
         )
 
 
