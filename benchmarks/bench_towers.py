@@ -90,7 +90,8 @@ def run_tower(
 def supervised_ceiling(name: str, config: Path, cache_dir: Path, budget_s: float) -> dict[str, Any]:
     """What the tower learns *with the labels* in the same seconds: the tower and a linear head trained with binary
     cross-entropy on train's finding labels (uncertain and unknown left out), the config's batch size, learning rate,
-    augmentation and seed, for ``budget_s`` seconds; per-finding AUROC on val and test (nothing is chosen on either).
+    augmentation and seed, for ``budget_s`` seconds; per-finding AUROC on train, val and test (nothing is chosen on
+    val or test), and the AUROC of each image's mean intensity per finding, a shortcut such a tower may fit.
     Zero-shot and the linear probe cannot exceed what the tower learns this way, so it tells the image tower's limit
     from the alignment's."""
     import numpy as np
@@ -130,17 +131,23 @@ def supervised_ceiling(name: str, config: Path, cache_dir: Path, budget_s: float
     train_s = round(time.perf_counter() - t0, 1)
     tower.eval()
     out: dict[str, Any] = {"steps": steps, "train_s": train_s, "batch_size": align.batch_size}
-    for split in ("val", "test"):
+    for split in ("train", "val", "test"):  # train: how far it fits what it was shown (memorizing, when far above val)
         data = CachedImages(cache, split, views=0)
-        probs, labels = [], []
+        probs, labels, means = [], [], []
         with torch.no_grad():
             for batch in DataLoader(data, batch_size=32, collate_fn=collate):
                 probs.append(torch.sigmoid(head(tower(batch["image"]).embedding)).numpy())
                 labels.append(batch["labels"].numpy())
-        y = np.concatenate(labels)
-        m = classification_metrics(np.where(y < -1, np.nan, y), np.concatenate(probs), cache.findings)
+                means.append(batch["image"].flatten(1).mean(1, keepdim=True).numpy())
+        y = np.where(np.concatenate(labels) < -1, np.nan, np.concatenate(labels))
+        m = classification_metrics(y, np.concatenate(probs), cache.findings)
         out[f"{split}_auroc"] = m["mean_auroc"]
         out[f"{split}_per_finding"] = {f: v["auroc"] for f, v in m["per_finding"].items()}
+        # a shortcut a tower that does not see the lesions can fit instead: the image's mean intensity (body size and
+        # fluid), scored as if it were the finding; where its sign differs between splits, such a tower goes below 0.5
+        mean = np.repeat(np.concatenate(means), len(cache.findings), axis=1)
+        shortcut = classification_metrics(y, mean, cache.findings)["per_finding"]
+        out[f"{split}_mean_intensity_auroc"] = {f: v["auroc"] for f, v in shortcut.items()}
     return out
 
 
