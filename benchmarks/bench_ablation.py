@@ -291,23 +291,34 @@ def image_side(run: Path, cache: Path) -> dict[str, Any]:
     """``laterality_probe_auroc``: how well a logistic regression on the frozen global image embeddings tells a
     finding written on the left from one written on the right (fitted on the train split's annotated phrases that
     name exactly one side, scored on test's). Near 0.5, the embedding does not carry the side, and the laterality
-    half of the robustness suite cannot be met by any text; None when a split lacks one of the sides."""
+    half of the robustness suite cannot be met by any text; None when a split lacks one of the sides.
+    ``zero_shot_mean_intensity_spearman``: per finding, the rank correlation on test between the zero-shot score
+    (`sentence` prompts) and the image's mean intensity, a global shortcut (body size, fluid) that a tower which does
+    not see a lesion may score it by instead."""
     import re
 
+    from scipy.stats import spearmanr
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
     from medvlp.artifacts import RunDir
     from medvlp.data.cache import CachedCohort
     from medvlp.data.perturb import swap_laterality
-    from medvlp.tasks.embed import embed_split
+    from medvlp.tasks.embed import embed_split, load_images
     from medvlp.tasks.grounding import grounding_pairs
+    from medvlp.tasks.zeroshot import zero_shot_scores
 
     rd, cohort = RunDir.open(run), CachedCohort.open(cache)
     model = rd.load_model().eval()
-    data = {}
+    data, out = {}, {}
     for split in ("train", "test"):
         emb = embed_split(model, cohort, split, rd.report_sections)
+        if split == "test":
+            scores = zero_shot_scores(model, emb.image, cohort.findings)
+            mean = np.array([float(load_images(cohort, [s]).mean()) for s in emb.records["study"]])
+            out["zero_shot_mean_intensity_spearman"] = {
+                f: float(spearmanr(scores[:, j], mean).statistic) for j, f in enumerate(cohort.findings)
+            }
         row = {s: i for i, s in enumerate(emb.records["study"])}
         x, y = [], []
         for p in grounding_pairs(cohort, split).itertuples(index=False):
@@ -317,10 +328,10 @@ def image_side(run: Path, cache: Path) -> dict[str, Any]:
         data[split] = (np.asarray(x), np.asarray(y))
     (xtr, ytr), (xte, yte) = data["train"], data["test"]
     if len(set(ytr)) < 2 or len(set(yte)) < 2:
-        return {"laterality_probe_auroc": None}
+        return {**out, "laterality_probe_auroc": None}
     clf = LogisticRegression(max_iter=2000).fit(xtr, ytr)
     probe = float(roc_auc_score(yte, clf.predict_proba(xte)[:, 1]))
-    return {"laterality_probe_auroc": probe, "laterality_phrases": len(yte)}
+    return {**out, "laterality_probe_auroc": probe, "laterality_phrases": len(yte)}
 
 
 def text_side(run: Path, cache: Path) -> dict[str, Any]:
