@@ -92,8 +92,8 @@ def supervised_ceiling(name: str, config: Path, cache_dir: Path, budget_s: float
     cross-entropy on train's finding labels (uncertain and unknown left out), the config's batch size, learning rate,
     augmentation and seed, for ``budget_s`` seconds; per-finding AUROC on train, val and test (nothing is chosen on
     val or test), and the AUROC of each image's mean intensity per finding, a shortcut such a tower may fit.
-    Zero-shot and the linear probe cannot exceed what the tower learns this way, so it tells the image tower's limit
-    from the alignment's."""
+    A yardstick, not a bound: the tower learns the findings most directly this way, so zero-shot far below it points
+    at the alignment, and zero-shot near it at the image tower's limit."""
     import numpy as np
     import torch
     from torch.utils.data import DataLoader
