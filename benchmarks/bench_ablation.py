@@ -287,6 +287,12 @@ def recalibrate_with(run: Path, cfg: Any, cache: Path, synonyms: dict[str, list[
     )
 
 
+def mean_intensity(cohort: Any, studies: Any) -> np.ndarray:
+    """Each study's cached image mean: a global cue (body size, fluid) that a tower which does not see a lesion may
+    score it by instead (`image_side` here, the supervised run of bench_towers)."""
+    return np.array([float(np.asarray(cohort.load_image(s), dtype=np.float32).mean()) for s in studies])
+
+
 def image_side(run: Path, cache: Path) -> dict[str, Any]:
     """``laterality_probe_auroc``: how well a logistic regression on the frozen global image embeddings tells a
     finding written on the left from one written on the right (fitted on the train split's annotated phrases that
@@ -304,7 +310,7 @@ def image_side(run: Path, cache: Path) -> dict[str, Any]:
     from medvlp.artifacts import RunDir
     from medvlp.data.cache import CachedCohort
     from medvlp.data.perturb import swap_laterality
-    from medvlp.tasks.embed import embed_split, load_images
+    from medvlp.tasks.embed import embed_split
     from medvlp.tasks.grounding import grounding_pairs
     from medvlp.tasks.zeroshot import zero_shot_scores
 
@@ -315,7 +321,7 @@ def image_side(run: Path, cache: Path) -> dict[str, Any]:
         emb = embed_split(model, cohort, split, rd.report_sections)
         if split == "test":
             scores = zero_shot_scores(model, emb.image, cohort.findings)
-            mean = np.array([float(load_images(cohort, [s]).mean()) for s in emb.records["study"]])
+            mean = mean_intensity(cohort, emb.records["study"])
             out["zero_shot_mean_intensity_spearman"] = {
                 f: float(spearmanr(scores[:, j], mean).statistic) for j, f in enumerate(cohort.findings)
             }

@@ -9,7 +9,7 @@ machine; the real run then gets `budget_s * samples_per_s / batch_size` stage-2 
 warm-up and validation scaled to the step count), so every tower spends about the same seconds learning. Per tower:
 samples/s, steps, training seconds, zero-shot AUROC per finding, linear probe AUROC, image-to-report R@10, grounding
 CNR. With --mode supervised (or both), each tower also trains *with the finding labels* for the same seconds (a
-linear head, binary cross-entropy): about the most its embeddings could give zero-shot at this budget. Writes
+linear head, binary cross-entropy): a yardstick for what zero-shot can reach with the tower at this budget. Writes
 benchmarks/results/towers-ct.json after every tower.
 """
 
@@ -28,7 +28,7 @@ from machine import machine
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_ablation import prepare, row_of  # noqa: E402
+from bench_ablation import mean_intensity, prepare, row_of  # noqa: E402
 
 #: Tower name -> config overrides on top of configs/demo-3d.yaml.
 TOWERS: dict[str, list[str]] = {
@@ -133,19 +133,18 @@ def supervised_ceiling(name: str, config: Path, cache_dir: Path, budget_s: float
     out: dict[str, Any] = {"steps": steps, "train_s": train_s, "batch_size": align.batch_size}
     for split in ("train", "val", "test"):  # train: how far it fits what it was shown (memorizing, when far above val)
         data = CachedImages(cache, split, views=0)
-        probs, labels, means = [], [], []
+        probs, labels = [], []
         with torch.no_grad():
             for batch in DataLoader(data, batch_size=32, collate_fn=collate):
                 probs.append(torch.sigmoid(head(tower(batch["image"]).embedding)).numpy())
                 labels.append(batch["labels"].numpy())
-                means.append(batch["image"].flatten(1).mean(1, keepdim=True).numpy())
         y = np.where(np.concatenate(labels) < -1, np.nan, np.concatenate(labels))
         m = classification_metrics(y, np.concatenate(probs), cache.findings)
         out[f"{split}_auroc"] = m["mean_auroc"]
         out[f"{split}_per_finding"] = {f: v["auroc"] for f, v in m["per_finding"].items()}
         # a shortcut a tower that does not see the lesions can fit instead: the image's mean intensity (body size and
         # fluid), scored as if it were the finding; where its sign differs between splits, such a tower goes below 0.5
-        mean = np.repeat(np.concatenate(means), len(cache.findings), axis=1)
+        mean = np.repeat(mean_intensity(cache, data.records["study"])[:, None], len(cache.findings), axis=1)
         shortcut = classification_metrics(y, mean, cache.findings)["per_finding"]
         out[f"{split}_mean_intensity_auroc"] = {f: v["auroc"] for f, v in shortcut.items()}
     return out
