@@ -96,7 +96,10 @@ def box_mask(box: Sequence[float] | Sequence[Sequence[float]], image_size: Seque
         image_size: ``(X, Y[, Z])``.
 
     Returns:
-        bool ``[*image_size]``; voxel ``i`` (centre ``i + 0.5``) is inside when ``x <= i + 0.5 < x + w``.
+        bool ``[*image_size]``; voxel ``i`` (centre ``i + 0.5``) is inside when ``x <= i + 0.5 < x + w``. A box
+        narrower than a voxel may hold no voxel centre (a 4 mm stone mapped onto 6 mm voxels): it covers the voxel
+        that holds its own centre, so an annotated lesion is never scored against an empty mask. A box whose centre
+        lies outside the grid and that holds no voxel centre covers nothing.
     """
     size = tuple(int(s) for s in image_size)
     d = len(size)
@@ -109,6 +112,10 @@ def box_mask(box: Sequence[float] | Sequence[Sequence[float]], image_size: Seque
             centres = np.arange(size[a]) + 0.5
             along = (centres >= b[a]) & (centres < b[a] + b[d + a])  # [size[a]]
             inside &= along.reshape([-1 if i == a else 1 for i in range(d)])
+        if not inside.any():
+            centre = tuple(int(np.floor(b[a] + b[d + a] / 2)) for a in range(d))
+            if all(0 <= c < n for c, n in zip(centre, size, strict=True)):
+                inside[centre] = True
         mask |= inside
     return mask
 
@@ -164,8 +171,8 @@ def iou(sim_map: Tensor | np.ndarray, mask: np.ndarray, threshold: float = 0.5) 
 def miou(sim_map: Tensor | np.ndarray, mask: np.ndarray, thresholds: Sequence[float] = MIOU_THRESHOLDS) -> float:
     """Mean over ``thresholds`` of the IoU of ``sim_map >= t`` (raw cosine similarities, no rescaling) with the mask.
 
-    A threshold at which neither the map nor the mask has a voxel scores 0 (nothing was found where something is
-    annotated cannot happen: the mask is never empty for an annotated phrase).
+    A threshold at which neither the map nor the mask has a voxel scores 0 (only a box outside the grid has an empty
+    mask: :func:`box_mask` gives a sub-voxel box the voxel of its centre).
     """
     values, mask = _np(sim_map), np.asarray(mask, dtype=bool)
     if values.shape != mask.shape:

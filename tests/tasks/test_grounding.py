@@ -29,6 +29,27 @@ def test_box_mask_voxel_centres() -> None:
         box_mask((1, 2, 3), (4, 4))
 
 
+def test_box_mask_sub_voxel_box_keeps_its_centre_voxel() -> None:
+    # a 4 mm stone on 6 x 6 x 8 mm voxels: 0.67 x 0.67 x 0.5 voxels, between the centres 10.5 / 11.5 and 4.5 / 5.5
+    stone = box_mask((10.6, 3.7, 4.6, 0.67, 0.67, 0.5), (16, 16, 8))
+    assert np.argwhere(stone).tolist() == [[10, 4, 4]]
+    # a box that holds a voxel centre is unchanged by the rule, and one outside the grid covers nothing
+    assert np.argwhere(box_mask((1.4, 0.2, 1.2, 0.5), (4, 3))).tolist() == [[1, 0], [2, 0]]
+    assert not box_mask((5.1, 1.0, 0.5, 0.5), (4, 3)).any()
+    # with a union, each box gets its own voxel
+    two = box_mask([(0.6, 0.6, 0.3, 0.3), (2.1, 1.1, 0.5, 0.5)], (4, 3))
+    assert np.argwhere(two).tolist() == [[0, 0], [2, 1]]
+
+
+def test_grounding_scores_a_sub_voxel_box() -> None:
+    # the CNR of a one-voxel stone is finite, not NaN left out of the mean
+    sim = np.random.default_rng(0).normal(0.0, 0.05, (8, 8, 4))
+    sim[3, 5, 2] = 1.0
+    mask = box_mask((3.6, 5.6, 2.6, 0.6, 0.6, 0.3), sim.shape)  # holds no voxel centre
+    assert mask.sum() == 1 and mask[3, 5, 2]
+    assert np.isfinite(cnr(sim, mask)) and cnr(sim, mask) > 10
+
+
 def test_iou_box_on_background() -> None:
     size = (16, 12)
     mask = box_mask((2, 2, 4, 4), size)
