@@ -17,7 +17,8 @@ arm is the `report` run with the sentences mined from its training reports (no l
 generic list per kind, :data:`SYNONYMS`) in the model's prompts; `align_only` is the demo config without stage1-text
 (compare it with `mined_reports`), `attn_pool` and `avgattn_pool` the demo config with a positional attention pool
 ending the image tower (alone, or as a residual on the mean); `auto_resolution` trains `report` on a cache whose
-spacing and size `cohort build` chose from the cohort after cropping to the body (``size: auto``, ``crop_foreground``).
+spacing and size `cohort build` chose from the cohort after cropping to the body (``size: auto``, ``crop_foreground``);
+`box` adds the phrase-box term (``box_weight``), which trains on the training split's grounding boxes.
 Writes benchmarks/results/ablation-<kind>.json after every run (an interrupted benchmark keeps what it finished; with
 --keep, a rerun reuses finished runs and resumes unfinished ones).
 """
@@ -71,6 +72,9 @@ ARMS: dict[str, list[str]] = {
     # the image side (3D ResNet towers): the embedding is the maximum over the last stage's tokens, not their mean
     "pool_max": ["model.image_encoder_args.global_pool=max"],
     "pool_avgmax": ["model.image_encoder_args.global_pool=avgmax"],
+    # supervised grounding: one annotated phrase per training study must point into its boxes over the image tokens
+    "box": ["stages.stage2-align.box_weight=1.0"],
+    "box_light": ["stages.stage2-align.box_weight=0.1"],  # the same at a tenth of the weight
 }
 #: Arms that differ from a base arm only after training (the prompt form is chosen on val with the calibration):
 #: they start from a copy of the base arm's finished run, which training resumes (nothing to train) and recalibrates.

@@ -94,6 +94,12 @@ def write_model_card(out: Path, metrics: dict[str, Any], model_path: Path) -> Pa
         for f, m in ground.items():
             cells = [_fmt(m.get(k)) for k in ("cnr", "iou", "miou")]
             lines.append(f"| {f} | " + " | ".join(cells) + f" | {m.get('n')} |")
+        if (metrics.get("grounding") or {}).get("supervised"):
+            lines += [
+                "",
+                "*Supervised*: this model trained on the training split's phrase boxes (`box_weight`), so its "
+                "grounding was taught, not learned from the reports alone.",
+            ]
     rob = metrics.get("robustness") or {}
     if rob.get("per_finding"):
         perts = sorted(rob["per_perturbation"])

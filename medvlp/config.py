@@ -110,6 +110,14 @@ class AlignStageConfig(OptimConfig):
         description="weight of the twin term: each image must prefer its report over the same report with one "
         "sentence flipped by a hard_negatives rule; 0: off",
     )
+    box_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of the phrase-box term: each training study with annotated phrase boxes (the cohort's "
+        "grounding, train split) has one phrase drawn, whose similarity over the image tokens must fall inside its "
+        "boxes (medvlp.losses.box_grounding_loss); it trains on the boxes, so grounding scored on test is then "
+        "supervised, not emergent; 0: off",
+    )
     chunk_size: int | None = Field(default=None, ge=1)
     lock_text_layers: int | None = Field(default=None, ge=0, description="freeze all but the last N text layers")
     text_lr_scale: float = Field(

@@ -205,6 +205,8 @@ def evaluate(
         "findings": cache.findings,
     }
     metrics["protocol"] = dict(PROTOCOL)
+    if metrics.get("grounding") is not None:  # a model that trained on the phrase boxes was told where they are
+        metrics["grounding"]["supervised"] = bool(run.config and run.config.stages.stage2_align.box_weight > 0)
     curves = {"model": metrics["linear_probe"]["curve"]}
     if wanted:
         metrics["baselines"] = {}

@@ -25,6 +25,12 @@ def test_grounding_is_shown_per_finding(tmp_path: Path) -> None:
     assert "## Grounding per finding" in text
     assert "| kidney_stone | 0.412 | 0.051 | 0.033 | 2 |" in text
     assert "| renal_mass | 1.573 | 0.214 | 0.188 | 3 |" in text
+    assert "*Supervised*" not in text
+    metrics["grounding"]["supervised"] = True  # trained with box_weight > 0: the card says the boxes taught it
+    assert (
+        "*Supervised*: this model trained on the training split's phrase boxes"
+        in write_model_card(tmp_path, metrics, tmp_path / "model").read_text()
+    )
 
 
 def test_a_card_without_grounding_has_no_grounding_section(tmp_path: Path) -> None:

@@ -218,3 +218,19 @@ def test_the_isotonic_step_is_a_switch_fitted_on_val_that_keeps_the_ranking(
     before, after = (classification_metrics(val.labels, p, cache.findings) for p in (raw, answered))
     assert after["mean_auroc"] == pytest.approx(before["mean_auroc"], abs=1e-12)
     assert after["mean_ece"] <= before["mean_ece"]
+
+
+def test_a_model_trained_on_the_phrase_boxes_says_its_grounding_is_supervised(
+    tiny_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from medvlp.evaluate import evaluate
+
+    yaml_path, run = tiny_run
+    assert evaluate(run, yaml_path, tmp_path / "plain")["grounding"]["supervised"] is False
+    boxed = tmp_path / "boxed"
+    train(load_config(ROOT / "configs" / "tiny-2d.yaml", ["stages.stage2-align.box_weight=1.0"]), yaml_path, boxed)
+    logged = (boxed / "stage2-align" / "log.jsonl").read_text()
+    assert '"box":' in logged, "the phrase-box term trained"
+    metrics = evaluate(boxed, yaml_path, tmp_path / "card")
+    assert metrics["grounding"]["supervised"] is True and metrics["grounding"]["n"] > 0
+    assert "*Supervised*" in (tmp_path / "card" / "model_card.md").read_text()

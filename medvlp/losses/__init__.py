@@ -25,6 +25,7 @@ from medvlp.losses.contrastive import clip_logits, clip_loss, duplicate_groups, 
 from medvlp.losses.module import LOSSES, ContrastiveLoss, ContrastiveLossConfig
 from medvlp.losses.terms import (
     alignment_loss,
+    box_grounding_loss,
     local_alignment_loss,
     local_similarity,
     noise_weights,
@@ -38,6 +39,7 @@ __all__ = [
     "ContrastiveLoss",
     "ContrastiveLossConfig",
     "alignment_loss",
+    "box_grounding_loss",
     "clip_logits",
     "clip_loss",
     "duplicate_groups",

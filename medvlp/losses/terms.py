@@ -1,5 +1,5 @@
-"""Auxiliary terms: noise weights, alignment, uniformity, the local token-phrase loss, the sentence loss and the
-report-twin loss."""
+"""Auxiliary terms: noise weights, alignment, uniformity, the local token-phrase loss, the sentence loss, the
+report-twin loss and the phrase-box loss."""
 
 from __future__ import annotations
 
@@ -179,3 +179,49 @@ def twin_loss(
         return per.mean()
     keep = twin_mask.to(per.device).bool()
     return (per * keep).sum() / keep.sum().clamp_min(1)
+
+
+def box_cells(box_masks: Tensor, grid: tuple[int, ...]) -> Tensor:
+    """``[K, N]`` bool: the tokens of a ``grid`` whose cell holds a voxel of each mask ``[K, *size]``.
+
+    The image is split into ``grid`` cells as adaptive max pooling splits it, and the tokens are flattened in the
+    order of :func:`medvlp.tasks.grounding.similarity_map` (C order over ``grid``).
+    """
+    pool = {2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}[len(grid)]
+    return pool(box_masks[:, None].float(), tuple(grid))[:, 0].flatten(1) > 0
+
+
+def box_grounding_loss(
+    image_tokens: Tensor,
+    phrase_features: Tensor,
+    box_masks: Tensor,
+    grid: tuple[int, ...],
+    logit_scale: Tensor | float,
+) -> Tensor:
+    """An annotated phrase must point into its boxes: a softmax over its image's tokens, the mass inside the boxes.
+
+    For phrase k and its image's tokens, ``-log sum_{n in box} softmax_n(scale * cos(token_n, phrase_k))``, the
+    phrase-grounding supervision of box-annotated cohorts (MS-CXR style boxes): it says where on the image a phrase
+    is, not whether it is there (the global loss says that).
+
+    Args:
+        image_tokens: [K, N, D] L2-normalized tokens of each phrase's image.
+        phrase_features: [K, D] L2-normalized phrase embeddings.
+        box_masks: [K, *size] bool, the union of the phrase's boxes on the image grid (after augmentation).
+        grid: the token grid, ``prod(grid) == N``.
+        logit_scale: scalar multiplier (already exponentiated).
+
+    Returns:
+        The mean over phrases whose boxes cover at least one token; 0 (still attached to the graph) when none does.
+    """
+    if image_tokens.shape[0] != phrase_features.shape[0] or image_tokens.shape[0] != box_masks.shape[0]:
+        raise ValueError(
+            f"tokens {tuple(image_tokens.shape)}, phrases {tuple(phrase_features.shape)} and masks "
+            f"{tuple(box_masks.shape)} must have one row per phrase"
+        )
+    cells = box_cells(box_masks, grid).to(image_tokens.device)  # [K, N]
+    logits = logit_scale * torch.einsum("knd,kd->kn", image_tokens, phrase_features)  # [K, N]
+    inside = logits.masked_fill(~cells, float("-inf")).logsumexp(1)  # [K]
+    keep = cells.any(1)
+    per = torch.where(keep, logits.logsumexp(1) - inside, torch.zeros_like(inside))
+    return per.sum() / keep.sum().clamp_min(1)

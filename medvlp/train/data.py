@@ -78,6 +78,7 @@ def sample_seed(seed: int, epoch: int, index: int, view: int = 0) -> int:
 
 
 MASK_STREAM = 0x4D41534B  # keeps mask seeds apart from augmentation seeds
+BOX_STREAM = 0x424F5845  # and the draw of a study's annotated phrase apart from both
 
 
 def mask_generators(seed: int, step: int, indices: torch.Tensor | list[int]) -> list[torch.Generator]:
@@ -137,6 +138,9 @@ class CachedImages(Dataset):
         seed: the run's seed.
         need: what each study must hold, see :meth:`CachedCohort.split`: the pairs by default (stage 2 and every
             evaluation), ``("image",)`` for every image including the image-only studies (stage1-image).
+        boxes: also give each study one of its annotated phrases (the cache's grounding boxes of this split, drawn
+            seeded by seed, epoch and study) as ``box_phrase`` and the union of its boxes as ``box_mask`` on the image
+            grid, moved by the same augmentation as the image; a study without one has ``box_phrase`` None.
     """
 
     def __init__(
@@ -148,6 +152,7 @@ class CachedImages(Dataset):
         strong: bool = False,
         seed: int = 0,
         need: tuple[str, ...] = PAIRED,
+        boxes: bool = False,
     ) -> None:
         self.cache = cache
         self.records: pd.DataFrame = cache.split(split, need)
@@ -159,6 +164,15 @@ class CachedImages(Dataset):
         self._aug = augmentation(cache.spatial_dims, strong) if views > 0 else None
         labels = self.records[self.findings].astype("float32").to_numpy() if self.findings else np.zeros((len(self), 0))
         self.labels = torch.from_numpy(np.nan_to_num(labels, nan=-2.0))  # -2 unknown, -1 uncertain
+        self.phrases: dict[str, list[tuple[str, list]]] | None = None
+        if boxes and views > 1:
+            raise ValueError("boxes ride along one augmented view; views > 1 (SimCLR) takes none")
+        if boxes:
+            from medvlp.tasks.grounding import grounding_pairs
+
+            self.phrases = {}
+            for row in grounding_pairs(cache, split).itertuples(index=False):
+                self.phrases.setdefault(row.study, []).append((row.phrase, row.boxes))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -171,20 +185,46 @@ class CachedImages(Dataset):
         report = self.records.at[i, "report"]
         return report_text(report, self.sections) if report else ""
 
+    def _phrase(self, i: int, epoch: int, size: tuple[int, ...]) -> tuple[str | None, torch.Tensor | None]:
+        """One annotated phrase of study ``i`` and the mask of its boxes (None, None when it has none)."""
+        from medvlp.tasks.grounding import box_mask
+
+        found = (self.phrases or {}).get(self.records.at[i, "study"])
+        if not found:
+            return None, None
+        rng = np.random.default_rng(sample_seed(self.seed, epoch, i, BOX_STREAM))
+        phrase, boxes = found[int(rng.integers(len(found)))]
+        return phrase, torch.from_numpy(box_mask(boxes, size)).float()[None]
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         i, epoch = key if isinstance(key, tuple) else (key, 0)
         x = self.image(i)
         out: dict[str, Any] = {"index": i, "epoch": epoch, "text": self.text(i), "labels": self.labels[i]}
+        mask = None
+        if self.phrases is not None:
+            out["box_phrase"], mask = self._phrase(i, epoch, tuple(x.shape[1:]))
+            if mask is None:
+                mask = torch.zeros_like(x[:1])
+            x = torch.cat([x, mask])  # the boxes ride along as a last channel, moved by the same affine
         if self._aug is None:
             out["image"] = x
-            return out
+            return self._split_mask(out, x.shape[0] - 1) if mask is not None else out
         views = []
         for v in range(self.views):
             self._aug.set_random_state(seed=sample_seed(self.seed, epoch, i, v) % 2**32)
             views.append(torch.as_tensor(self._aug(x)).float().clamp_(0, 1))
         out["image"] = views[0]
+        if mask is not None:
+            return self._split_mask(out, x.shape[0] - 1)
         if self.views > 1:
             out["views"] = views
+        return out
+
+    @staticmethod
+    def _split_mask(out: dict[str, Any], channels: int) -> dict[str, Any]:
+        """The box channel back out of the image: a voxel is in the boxes when over half of it moved there."""
+        out["box_mask"] = out["image"][channels] > 0.5
+        out["image"] = out["image"][:channels]
         return out
 
 
@@ -196,6 +236,11 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "labels": torch.stack([it["labels"] for it in items]),
         "image": torch.stack([it["image"] for it in items]),
     }
+    if "box_mask" in items[0]:  # the studies with an annotated phrase, their phrases and box masks
+        rows = [k for k, it in enumerate(items) if it["box_phrase"] is not None]
+        batch["box_rows"] = torch.tensor(rows, dtype=torch.long)
+        batch["box_phrases"] = [items[k]["box_phrase"] for k in rows]
+        batch["box_masks"] = torch.stack([items[k]["box_mask"] for k in rows]) if rows else None
     if "views" in items[0]:
         batch["views"] = [torch.stack([it["views"][v] for it in items]) for v in range(len(items[0]["views"]))]
     return batch

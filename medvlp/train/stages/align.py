@@ -7,7 +7,9 @@ With ``sentence_weight`` each image is also aligned with one sentence drawn from
 seed, the epoch and the study), so that one-finding texts such as a zero-shot prompt land where the image is; with
 ``hard_negatives`` the drawn sentence's rule-made twin (negated, or left and right swapped) is an extra negative for
 its image. With ``twin_weight`` each image must also prefer its own report over the same report with one sentence
-flipped by those rules (:func:`medvlp.losses.terms.twin_loss`).
+flipped by those rules (:func:`medvlp.losses.terms.twin_loss`). With ``box_weight`` one annotated phrase of each
+training study with grounding boxes must point into its boxes over the image tokens
+(:func:`medvlp.losses.terms.box_grounding_loss`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from medvlp.config import AlignStageConfig
 from medvlp.data.cache import COHORT_RECORD, CachedCohort, atomic_write_json, cohort_record
 from medvlp.data.perturb import twins
 from medvlp.data.reports import normalize_report, text_sentences
-from medvlp.losses import ContrastiveLoss
+from medvlp.losses import ContrastiveLoss, box_grounding_loss
 from medvlp.models import MedVLP, ModelConfig
 from medvlp.train.data import CachedImages, collate, sample_seed
 from medvlp.train.loop import LrPlan
@@ -80,6 +82,7 @@ class AlignNet(nn.Module):
                 "image_tokens": out.image_tokens,
                 "text_tokens": out.text_tokens,
                 "text_mask": out.text_mask,
+                "image_grid": out.image_grid,
             }
         return {
             "image_features": self.model.encode_image(images),
@@ -110,7 +113,7 @@ class AlignStage:
             set_dropout(self.model.text_encoder, text_dropout)
         if cfg.lock_text_layers is not None:
             self.model.lock_text_tower(unlocked_layers=cfg.lock_text_layers)
-        self.net = AlignNet(self.model, with_tokens=cfg.local_weight > 0)
+        self.net = AlignNet(self.model, with_tokens=cfg.local_weight > 0 or cfg.box_weight > 0)
         self.loss = ContrastiveLoss(
             model_config.loss,
             chunk_size=cfg.chunk_size,
@@ -148,7 +151,13 @@ class AlignStage:
         return LrPlan()
 
     def dataset(self) -> Dataset:
-        return CachedImages(self.cache, "train", self.sections, views=1 if self.augment else 0, seed=self.seed)
+        views = 1 if self.augment else 0
+        return CachedImages(self.cache, "train", self.sections, views=views, seed=self.seed, boxes=self.boxes)
+
+    @property
+    def boxes(self) -> bool:
+        """Whether training reads the grounding boxes (the phrase-box term is on)."""
+        return self.config.box_weight > 0
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch = collate(items)
@@ -160,6 +169,7 @@ class AlignStage:
         if self.config.twin_weight:
             batch["report_twins"], batch["twin_mask"] = self._report_twins(batch)
             extra += batch["report_twins"]
+        extra += batch.get("box_phrases") or []  # last, so the box term takes the tail of the extra features
         if extra:
             batch["extra_tokens"] = dict(self.model.text_encoder.tokenize(extra))
         return batch
@@ -225,8 +235,22 @@ class AlignStage:
     def training_forward(self, module: nn.Module, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         out = module(batch["image"], *self._tokens(batch, batch["image"].device))
         terms = self._terms(self.loss, out, batch)
+        if self.boxes:
+            terms["box"] = self._box_term(out, batch)
+            terms["loss"] = terms["loss"] + self.config.box_weight * terms["box"]
         terms["logit_scale"] = out["logit_scale"].detach()
         return terms
+
+    @staticmethod
+    def _box_term(out: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
+        """The phrase-box loss of the batch's annotated phrases (0, attached to the graph, when it has none)."""
+        tokens = out["image_tokens"]
+        rows = batch["box_rows"].to(tokens.device)
+        if not len(rows):
+            return tokens.sum() * 0.0
+        phrases = out["extra_text_features"][-len(rows) :]  # [K, E], encoded after every other extra text
+        masks = batch["box_masks"].to(tokens.device)
+        return box_grounding_loss(tokens[rows], phrases, masks, tuple(out["image_grid"]), out["logit_scale"].detach())
 
     @staticmethod
     def _tokens(batch: dict[str, Any], device: torch.device) -> tuple[dict[str, torch.Tensor], ...]:
