@@ -75,6 +75,7 @@ ARMS: dict[str, list[str]] = {
     # supervised grounding: one annotated phrase per training study must point into its boxes over the image tokens
     "box": ["stages.stage2-align.box_weight=1.0"],
     "box_light": ["stages.stage2-align.box_weight=0.1"],  # the same at a tenth of the weight
+    "box_light_image": ["stages.stage2-align.box_weight=0.1", "stages.stage2-align.box_text_grad=false"],
 }
 #: Arms that differ from a base arm only after training (the prompt form is chosen on val with the calibration):
 #: they start from a copy of the base arm's finished run, which training resumes (nothing to train) and recalibrates.

@@ -118,6 +118,11 @@ class AlignStageConfig(OptimConfig):
         "boxes (medvlp.losses.box_grounding_loss); it trains on the boxes, so grounding scored on test is then "
         "supervised, not emergent; 0: off",
     )
+    box_text_grad: bool = Field(
+        default=True,
+        description="whether the phrase-box term also moves the text tower; False: the phrase embeddings are held "
+        "fixed in that term, so only the image side learns where a phrase is",
+    )
     chunk_size: int | None = Field(default=None, ge=1)
     lock_text_layers: int | None = Field(default=None, ge=0, description="freeze all but the last N text layers")
     text_lr_scale: float = Field(

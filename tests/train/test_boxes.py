@@ -109,3 +109,16 @@ def test_training_with_boxes_logs_the_term_and_moves_the_image_tower(
     logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r for r in logged if "box" in r], "the box term is logged"
     assert any(not torch.equal(p, before[n]) for n, p in stage.model.image_encoder.named_parameters())
+
+
+def test_without_text_grad_the_box_term_leaves_the_text_tower_alone(cache: CachedCohort) -> None:  # noqa: F811
+    for text_grad in (True, False):
+        stage = _stage(cache, steps=1, box_weight=1.0, box_text_grad=text_grad)
+        batch = stage.collate([stage.dataset()[(i, 0)] for i in range(6)])
+        out = stage.module()(batch["image"], *stage._tokens(batch, torch.device("cpu")))
+        stage.model.zero_grad()
+        stage._box_term(out, batch, text_grad).backward()
+        text = [p.grad for p in stage.model.text_encoder.parameters() if p.requires_grad]
+        image = [p.grad for p in stage.model.image_encoder.parameters()]
+        assert any(g is not None and g.abs().sum() > 0 for g in image)
+        assert any(g is not None and g.abs().sum() > 0 for g in text) is text_grad

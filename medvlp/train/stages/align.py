@@ -236,19 +236,21 @@ class AlignStage:
         out = module(batch["image"], *self._tokens(batch, batch["image"].device))
         terms = self._terms(self.loss, out, batch)
         if self.boxes:
-            terms["box"] = self._box_term(out, batch)
+            terms["box"] = self._box_term(out, batch, self.config.box_text_grad)
             terms["loss"] = terms["loss"] + self.config.box_weight * terms["box"]
         terms["logit_scale"] = out["logit_scale"].detach()
         return terms
 
     @staticmethod
-    def _box_term(out: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
-        """The phrase-box loss of the batch's annotated phrases (0, attached to the graph, when it has none)."""
+    def _box_term(out: dict[str, Any], batch: dict[str, Any], text_grad: bool = True) -> torch.Tensor:
+        """The phrase-box loss of the batch's annotated phrases (0, attached to the graph, when it has none); without
+        ``text_grad`` the phrase embeddings are constants of the term."""
         tokens = out["image_tokens"]
         rows = batch["box_rows"].to(tokens.device)
         if not len(rows):
             return tokens.sum() * 0.0
         phrases = out["extra_text_features"][-len(rows) :]  # [K, E], encoded after every other extra text
+        phrases = phrases if text_grad else phrases.detach()
         masks = batch["box_masks"].to(tokens.device)
         return box_grounding_loss(tokens[rows], phrases, masks, tuple(out["image_grid"]), out["logit_scale"].detach())
 
