@@ -111,7 +111,7 @@ SYNONYMS: dict[str, dict[str, list[str]]] = {
         "ascites": ["free fluid", "peritoneal fluid"],
     },
 }
-DERIVED |= {"synonyms": "report", "synonyms_mined_reports": "report"}
+DERIVED |= {"synonyms": "report", "synonyms_mined_reports": "report", "box_light_mined_reports": "box_light"}
 WITH_SYNONYMS = ("synonyms", "synonyms_mined_reports")
 SENTENCE = ARMS["report"][0]
 FORMS_OF = {
@@ -119,6 +119,7 @@ FORMS_OF = {
     "mined_reports": MINED_REPORTS,
     "synonyms": SENTENCE,
     "synonyms_mined_reports": MINED_REPORTS,
+    "box_light_mined_reports": MINED_REPORTS,
 }
 ARMS |= {arm: [*ARMS[base], FORMS_OF.get(arm, FORMS)] for arm, base in DERIVED.items()}
 #: Stage 2 alone (no text MLM first) with the demo's prompt forms: compared with `mined_reports`, the demo config.
@@ -146,6 +147,7 @@ COLUMNS = {
     "retrieval_i2r_R@10": ("retrieval", "image_to_report", "R@10"),
     "retrieval_r2i_R@10": ("retrieval", "report_to_image", "R@10"),
     "grounding_cnr": ("grounding", "mean_cnr"),
+    "grounding_cnr_control": ("grounding", "mean_cnr_control"),  # the same phrases on images without the finding
     "grounding_miou": ("grounding", "mean_miou"),
     "survival_c_index": ("survival", "c_index"),
     "robustness": ("robustness", "mean_accuracy"),

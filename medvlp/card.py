@@ -88,12 +88,17 @@ def write_model_card(out: Path, metrics: dict[str, Any], model_path: Path) -> Pa
             "",
             "## Grounding per finding (similarity map against the phrase's boxes)",
             "",
-            "| finding | CNR | IoU | mIoU | phrases |",
-            "|---|---|---|---|---|",
+            "| finding | CNR | IoU | mIoU | CNR on an image without it | phrases |",
+            "|---|---|---|---|---|---|",
         ]
         for f, m in ground.items():
-            cells = [_fmt(m.get(k)) for k in ("cnr", "iou", "miou")]
+            cells = [_fmt(m.get(k)) for k in ("cnr", "iou", "miou", "cnr_control")]
             lines.append(f"| {f} | " + " | ".join(cells) + f" | {m.get('n')} |")
+        lines += [
+            "",
+            "*CNR on an image without it*: the same phrase and boxes on a test image labelled without the finding; a "
+            "CNR as high there means the map finds the anatomy the phrase names, not the lesion.",
+        ]
         if (metrics.get("grounding") or {}).get("supervised"):
             lines += [
                 "",

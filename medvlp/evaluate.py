@@ -37,7 +37,8 @@ ALIGN_ONLY_DIR = ALIGN_ONLY_RUN  # inside the card folder
 PROTOCOL = {
     "split": "test; every tuned choice (calibration, operating points) fitted on val",
     "retrieval": "ties count against the model; identical normalized reports are one answer",
-    "grounding": "one score per (study, phrase) against the union of its boxes; mIoU at cosine 0.1-0.5",
+    "grounding": "one score per (study, phrase) against the union of its boxes; mIoU at cosine 0.1-0.5; "
+    "cnr_control: the same phrase and boxes on a test image without the finding",
     "survival": "Cox fitted on train; risk groups cut at the training median; bootstrap by subject",
     "robustness": "true finding sentence vs its negated and laterality-swapped twins; ties count as misses",
     "prompt_prototype": "prompts chosen from the train split's report sentences with its labels: not zero-shot",

@@ -16,15 +16,15 @@ def test_grounding_is_shown_per_finding(tmp_path: Path) -> None:
             "n": 5,
             "mean_cnr": 1.1,
             "per_category": {
-                "kidney_stone": {"cnr": 0.412, "iou": 0.051, "miou": 0.033, "n": 2},
+                "kidney_stone": {"cnr": 0.412, "iou": 0.051, "miou": 0.033, "cnr_control": 0.398, "n": 2},
                 "renal_mass": {"cnr": 1.573, "iou": 0.214, "miou": 0.188, "n": 3},
             },
         }
     }
     text = write_model_card(tmp_path, metrics, tmp_path / "model").read_text()
     assert "## Grounding per finding" in text
-    assert "| kidney_stone | 0.412 | 0.051 | 0.033 | 2 |" in text
-    assert "| renal_mass | 1.573 | 0.214 | 0.188 | 3 |" in text
+    assert "| kidney_stone | 0.412 | 0.051 | 0.033 | 0.398 | 2 |" in text
+    assert "| renal_mass | 1.573 | 0.214 | 0.188 | – | 3 |" in text, "a card from before the control shows a dash"
     assert "*Supervised*" not in text
     metrics["grounding"]["supervised"] = True  # trained with box_weight > 0: the card says the boxes taught it
     assert (

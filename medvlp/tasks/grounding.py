@@ -31,6 +31,7 @@ __all__ = [
     "box_mask",
     "boxes_from_frame",
     "cnr",
+    "control_studies",
     "grounding_examples",
     "grounding_metrics",
     "grounding_pairs",
@@ -278,26 +279,58 @@ def grounding_pairs(cache: Any, split: str = "test") -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["study", "finding", "phrase", "boxes"])
 
 
-def grounding_scores(model: Any, cache: Any, pairs: pd.DataFrame) -> pd.DataFrame:
-    """CNR, IoU and mIoU of every (study, phrase) of :func:`grounding_pairs` against the union of its boxes.
+def control_studies(cache: Any, pairs: pd.DataFrame, split: str = "test") -> list[str | None]:
+    """For each pair of :func:`grounding_pairs`, a study of the same split labelled without the pair's finding.
+
+    The k-th pair of a finding takes the k-th such study (cycling, in the split's order), so the draw needs no seed.
+    None where the finding is not a label column of the cohort or every study has it.
+    """
+    records = cache.split(split)
+    negatives = {
+        f: records.loc[records[f] == 0, "study"].tolist() for f in set(pairs["finding"]) if f in records.columns
+    }
+    seen: dict[str, int] = {}
+    out: list[str | None] = []
+    for finding in pairs["finding"]:
+        pool = negatives.get(finding) or []
+        k = seen[finding] = seen.get(finding, -1) + 1
+        out.append(pool[k % len(pool)] if pool else None)
+    return out
+
+
+def grounding_scores(model: Any, cache: Any, pairs: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """CNR, IoU and mIoU of every (study, phrase) of :func:`grounding_pairs` against the union of its boxes, and the
+    control ``cnr_control``: the CNR of the same phrase and boxes on an image without the finding
+    (:func:`control_studies`). A map that lights the boxes as well there knows the anatomy the phrase names (a left
+    kidney, the liver), not the lesion; NaN where there is no such image.
 
     Returns:
-        ``pairs`` with ``cnr, iou, miou`` added (same index).
+        ``pairs`` with ``cnr, iou, miou, cnr_control`` added (same index).
     """
     from medvlp.tasks.embed import load_images
 
     out = pairs.copy()
     if pairs.empty:
-        return out.assign(cnr=pd.Series(dtype=float), iou=pd.Series(dtype=float), miou=pd.Series(dtype=float))
+        cols = ("cnr", "iou", "miou", "cnr_control")
+        return out.assign(**{c: pd.Series(dtype=float) for c in cols})
     images = load_images(cache, list(pairs["study"]))
     df = grounding_metrics(model, images, list(pairs["phrase"]), list(pairs["boxes"]), list(pairs["finding"]))
     for col in ("cnr", "iou", "miou"):
         out[col] = df[col].to_numpy()
+    controls = control_studies(cache, pairs, split)
+    have = [k for k, c in enumerate(controls) if c is not None]
+    control = np.full(len(pairs), np.nan)
+    if have:
+        sub = pairs.iloc[have]
+        images = load_images(cache, [controls[k] for k in have])
+        control[have] = grounding_metrics(model, images, list(sub["phrase"]), list(sub["boxes"]))["cnr"].to_numpy()
+    out["cnr_control"] = control
     return out
 
 
 def grounding_summary(scores: pd.DataFrame) -> dict[str, Any]:
-    """``n`` (study, phrase) pairs, ``mean_cnr``, ``mean_iou``, ``mean_miou`` and their means per finding.
+    """``n`` (study, phrase) pairs, ``mean_cnr``, ``mean_iou``, ``mean_miou`` (and ``mean_cnr_control``, the CNR on
+    images without the finding) and their means per finding.
 
     A pair whose CNR is not finite (a box covering the whole image) is left out of that mean, and counted.
     """
@@ -309,12 +342,12 @@ def grounding_summary(scores: pd.DataFrame) -> dict[str, Any]:
         v = v[np.isfinite(v)]
         return float(v.mean()) if len(v) else None
 
+    names = [m for m in ("cnr", "iou", "miou", "cnr_control") if m in scores.columns]
     per = {
-        str(f): {m: (None if (x := mean(part[m])) is None else round(x, 4)) for m in ("cnr", "iou", "miou")}
-        | {"n": len(part)}
+        str(f): {m: (None if (x := mean(part[m])) is None else round(x, 4)) for m in names} | {"n": len(part)}
         for f, part in scores.groupby("finding", sort=True)
     }
-    return {
+    out = {
         "n": len(scores),
         "n_unscored": int((~np.isfinite(scores["cnr"].to_numpy(float))).sum()),
         "mean_cnr": mean(scores["cnr"]),
@@ -322,6 +355,9 @@ def grounding_summary(scores: pd.DataFrame) -> dict[str, Any]:
         "mean_miou": mean(scores["miou"]),
         "per_category": per,
     }
+    if "cnr_control" in scores.columns:
+        out["mean_cnr_control"] = mean(scores["cnr_control"])
+    return out
 
 
 def grounding_examples(cache: Any, scores: pd.DataFrame, split: str = "test", n: int = 4) -> pd.DataFrame:

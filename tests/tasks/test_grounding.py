@@ -10,8 +10,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from medvlp.data.cache import CachedCohort
 from medvlp.models import MedVLP, ModelConfig
-from medvlp.tasks.grounding import box_mask, boxes_from_frame, cnr, grounding_metrics, iou, similarity_map
+from medvlp.tasks.grounding import (
+    box_mask,
+    boxes_from_frame,
+    cnr,
+    control_studies,
+    grounding_metrics,
+    grounding_pairs,
+    grounding_scores,
+    grounding_summary,
+    iou,
+    similarity_map,
+)
+from tests.train.test_align import _stage, cache  # noqa: F401  (the module-scoped cohort fixture)
 
 
 def test_box_mask_voxel_centres() -> None:
@@ -181,12 +194,12 @@ def test_a_phrase_with_two_boxes_is_scored_once_against_their_union() -> None:
     rows.append(("st-1", "cardiomegaly", "The heart is enlarged.", 12.0, 4.0, 8.0, 8.0))
     rows.append(("st-2", "pleural_effusion", "Bilateral effusions.", *left))  # another study, same words
     frame = pd.DataFrame(rows, columns=["study", "category_name", "label_text", "x", "y", "w", "h"])
-    cache = SimpleNamespace(
+    frame_cache = SimpleNamespace(
         grounding=frame,
         spatial_dims=2,
         split=lambda _: pd.DataFrame({"study": ["st-1", "st-2"]}),
     )
-    pairs = grounding_pairs(cache, "test")
+    pairs = grounding_pairs(frame_cache, "test")
     assert len(pairs) == 3
     both = pairs[(pairs["study"] == "st-1") & (pairs["finding"] == "pleural_effusion")].iloc[0]
     assert both["boxes"] == [list(left), list(right)]
@@ -202,3 +215,34 @@ def test_a_phrase_with_two_boxes_is_scored_once_against_their_union() -> None:
     summary = grounding_summary(scores)
     assert summary["n"] == 3 and summary["n_unscored"] == 1 and summary["mean_cnr"] == 1.5
     assert summary["per_category"]["pleural_effusion"]["n"] == 2
+
+
+def test_the_control_image_is_one_without_the_finding(cache: CachedCohort) -> None:  # noqa: F811
+    pairs = grounding_pairs(cache, "test")
+    assert len(pairs), "the fixture cohort has phrase boxes on test"
+    controls = control_studies(cache, pairs)
+    assert controls == control_studies(cache, pairs), "no seed: the same controls every time"
+    test = cache.split("test").set_index("study")
+    for (study, finding), control in zip(pairs[["study", "finding"]].itertuples(index=False), controls, strict=True):
+        if control is not None:
+            assert control != study and test.at[control, finding] == 0
+        else:
+            assert finding not in test.columns or not (test[finding] == 0).any()
+
+
+def test_the_control_cnr_is_the_cnr_of_the_same_phrase_on_the_control_image(
+    cache: CachedCohort,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from medvlp.tasks import grounding as g
+
+    model = _stage(cache).model
+    pairs = grounding_pairs(cache, "test").head(6)
+    scores = grounding_scores(model, cache, pairs)
+    assert np.isfinite(scores["cnr_control"]).any()
+    summary = grounding_summary(scores)
+    assert summary["mean_cnr_control"] == pytest.approx(np.nanmean(scores["cnr_control"]))
+    # with each pair's own image as its control, the control is the CNR itself
+    monkeypatch.setattr(g, "control_studies", lambda cache, pairs, split="test": list(pairs["study"]))
+    same = grounding_scores(model, cache, pairs)
+    assert np.allclose(same["cnr_control"], same["cnr"], equal_nan=True)
