@@ -207,7 +207,9 @@ def evaluate(
     }
     metrics["protocol"] = dict(PROTOCOL)
     if metrics.get("grounding") is not None:  # a model that trained on the phrase boxes was told where they are
-        metrics["grounding"]["supervised"] = bool(run.config and run.config.stages.stage2_align.box_weight > 0)
+        # None: a bare model folder, whose training config is not known
+        cfg = run.config
+        metrics["grounding"]["supervised"] = None if cfg is None else cfg.stages.stage2_align.box_weight > 0
     curves = {"model": metrics["linear_probe"]["curve"]}
     if wanted:
         metrics["baselines"] = {}

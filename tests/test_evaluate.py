@@ -234,3 +234,7 @@ def test_a_model_trained_on_the_phrase_boxes_says_its_grounding_is_supervised(
     metrics = evaluate(boxed, yaml_path, tmp_path / "card")
     assert metrics["grounding"]["supervised"] is True and metrics["grounding"]["n"] > 0
     assert "*Supervised*" in (tmp_path / "card" / "model_card.md").read_text()
+    # a model folder copied out of its run does not carry the training config: unknown, not "not supervised"
+    shutil.copytree(boxed / "stage2-align" / "model", tmp_path / "bare-model")
+    bare = evaluate(tmp_path / "bare-model", yaml_path, tmp_path / "bare")
+    assert bare["grounding"]["supervised"] is None

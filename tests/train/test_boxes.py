@@ -122,3 +122,16 @@ def test_without_text_grad_the_box_term_leaves_the_text_tower_alone(cache: Cache
         image = [p.grad for p in stage.model.image_encoder.parameters()]
         assert any(g is not None and g.abs().sum() > 0 for g in image)
         assert any(g is not None and g.abs().sum() > 0 for g in text) is text_grad
+
+
+def test_box_weight_on_a_cohort_without_boxes_says_so(
+    cache: CachedCohort,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cache, "grounding", cache.grounding.iloc[:0])
+    stage = _stage(cache, box_weight=1.0)
+    with caplog.at_level("WARNING"):
+        item = stage.dataset()[(0, 0)]
+    assert "has no phrase boxes" in caplog.text
+    assert item["box_phrase"] is None and not item["box_mask"].any(), "the study itself is kept, without a phrase"

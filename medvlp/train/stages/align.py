@@ -152,7 +152,15 @@ class AlignStage:
 
     def dataset(self) -> Dataset:
         views = 1 if self.augment else 0
-        return CachedImages(self.cache, "train", self.sections, views=views, seed=self.seed, boxes=self.boxes)
+        data = CachedImages(self.cache, "train", self.sections, views=views, seed=self.seed, boxes=self.boxes)
+        if self.boxes and not data.phrases:
+            logger.warning(
+                "%s: box_weight %s, but the train split of %s has no phrase boxes (grounding.csv); the term is 0",
+                self.name,
+                self.config.box_weight,
+                self.cache.root,
+            )
+        return data
 
     @property
     def boxes(self) -> bool:
