@@ -19,8 +19,7 @@ generic list per kind, :data:`SYNONYMS`) in the model's prompts; `align_only` is
 ending the image tower (alone, or as a residual on the mean); `auto_resolution` trains `report` on a cache whose
 spacing and size `cohort build` chose from the cohort after cropping to the body (``size: auto``, ``crop_foreground``);
 `box` adds the phrase-box term (``box_weight``), which trains on the training split's grounding boxes.
-Writes benchmarks/results/ablation-<kind>.json after every run (an interrupted benchmark keeps what it finished; with
---keep, a rerun reuses finished runs and resumes unfinished ones).
+Writes benchmarks/results/ablation-<kind>.json after every run (--keep: a rerun reuses finished runs, resumes others).
 """
 
 from __future__ import annotations
@@ -120,8 +119,11 @@ FORMS_OF = {
     "synonyms": SENTENCE,
     "synonyms_mined_reports": MINED_REPORTS,
     "box_light_mined_reports": MINED_REPORTS,
+    "mined_reports_agree": MINED_REPORTS,
 }
+DERIVED["mined_reports_agree"] = "report"  # mined_reports, a sentence's finding read by the tower and a general encoder
 ARMS |= {arm: [*ARMS[base], FORMS_OF.get(arm, FORMS)] for arm, base in DERIVED.items()}
+ARMS["mined_reports_agree"].append("stages.stage2-align.mining_topic_readers=[model,general]")
 #: Stage 2 alone (no text MLM first) with the demo's prompt forms: compared with `mined_reports`, the demo config.
 ARMS["align_only"] = [*ARMS["report"], "stages.stage1-text.enabled=false", MINED_REPORTS]
 #: The image tower ends in a positional attention pool (`global_pool: attn`) instead of the mean: an embedding that

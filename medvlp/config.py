@@ -160,6 +160,15 @@ class AlignStageConfig(OptimConfig):
         "the mean embeddings of the training reports that state each finding and of the others (no labels)",
     )
 
+    mining_topic_readers: list[Literal["model", "general"]] = Field(
+        default_factory=lambda: ["model"],
+        min_length=1,
+        description="who reads which finding a training sentence is about, for the mined prompt forms "
+        "(medvlp.tasks.mined_prompts): the model's text tower, the bundled general sentence encoder, or both, who "
+        "must then agree (a sentence they give to different findings is about none); [model, general] reads "
+        "boilerplate better but did not raise zero-shot AUROC on three 2D styles, so it is not the default",
+    )
+
     @model_validator(mode="after")
     def _selection_needs_validation(self) -> AlignStageConfig:
         if self.hard_negatives and not (self.sentence_weight or self.twin_weight):

@@ -125,6 +125,7 @@ def _check_the_prompt_form_was_chosen_on_val(run: Path, zs: dict) -> None:
     assert ("mined" in zs["prompts"]) == (cal["prompt_form"] in ("mined", "mined_report_section"))
     assert ("mined_reports" in zs["prompts"]) == (cal["prompt_form"] == "mined_reports")
     assert zs["prompts"].get("uses_training_labels", False) is False
+    assert cal["mining_topic_readers"] == ["model"]  # the config's default reader of the training sentences' topics
     model, cache = found.load_model(), found.open_cache()
     # the mined sentences were mined from the training reports, without their labels, and stored with the calibration
     train_text = " ".join(cache.split("train")["report"])

@@ -6,7 +6,9 @@ description. The rules read grammar, not a list of findings, so they work on any
 
 - :func:`negate` turns an affirmative finding sentence into its negation ("There is a 2 cm renal mass." -> "There is
   no renal mass."; "The heart is enlarged." -> "The heart is not enlarged."; "Large left pneumothorax." -> "No
-  left pneumothorax."); a sentence that is already negated or uncertain has no twin (None);
+  left pneumothorax."); a sentence that is already negated, hedged ("Equivocal small pneumothorax.", "Suspected
+  nodule."), a statement of normality ("The osseous structures are intact.") or a sentence that states nothing of its
+  own ("Recommend follow-up chest CT.", "As above.") has no twin (None);
 - :func:`swap_laterality` swaps left and right ("left" <-> "right", keeping case); a sentence without a side, or
   with both, has no twin (None);
 - :func:`affirm` is the reverse of :func:`negate`: a negated sentence made affirmative ("No pneumothorax." ->
@@ -20,11 +22,25 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["PERTURBATIONS", "affirm", "negate", "swap_laterality", "twins"]
+__all__ = ["PERTURBATIONS", "affirm", "mirror_sides", "negate", "swap_laterality", "twins"]
 
+#: Words that hedge a sentence (it states neither presence nor absence), as report labellers read uncertainty.
+_HEDGES = (
+    r"cannot be excluded|cannot be ruled out|cannot exclude|cannot rule out|not excluded|possible|possibly|may|"
+    r"might|could|questionable|suspicious for|suspected|equivocal|likely|probable|probably|presumed|"
+    r"indeterminate|concerning for|suggestive of"
+)
+#: Words that state normality: "The osseous structures are intact." states no finding, so it has no negated twin.
+_NORMALITY = r"unremarkable|normal|intact|clear"
+#: Sentences that state no finding of their own: a recommendation or a pointer elsewhere ("Recommend follow-up chest
+#: CT.", "As above.", "See findings above.").
+_NOT_A_STATEMENT = re.compile(
+    r"^\W*(recommend|recommended|consider|suggest|advise|correlat\w*|follow-up|as above|see above|see findings|"
+    r"as described|as noted)\b",
+    re.I,
+)
 _NEGATED = re.compile(
-    r"\b(no|not|without|negative for|absent|free of|resolved|cannot be excluded|possible|possibly|may|"
-    r"questionable|suspicious for|unremarkable|normal)\b",
+    rf"\b(no|not|without|negative for|absent|free of|resolved|{_HEDGES}|{_NORMALITY})\b",
     re.I,
 )
 _SIDE = re.compile(r"\b(left|right)\b", re.I)
@@ -44,7 +60,7 @@ def _sentence(text: str) -> tuple[str, str]:
 def negate(sentence: str) -> str | None:
     """The negated twin of an affirmative finding sentence, or None when it is negated or uncertain already."""
     body, end = _sentence(sentence)
-    if not body or _NEGATED.search(body):
+    if not body or _NEGATED.search(body) or _NOT_A_STATEMENT.search(body):
         return None
     if m := _THERE.match(body):
         return f"There {m.group(1).lower()} no {m.group(2)}{end}"
@@ -60,20 +76,22 @@ def negate(sentence: str) -> str | None:
 def swap_laterality(sentence: str) -> str | None:
     """The sentence with left and right swapped (case kept), or None without exactly one side named."""
     sides = {m.group(1).lower() for m in _SIDE.finditer(sentence)}
-    if len(sides) != 1:
-        return None
+    return mirror_sides(sentence) if len(sides) == 1 else None
+
+
+def mirror_sides(text: str) -> str:
+    """Every "left" made "right" and every "right" "left" (whole words, case kept): the report of the image mirrored
+    across the patient's left-right axis. Unlike :func:`swap_laterality` it swaps a text naming both sides too."""
 
     def swap(m: re.Match[str]) -> str:
         word = m.group(1)
         other = "right" if word.lower() == "left" else "left"
         return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
 
-    return _SIDE.sub(swap, sentence)
+    return _SIDE.sub(swap, text)
 
 
-_UNCERTAIN = re.compile(
-    r"\b(cannot be excluded|possible|possibly|may|questionable|suspicious for|likely|probable)\b", re.I
-)
+_UNCERTAIN = re.compile(rf"\b({_HEDGES})\b", re.I)
 _AFFIRM_RULES = (  # (pattern, replacement) on the sentence body; the first that matches wins
     (re.compile(r"^there (is|are) no (.+)$", re.I), lambda m: f"There {m.group(1).lower()} {m.group(2)}"),
     (re.compile(r"^no (.+)$", re.I), lambda m: m.group(1)[:1].upper() + m.group(1)[1:]),
@@ -86,7 +104,7 @@ _AFFIRM_RULES = (  # (pattern, replacement) on the sentence body; the first that
 def affirm(sentence: str) -> str | None:
     """The affirmative twin of a negated finding sentence, or None when it is not negated or is uncertain."""
     body, end = _sentence(sentence)
-    if not body or _UNCERTAIN.search(body):
+    if not body or _UNCERTAIN.search(body) or _NOT_A_STATEMENT.search(body):
         return None
     for pattern, make in _AFFIRM_RULES:
         if m := pattern.match(body):

@@ -146,6 +146,7 @@ def calibrate_model_dir(
     sections: Sequence[str],
     forms: Sequence[str] = ("sentence",),
     isotonic: bool = False,
+    topic_readers: Sequence[str] | None = None,
 ) -> dict[str, Any] | None:
     """Fit the calibration of a model folder on its cohort's ``val`` split and write it there.
 
@@ -155,6 +156,9 @@ def calibrate_model_dir(
 
     The probabilities are those of the model's own prompts (:func:`medvlp.tasks.zeroshot.prompt_spec` of the model
     folder's ``cohort.json``, else of the cache's ``summary.json``), the ones evaluation and the server answer with.
+
+    ``topic_readers`` (:mod:`medvlp.tasks.mined_prompts`; its default when None) read the training sentences' topics
+    for the mined forms, and are stored as ``mining_topic_readers`` when a mined form is a candidate.
 
     Returns:
         The calibration, or None when the cohort has no validation studies (nothing is written then).
@@ -175,7 +179,10 @@ def calibrate_model_dir(
     record_path = Path(model_dir) / COHORT_RECORD
     record = json.loads(record_path.read_text()) if record_path.is_file() else cache.summary
     templates, synonyms = prompt_spec(record)
-    mined, stored = _mine(model, cache, sections, templates, synonyms, forms)
+    from medvlp.tasks.mined_prompts import DEFAULT_TOPIC_READERS
+
+    readers = list(topic_readers or DEFAULT_TOPIC_READERS)
+    mined, stored = _mine(model, cache, sections, templates, synonyms, forms, readers)
     prototypes = mined_report_prototypes({"mined_report_prototypes": stored})
     scores = {
         f: zero_shot_scores(model, val.image, cache.findings, templates, synonyms, f, mined, prototypes) for f in forms
@@ -188,6 +195,8 @@ def calibrate_model_dir(
         "prompt_form_candidates": list(forms),  # in order: an earlier one wins ties
         "prompt_form_val_auroc": {f: float(a) for f, a in aurocs.items()},
     }
+    if mined is not None or stored is not None:
+        calibration["mining_topic_readers"] = readers
     if mined is not None:  # kept whichever form won, so the record shows what the mined form would have said
         calibration["mined_prompts"] = mined
     if stored is not None:
@@ -197,7 +206,13 @@ def calibrate_model_dir(
 
 
 def _mine(
-    model: Any, cache: Any, sections: Sequence[str], templates: Any, synonyms: Any, forms: Sequence[str]
+    model: Any,
+    cache: Any,
+    sections: Sequence[str],
+    templates: Any,
+    synonyms: Any,
+    forms: Sequence[str],
+    topic_readers: Sequence[str],
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """What the candidate ``forms`` need from the training split's reports (no labels read): the ``mined`` forms'
     sentences and the ``mined_reports`` form's prototypes, each None when no candidate needs it."""
@@ -213,8 +228,9 @@ def _mine(
     args = (model, reports, cache.findings, templates, synonyms, subjects, sections)
     sentences = None
     if wants_sentences:
-        sentences = {f: {k: e[k] for k in ("positive", "negative", "fallback")} for f, e in mine_prompts(*args).items()}
-    return sentences, mine_report_prototypes(*args) if wants_prototypes else None
+        mined = mine_prompts(*args, topic_readers=topic_readers)
+        sentences = {f: {k: e[k] for k in ("positive", "negative", "fallback")} for f, e in mined.items()}
+    return sentences, mine_report_prototypes(*args, topic_readers=topic_readers) if wants_prototypes else None
 
 
 def ece_floor(labels: np.ndarray, probs: np.ndarray, draws: int = 1000, seed: int = 0) -> np.ndarray:

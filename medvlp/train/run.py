@@ -183,7 +183,14 @@ def train(
 
             align = cfg.stages.stage2_align
             model_dir, sections = run / "stage2-align" / "model", list(cfg.data.report_sections)
-            calibrate_model_dir(model_dir, cache, sections, align.prompt_forms, isotonic=align.calibration_isotonic)
+            calibrate_model_dir(
+                model_dir,
+                cache,
+                sections,
+                align.prompt_forms,
+                isotonic=align.calibration_isotonic,
+                topic_readers=align.mining_topic_readers,
+            )
         barrier(rt)
         return results
     finally:

@@ -70,3 +70,38 @@ def test_affirm_undoes_negate() -> None:
     for s in ("Cardiomegaly.", "There is a large left pneumothorax.", "The cardiac silhouette is enlarged."):
         twin = negate(s)
         assert twin is not None and affirm(twin) is not None and "no" not in affirm(twin).lower().split()
+
+
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "Equivocal small left pneumothorax.",  # hedged: neither present nor absent
+        "Suspected nodular opacity over the right mid lung zone.",
+        "Cannot exclude a small liver lesion.",
+        "A trace effusion is not excluded.",
+        "Findings could represent atelectasis.",
+        "The visualized osseous structures are intact.",  # normality states no finding
+        "The lungs are clear.",
+        "As above.",  # states nothing of its own
+        "See findings above.",
+        "Recommend follow-up chest CT.",
+        "Correlate clinically.",
+    ],
+)
+def test_hedged_normal_and_empty_sentences_have_no_twin(sentence: str) -> None:
+    """A report's boilerplate and hedges state no finding: neither rule makes a twin, so the prompt miner does not
+    read them as stating a finding (``medvlp.tasks.mined_prompts.sentence_polarity``)."""
+    from medvlp.data.perturb import affirm
+    from medvlp.tasks.mined_prompts import sentence_polarity
+
+    assert negate(sentence) is None
+    assert affirm(sentence) is None
+    assert sentence_polarity(sentence) is None
+
+
+def test_hedged_negation_is_not_affirmed() -> None:
+    from medvlp.data.perturb import affirm
+
+    assert affirm("No pneumothorax, though a tiny one cannot be ruled out.") is None
+    assert affirm("No suspected pneumothorax.") is None
+    assert affirm("No pneumothorax.") == "Pneumothorax."

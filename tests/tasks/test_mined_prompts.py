@@ -126,3 +126,36 @@ def test_report_prototypes_are_the_mean_embeddings_of_the_reports_that_state_eac
     with pytest.raises(ValueError, match="at least 1"):
         mine_report_prototypes(tower, reports, FINDINGS, min_count=0)
     assert mine_report_prototypes(tower, [], FINDINGS) == {}
+
+
+class MisreadingTower(KeywordTower):
+    """A trained tower's mistake: it reads the thoracic spine as the cardiomegaly topic (boilerplate that contrastive
+    training on reports pulled onto a finding)."""
+
+    TOPICS: ClassVar[dict[str, int]] = {**KeywordTower.TOPICS, "spine": 0, "degenerative": 0}
+
+
+def test_a_sentence_the_two_readers_give_to_different_findings_is_about_none() -> None:
+    """Topics are read by the model's tower and by the bundled general sentence encoder; where they disagree (the
+    general encoder does not read a spine as the heart) the sentence states no finding."""
+    from medvlp.tasks.mined_prompts import general_reader
+
+    df = _reports()
+    boiler = "Mild degenerative changes of the thoracic spine."
+    reports = [r + f" {boiler}" if i % 2 else r for i, r in enumerate(df["report"])]
+    subjects = list(df["subject"])
+    alone = mine_prompts(MisreadingTower(), reports, FINDINGS, subjects=subjects, topic_readers=("model",))
+    assert boiler in alone["cardiomegaly"]["positive"]  # the tower alone counts it as cardiomegaly
+    assert mine_prompts(MisreadingTower(), reports, FINDINGS, subjects=subjects) == alone  # the default: the model
+    readers = ("model", "general")
+    both = mine_prompts(MisreadingTower(), reports, FINDINGS, subjects=subjects, topic_readers=readers)
+    assert both["pneumothorax"]["positive"] == ["Small right pneumothorax."]
+    assert both["cardiomegaly"]["positive"] == ["The cardiac silhouette is enlarged."]
+    # the report prototypes read topics the same way: the boilerplate no longer makes more reports positive
+    protos = mine_report_prototypes(MisreadingTower(), reports, FINDINGS, subjects=subjects, topic_readers=readers)
+    assert protos["cardiomegaly"]["reports"]["positive"] == 6
+    misread = mine_report_prototypes(MisreadingTower(), reports, FINDINGS, subjects=subjects)
+    assert misread["cardiomegaly"]["reports"]["positive"] == 9  # 6 stated (0-5), 6 with the boilerplate, 3 both
+    assert general_reader() is general_reader()  # loaded once per process
+    with pytest.raises(ValueError, match="topic_readers"):
+        mine_prompts(KeywordTower(), reports, FINDINGS, topic_readers=("oracle",))

@@ -106,6 +106,15 @@ def test_selection_needs_validation() -> None:
         AlignStageConfig(val_every=5, patience=2)
 
 
+def test_mining_topic_readers_are_named() -> None:
+    assert AlignStageConfig().mining_topic_readers == ["model"]
+    assert AlignStageConfig(mining_topic_readers=["model", "general"]).mining_topic_readers == ["model", "general"]
+    with pytest.raises(ValidationError, match="mining_topic_readers"):
+        AlignStageConfig(mining_topic_readers=["oracle"])
+    with pytest.raises(ValidationError, match="mining_topic_readers"):
+        AlignStageConfig(mining_topic_readers=[])
+
+
 def _val_records(path: Path) -> list[dict]:
     return [r for r in map(json.loads, path.read_text().splitlines()) if "val/loss" in r]
 
