@@ -9,16 +9,11 @@ seed, and is evaluated by `medvlp.evaluate.evaluate`. Per (style, arm): zero-sho
 probe on the same embeddings, the worst finding, ECE after and before the calibration fitted on val, retrieval,
 grounding, survival, the negation/laterality robustness suite, the training-label prompt prototypes when the
 evaluation reports them, and the training time. A method "pays" only when it beats the `report` arm's zero-shot
-AUROC on every style. The `*forms` arms are their base arm with the zero-shot prompt form chosen on val
-(`prompt_forms`), which acts after training only: they recalibrate a copy of the base arm's trained run; the `mined`
-arm is the `report` run with the sentences mined from its training reports (no labels) as further candidates, and the
-`mined_reports` arm adds the training reports' mean embeddings per finding (label-free report prototypes); the
-`synonyms` and `synonyms_mined_reports` arms are `report` and `mined_reports` with a cohort YAML's synonyms (one
-generic list per kind, :data:`SYNONYMS`) in the model's prompts; `align_only` is the demo config without stage1-text
-(compare it with `mined_reports`), `attn_pool` and `avgattn_pool` the demo config with a positional attention pool
-ending the image tower (alone, or as a residual on the mean); `auto_resolution` trains `report` on a cache whose
-spacing and size `cohort build` chose from the cohort after cropping to the body (``size: auto``, ``crop_foreground``);
-`box` adds the phrase-box term (``box_weight``), which trains on the training split's grounding boxes.
+AUROC on every style. Arms in :data:`DERIVED` (`*forms`, `mined*`, `synonyms*`) act after training only: they
+recalibrate a copy of their base arm's trained run with other prompt forms chosen on val (mined from the training
+reports without labels; with a cohort YAML's synonyms, :data:`SYNONYMS`). The others train the demo config with
+their overrides: stage1-text off (`align_only`), an attention pool (`attn_pool`, `avgattn_pool`), a cache sized from
+the cohort (`auto_resolution`), the phrase-box term (`box*`), mirrored pairs (`mirror*`); each comment says which.
 Writes benchmarks/results/ablation-<kind>.json after every run (--keep: a rerun reuses finished runs, resumes others).
 """
 
@@ -131,6 +126,12 @@ ARMS["align_only"] = [*ARMS["report"], "stages.stage1-text.enabled=false", MINED
 ARMS["attn_pool"] = [*ARMS["report"], "model.image_encoder_args.global_pool=attn", MINED_REPORTS]
 #: ... as a residual on the mean that starts at zero (`global_pool: avgattn`), grounding's tokens left as they were.
 ARMS["avgattn_pool"] = [*ARMS["report"], "model.image_encoder_args.global_pool=avgattn", MINED_REPORTS]
+#: Pairs mirrored across the left-right axis with "left" and "right" swapped in the report (half of them); with the
+#: twin term too (`mirror_twin_text`), so that the text tells the sides apart that the mirrored images show.
+ARMS["mirror"] = [*ARMS["report"], "stages.stage2-align.mirror=0.5", MINED_REPORTS]
+ARMS["mirror_avgattn"] = [*ARMS["mirror"], "model.image_encoder_args.global_pool=avgattn"]
+ARMS["mirror_report"] = [*ARMS["report"], "stages.stage2-align.mirror=0.5"]  # the `report` config (3D)
+ARMS["mirror_twin_text"] = [*ARMS["twin_text"], "stages.stage2-align.mirror=0.5", MINED_REPORTS]
 #: The residual pool with the twin term and the faster text tower (`twin_text`): an image side that can carry the
 #: side, and a text tower taught that "left" is not "right" and "no" is not "yes".
 ARMS["twin_text_attn"] = [*ARMS["twin_text"], "model.image_encoder_args.global_pool=avgattn", MINED_REPORTS]

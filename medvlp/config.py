@@ -160,6 +160,13 @@ class AlignStageConfig(OptimConfig):
         "the mean embeddings of the training reports that state each finding and of the others (no labels)",
     )
 
+    mirror: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="probability that a training pair is mirrored across the patient's left-right axis, its image "
+        "flipped and every left and right of its report swapped (medvlp.train.data.CachedImages; with data.augment)",
+    )
     mining_topic_readers: list[Literal["model", "general"]] = Field(
         default_factory=lambda: ["model"],
         min_length=1,

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from medvlp.data.cache import PAIRED, CachedCohort
+from medvlp.data.perturb import mirror_sides
 from medvlp.data.reports import report_text
 
 
@@ -79,6 +80,7 @@ def sample_seed(seed: int, epoch: int, index: int, view: int = 0) -> int:
 
 MASK_STREAM = 0x4D41534B  # keeps mask seeds apart from augmentation seeds
 BOX_STREAM = 0x424F5845  # and the draw of a study's annotated phrase apart from both
+MIRROR_STREAM = 0x4D495252  # and the draw of which samples are mirrored apart from all three
 
 
 def mask_generators(seed: int, step: int, indices: torch.Tensor | list[int]) -> list[torch.Generator]:
@@ -141,6 +143,10 @@ class CachedImages(Dataset):
         boxes: also give each study one of its annotated phrases (the cache's grounding boxes of this split, drawn
             seeded by seed, epoch and study) as ``box_phrase`` and the union of its boxes as ``box_mask`` on the image
             grid, moved by the same augmentation as the image; a study without one has ``box_phrase`` None.
+        mirror: the probability (seeded by seed, epoch and study) that an augmented sample is mirrored across the
+            patient's left-right axis, the cache's first spatial axis (RAS for volumes; columns for radiographs),
+            with every "left" and "right" of its report and phrase swapped (:func:`medvlp.data.perturb.mirror_sides`),
+            so the pair stays true: a left effusion seen on the other side is written as a right one.
     """
 
     def __init__(
@@ -153,7 +159,11 @@ class CachedImages(Dataset):
         seed: int = 0,
         need: tuple[str, ...] = PAIRED,
         boxes: bool = False,
+        mirror: float = 0.0,
     ) -> None:
+        if not 0.0 <= mirror <= 1.0 or (mirror and views != 1):
+            raise ValueError(f"mirror {mirror} must be a probability, for one augmented view (views=1, not {views})")
+        self.mirror = mirror
         self.cache = cache
         self.records: pd.DataFrame = cache.split(split, need)
         if self.records.empty:
@@ -206,6 +216,11 @@ class CachedImages(Dataset):
             if mask is None:
                 mask = torch.zeros_like(x[:1])
             x = torch.cat([x, mask])  # the boxes ride along as a last channel, moved by the same affine
+        if self.mirror and self._mirrored(i, epoch):
+            x = x.flip(1)  # the first spatial axis, mask channel included
+            out["text"] = mirror_sides(out["text"])
+            if out.get("box_phrase"):
+                out["box_phrase"] = mirror_sides(out["box_phrase"])
         if self._aug is None:
             out["image"] = x
             return self._split_mask(out, x.shape[0] - 1) if mask is not None else out
@@ -219,6 +234,10 @@ class CachedImages(Dataset):
         if self.views > 1:
             out["views"] = views
         return out
+
+    def _mirrored(self, i: int, epoch: int) -> bool:
+        """Whether study ``i`` is mirrored in ``epoch`` (seeded by seed, epoch and study, apart from the affine)."""
+        return bool(np.random.default_rng(sample_seed(self.seed, epoch, i, MIRROR_STREAM)).random() < self.mirror)
 
     @staticmethod
     def _split_mask(out: dict[str, Any], channels: int) -> dict[str, Any]:

@@ -152,7 +152,12 @@ class AlignStage:
 
     def dataset(self) -> Dataset:
         views = 1 if self.augment else 0
-        data = CachedImages(self.cache, "train", self.sections, views=views, seed=self.seed, boxes=self.boxes)
+        if self.config.mirror and not views:
+            logger.warning("%s: mirror %s needs data.augment; no sample is mirrored", self.name, self.config.mirror)
+        mirror = self.config.mirror if views else 0.0
+        data = CachedImages(
+            self.cache, "train", self.sections, views=views, seed=self.seed, boxes=self.boxes, mirror=mirror
+        )
         if self.boxes and not data.phrases:
             logger.warning(
                 "%s: box_weight %s, but the train split of %s has no phrase boxes (grounding.csv); the term is 0",
