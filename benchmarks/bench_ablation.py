@@ -1,7 +1,6 @@
 """The zero-shot ablation: each stage-2 method on and off, on the built-in cohort and on other hospital styles.
 
-    python benchmarks/bench_ablation.py [--kind cxr|ct] [--styles 0,1,2] [--arms report,sentence,sentence_hard]
-        [--n 500] [--keep DIR]
+    python benchmarks/bench_ablation.py [--kind cxr|ct] [--styles 0,1,2] [--arms report,mirror] [--n 500] [--keep DIR]
 
 For each style (0 = the built-in cohort; others from `medvlp cohort synth --style`) the cohort and its cache are made
 once; then each arm trains the demo config (configs/demo-2d.yaml or demo-3d.yaml) with the arm's overrides, same
@@ -9,7 +8,7 @@ seed, and is evaluated by `medvlp.evaluate.evaluate`. Per (style, arm): zero-sho
 probe on the same embeddings, the worst finding, ECE after and before the calibration fitted on val, retrieval,
 grounding, survival, the negation/laterality robustness suite, the training-label prompt prototypes when the
 evaluation reports them, and the training time. A method "pays" only when it beats the `report` arm's zero-shot
-AUROC on every style. Arms in :data:`DERIVED` (`*forms`, `mined*`, `synonyms*`) act after training only: they
+AUROC on every style. Arms in :data:`DERIVED` (`*forms`, `*mined*`, `synonyms*`) act after training only: they
 recalibrate a copy of their base arm's trained run with other prompt forms chosen on val (mined from the training
 reports without labels; with a cohort YAML's synonyms, :data:`SYNONYMS`). The others train the demo config with
 their overrides: stage1-text off (`align_only`), an attention pool (`attn_pool`, `avgattn_pool`), a cache sized from
@@ -294,6 +293,7 @@ def recalibrate_with(run: Path, cfg: Any, cache: Path, synonyms: dict[str, list[
         list(cfg.data.report_sections),
         align.prompt_forms,
         isotonic=align.calibration_isotonic,
+        topic_readers=align.mining_topic_readers,
     )
 
 

@@ -173,7 +173,7 @@ class AlignStageConfig(OptimConfig):
         description="who reads which finding a training sentence is about, for the mined prompt forms "
         "(medvlp.tasks.mined_prompts): the model's text tower, the bundled general sentence encoder, or both, who "
         "must then agree (a sentence they give to different findings is about none); [model, general] reads "
-        "boilerplate better but did not raise zero-shot AUROC on three 2D styles, so it is not the default",
+        "boilerplate better but did not raise zero-shot AUROC on all three 2D styles, so it is not the default",
     )
 
     @model_validator(mode="after")

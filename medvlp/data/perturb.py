@@ -24,19 +24,23 @@ import re
 
 __all__ = ["PERTURBATIONS", "affirm", "mirror_sides", "negate", "swap_laterality", "twins"]
 
-#: Words that hedge a sentence (it states neither presence nor absence), as report labellers read uncertainty.
+#: Words that hedge a sentence (it states neither presence nor absence), as report labellers read uncertainty
+#: ("may" not before a number: "May 2019" is a month).
 _HEDGES = (
-    r"cannot be excluded|cannot be ruled out|cannot exclude|cannot rule out|not excluded|possible|possibly|may|"
-    r"might|could|questionable|suspicious for|suspected|equivocal|likely|probable|probably|presumed|"
-    r"indeterminate|concerning for|suggestive of"
+    r"cannot be excluded|cannot be ruled out|cannot exclude|cannot rule out|not excluded|possible|possibly|"
+    r"may(?!\s+\d)|might|could|questionable|suspicious for|suspected|equivocal|likely|probable|probably|presumed|"
+    r"concerning for|suggestive of"
 )
-#: Words that state normality: "The osseous structures are intact." states no finding, so it has no negated twin.
-_NORMALITY = r"unremarkable|normal|intact|clear"
+#: Words that state normality: "The osseous structures are intact." states no finding, so it has no negated twin
+#: ("clear" and "intact" as what something is: "Cardiomegaly with clear lungs." keeps its twin).
+_NORMALITY = r"unremarkable|normal|(?:is|are) (?:otherwise )?(?:clear|intact)"
 #: Sentences that state no finding of their own: a recommendation or a pointer elsewhere ("Recommend follow-up chest
-#: CT.", "As above.", "See findings above.").
+#: CT.", "Clinical correlation is recommended.", "As above.", "Findings as described above.").
 _NOT_A_STATEMENT = re.compile(
-    r"^\W*(recommend|recommended|consider|suggest|advise|correlat\w*|follow-up|as above|see above|see findings|"
-    r"as described|as noted)\b",
+    r"^\W*(?:please )?(?:recommend(?:ed)?|consider|suggest|advise|(?:clinical )?correlat\w*)\b"
+    r"|\b(?:is|are) (?:recommended|advised|suggested)\b"
+    r"|\b(?:as (?:described |noted |discussed )?above|see (?:the )?(?:findings )?above)\b"
+    r"|^\W*follow-up (?:in|with|is|recommended)\b",
     re.I,
 )
 _NEGATED = re.compile(
@@ -58,7 +62,8 @@ def _sentence(text: str) -> tuple[str, str]:
 
 
 def negate(sentence: str) -> str | None:
-    """The negated twin of an affirmative finding sentence, or None when it is negated or uncertain already."""
+    """The negated twin of an affirmative finding sentence, or None when it is negated, hedged, a statement of
+    normality or no statement of its own (see the module docstring)."""
     body, end = _sentence(sentence)
     if not body or _NEGATED.search(body) or _NOT_A_STATEMENT.search(body):
         return None
@@ -81,7 +86,11 @@ def swap_laterality(sentence: str) -> str | None:
 
 def mirror_sides(text: str) -> str:
     """Every "left" made "right" and every "right" "left" (whole words, case kept): the report of the image mirrored
-    across the patient's left-right axis. Unlike :func:`swap_laterality` it swaps a text naming both sides too."""
+    across the patient's left-right axis. Unlike :func:`swap_laterality` it swaps a text naming both sides too.
+
+    Only the words: abbreviations (LLL, RUL), "dextro-"/"levo-" and named structures whose side is part of their name
+    ("left ventricle", which a mirror does not turn into a right ventricle) are not handled, one reason why mirroring
+    is off by default."""
 
     def swap(m: re.Match[str]) -> str:
         word = m.group(1)

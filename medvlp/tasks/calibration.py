@@ -181,7 +181,7 @@ def calibrate_model_dir(
     templates, synonyms = prompt_spec(record)
     from medvlp.tasks.mined_prompts import DEFAULT_TOPIC_READERS
 
-    readers = list(topic_readers or DEFAULT_TOPIC_READERS)
+    readers = list(DEFAULT_TOPIC_READERS if topic_readers is None else topic_readers)
     mined, stored = _mine(model, cache, sections, templates, synonyms, forms, readers)
     prototypes = mined_report_prototypes({"mined_report_prototypes": stored})
     scores = {

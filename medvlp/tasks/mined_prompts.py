@@ -60,7 +60,7 @@ DEFAULT_MIN_COUNT = 3  # distinct subjects
 DEFAULT_MIN_MARGIN = 0.02  # cosine by which a sentence's finding must beat every other finding
 TOPIC_READERS = ("model", "general")
 #: The model's tower alone: adding the general reader cleans the reading of boilerplate but moved zero-shot AUROC by
-#: -0.003 / +0.001 / +0.004 on three 2D styles (README, "the zero-shot ablation"), so it is a switch, not the default.
+#: -0.003 / +0.000 / +0.004 on three 2D styles (README, "the zero-shot ablation"), so it is a switch, not the default.
 DEFAULT_TOPIC_READERS: tuple[str, ...] = ("model",)
 
 

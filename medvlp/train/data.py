@@ -9,6 +9,7 @@ the same reason.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -128,6 +129,28 @@ def augmentation(spatial_dims: int, strong: bool = False):
     return Compose(steps)
 
 
+def left_right_axis(cache: CachedCohort) -> int:
+    """The spatial axis of the cached arrays that runs across the patient's left and right, for mirroring.
+
+    Radiographs: the columns (axis 0), as a frontal view is stored. Volumes: the axis whose code in the cache's
+    ``preprocess.orientation`` is L or R; a cache kept in its stored orientation (None) has no known one. A cohort
+    whose finding names carry a side (``left_effusion``) is refused too: its labels would not follow the mirror.
+    """
+    sided = [f for f in cache.findings if re.search(r"(^|[^a-z])(left|right)([^a-z]|$)", f.lower())]
+    if sided:
+        raise ValueError(f"mirror: the findings {sided} name a side, and their labels would not follow the mirror")
+    if cache.spatial_dims == 2:
+        return 0
+    orientation = (cache.summary.get("preprocess") or {}).get("orientation")
+    codes = [c in "LR" for c in str(orientation or "").upper()]
+    if len(codes) != 3 or sum(codes) != 1:
+        raise ValueError(
+            f"mirror: the cache's preprocess orientation {orientation!r} names no left-right axis; build it with an "
+            "orientation such as RAS"
+        )
+    return codes.index(True)
+
+
 class CachedImages(Dataset):
     """Images (and reports, labels) of one split of a built cache.
 
@@ -144,9 +167,9 @@ class CachedImages(Dataset):
             seeded by seed, epoch and study) as ``box_phrase`` and the union of its boxes as ``box_mask`` on the image
             grid, moved by the same augmentation as the image; a study without one has ``box_phrase`` None.
         mirror: the probability (seeded by seed, epoch and study) that an augmented sample is mirrored across the
-            patient's left-right axis, the cache's first spatial axis (RAS for volumes; columns for radiographs),
-            with every "left" and "right" of its report and phrase swapped (:func:`medvlp.data.perturb.mirror_sides`),
-            so the pair stays true: a left effusion seen on the other side is written as a right one.
+            patient's left-right axis (:func:`left_right_axis`), with every "left" and "right" of its report and
+            phrase swapped (:func:`medvlp.data.perturb.mirror_sides`), so the pair stays true: a left effusion seen
+            on the other side is written as a right one.
     """
 
     def __init__(
@@ -164,6 +187,7 @@ class CachedImages(Dataset):
         if not 0.0 <= mirror <= 1.0 or (mirror and views != 1):
             raise ValueError(f"mirror {mirror} must be a probability, for one augmented view (views=1, not {views})")
         self.mirror = mirror
+        self._mirror_axis = left_right_axis(cache) if mirror else 0
         self.cache = cache
         self.records: pd.DataFrame = cache.split(split, need)
         if self.records.empty:
@@ -217,7 +241,7 @@ class CachedImages(Dataset):
                 mask = torch.zeros_like(x[:1])
             x = torch.cat([x, mask])  # the boxes ride along as a last channel, moved by the same affine
         if self.mirror and self._mirrored(i, epoch):
-            x = x.flip(1)  # the first spatial axis, mask channel included
+            x = x.flip(1 + self._mirror_axis)  # the patient's left-right axis, mask channel included
             out["text"] = mirror_sides(out["text"])
             if out.get("box_phrase"):
                 out["box_phrase"] = mirror_sides(out["box_phrase"])

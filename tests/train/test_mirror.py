@@ -62,3 +62,22 @@ def test_the_align_stage_trains_on_mirrored_pairs(cache: CachedCohort) -> None: 
     assert [data[(i, 0)]["text"] for i in range(6)] == [mirror_sides(plain[(i, 0)]["text"]) for i in range(6)]
     with pytest.raises(ValidationError, match="mirror"):
         AlignStageConfig(mirror=2.0)
+
+
+def test_the_mirror_axis_is_the_patients_left_right(cache: CachedCohort, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    from medvlp.train.data import left_right_axis
+
+    assert cache.spatial_dims == 2 and left_right_axis(cache) == 0  # radiographs: the columns
+    volume = {**cache.summary, "preprocess": {**cache.summary["preprocess"], "orientation": "SRA"}}
+    monkeypatch.setattr(type(cache), "spatial_dims", property(lambda self: 3))
+    monkeypatch.setattr(cache, "summary", volume)
+    assert left_right_axis(cache) == 1  # the axis coded R
+    monkeypatch.setattr(cache, "summary", {**volume, "preprocess": {**volume["preprocess"], "orientation": None}})
+    with pytest.raises(ValueError, match="no left-right axis"):
+        left_right_axis(cache)
+
+
+def test_findings_that_name_a_side_refuse_the_mirror(cache: CachedCohort, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    monkeypatch.setattr(type(cache), "findings", property(lambda self: ["left_effusion", "cardiomegaly"]))
+    with pytest.raises(ValueError, match="name a side"):
+        CachedImages(cache, "train", views=1, seed=0, mirror=0.5)

@@ -290,3 +290,19 @@ def test_shipped_configs_are_valid(path: Path) -> None:
     cfg = load_config(path)
     name = cfg.model["image_encoder"]
     assert name.startswith("timm/") or name in list_image_encoders(), name
+
+
+def test_the_run_mines_with_the_configured_topic_readers(cohort: Path, tmp_path: Path) -> None:
+    cfg = load_config(
+        TINY_2D,
+        [
+            "stages.stage1-text.enabled=false",
+            "stages.stage1-image.enabled=false",
+            "stages.stage2-align.prompt_forms=[sentence,mined_reports]",
+            "stages.stage2-align.mining_topic_readers=[model,general]",
+        ],
+    )
+    train(cfg, cohort, tmp_path / "run")
+    calibration = json.loads((tmp_path / "run" / "stage2-align" / "model" / "calibration.json").read_text())
+    assert calibration["mining_topic_readers"] == ["model", "general"]
+    assert calibration["prompt_form_candidates"] == ["sentence", "mined_reports"]
