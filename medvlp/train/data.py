@@ -136,7 +136,7 @@ def left_right_axis(cache: CachedCohort) -> int:
     ``preprocess.orientation`` is L or R; a cache kept in its stored orientation (None) has no known one. A cohort
     whose finding names carry a side (``left_effusion``) is refused too: its labels would not follow the mirror.
     """
-    sided = [f for f in cache.findings if re.search(r"(^|[^a-z])(left|right)([^a-z]|$)", f.lower())]
+    sided = [f for f in cache.findings if mirror_sides(words := re.sub(r"[\W_]+", " ", f)) != words]
     if sided:
         raise ValueError(f"mirror: the findings {sided} name a side, and their labels would not follow the mirror")
     if cache.spatial_dims == 2:

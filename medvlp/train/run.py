@@ -169,6 +169,10 @@ def train(
             from medvlp.models import ModelConfig  # before the first stage spends any time
 
             ModelConfig.model_validate(model_config(cfg, cache, run, wanted))
+        if "stage2-align" in wanted and cfg.stages.stage2_align.mirror and cfg.data.augment:
+            from medvlp.train.data import left_right_axis  # a cohort that cannot be mirrored fails before stage 1
+
+            left_right_axis(cache)
         results: dict[str, Any] = {}
         for name in wanted:
             seed_everything(cfg.seed)

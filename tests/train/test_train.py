@@ -306,3 +306,18 @@ def test_the_run_mines_with_the_configured_topic_readers(cohort: Path, tmp_path:
     calibration = json.loads((tmp_path / "run" / "stage2-align" / "model" / "calibration.json").read_text())
     assert calibration["mining_topic_readers"] == ["model", "general"]
     assert calibration["prompt_form_candidates"] == ["sentence", "mined_reports"]
+
+
+def test_a_cohort_that_cannot_be_mirrored_fails_before_any_stage_runs(tmp_path: Path) -> None:
+    import yaml
+
+    from medvlp.data.synthetic import synthesize
+
+    yaml_path = synthesize("ct", 12, tmp_path / "ct", seed=5)
+    spec = yaml.safe_load(yaml_path.read_text())
+    spec["preprocess"]["orientation"] = None  # volumes kept as stored: no known left-right axis
+    yaml_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    cfg = load_config(TINY_3D, ["stages.stage2-align.mirror=0.5"])
+    with pytest.raises(ValueError, match="names no left-right axis"):
+        train(cfg, yaml_path, tmp_path / "run")
+    assert not (tmp_path / "run" / "stage1-text").exists() and not (tmp_path / "run" / "stage1-image").exists()
