@@ -134,6 +134,10 @@ ARMS["mirror_twin_text"] = [*ARMS["twin_text"], "stages.stage2-align.mirror=0.5"
 #: The residual pool with the twin term and the faster text tower (`twin_text`): an image side that can carry the
 #: side, and a text tower taught that "left" is not "right" and "no" is not "yes".
 ARMS["twin_text_attn"] = [*ARMS["twin_text"], "model.image_encoder_args.global_pool=avgattn", MINED_REPORTS]
+#: The phrase-box term on finer tokens (3D ResNet): a feature pyramid to stage 3 or 2 (`token_stage`), tokens of 48 or
+#: 24 mm at the demo's 6 mm voxels instead of 96, so that a lesion can have a token of its own (issue 12 point 4).
+ARMS |= {f"box_light_fpn{s}": [*ARMS["box_light"], f"model.image_encoder_args.token_stage={s}"] for s in (3, 2)}
+ARMS["box_light_image_fpn2"] = [*ARMS["box_light_image"], "model.image_encoder_args.token_stage=2"]  # phrase fixed
 #: Arms that train the `report` arm's config on a cache of their own, built with these preprocess settings over the
 #: cohort YAML's: `auto_resolution` lets `cohort build` choose spacing and size from the cohort (the smallest box,
 #: within the same voxel budget) after cropping to the body (issue 12 point 1); compared with `report`.
@@ -195,6 +199,7 @@ def row_of(metrics: dict[str, Any]) -> dict[str, Any]:
     row["zero_shot_per_finding"] = {
         f: get(m, ("auroc",)) for f, m in ((metrics.get("zero_shot") or {}).get("per_finding") or {}).items()
     }
+    row["grounding_per_category"] = (metrics.get("grounding") or {}).get("per_category")  # CNR and its control
     zs, probe = row["zero_shot_auroc"], row["linear_probe_auroc"]
     row["gap_to_probe"] = None if zs is None or probe is None else probe - zs
     met = {}
@@ -367,26 +372,20 @@ def text_side(run: Path, cache: Path) -> dict[str, Any]:
 
     from medvlp.artifacts import RunDir
     from medvlp.data.cache import CachedCohort
+    from medvlp.tasks import zeroshot as zs
     from medvlp.tasks.embed import embed_split
-    from medvlp.tasks.zeroshot import (
-        build_prompt_embeddings,
-        classification_metrics,
-        model_logit_scale,
-        prompt_spec,
-        zero_shot_probabilities,
-    )
 
     found = RunDir.open(run)
     model, record = found.load_model(), found.cohort_record() or {}
     findings = record["findings"]
-    prompts = build_prompt_embeddings(model, findings, *prompt_spec(record))  # [F, 2, E]
+    prompts = zs.build_prompt_embeddings(model, findings, *zs.prompt_spec(record))  # [F, 2, E]
     per = {f: float(prompts[i, 0] @ prompts[i, 1]) for i, f in enumerate(findings)}
     d = F.normalize(prompts[:, 0] - prompts[:, 1], dim=-1)  # [F, E]
     n = d.shape[0]
     shared = float(((d @ d.T).sum() - n) / (n * n - n)) if n > 1 else None
     test = embed_split(model, CachedCohort.open(cache), "test", found.report_sections)
-    ceiling = classification_metrics(
-        test.labels, zero_shot_probabilities(test.text, prompts, model_logit_scale(model)), findings
+    ceiling = zs.classification_metrics(
+        test.labels, zs.zero_shot_probabilities(test.text, prompts, zs.model_logit_scale(model)), findings
     )
     return {
         "prompt_cosine": per,

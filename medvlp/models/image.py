@@ -362,6 +362,13 @@ class MonaiResNetEncoder(ImageEncoder):
 
     ``global_pool`` (``avg`` by default, ``max``, ``avgmax``) makes the embedding: a small lesion fills one token of
     the last stage, so its signal survives a maximum over the tokens, where a mean over them dilutes it.
+
+    ``token_stage`` (4 by default, 3 or 2) takes the grounding tokens from an earlier, finer stage, merged top-down
+    with the deeper ones as a feature pyramid (FPN: the deeper map upsampled to the finer grid, plus a 1 x 1 lateral
+    convolution of the finer stage): each step halves the token size, so that a lesion can have a token of its own
+    (at 6 mm voxels and stride 16 a last-stage token spans about 96 mm). The laterals start at zero, so at
+    initialisation the tokens are the last stage's, repeated on the finer grid; the global embedding stays the pool
+    of the last stage, so only the terms that read tokens (grounding, the phrase-box and local terms) train them.
     """
 
     def __init__(
@@ -377,8 +384,11 @@ class MonaiResNetEncoder(ImageEncoder):
         bias_downsample: bool = False,
         widen_factor: float = 1.0,
         global_pool: str = "avg",
+        token_stage: int = 4,
     ) -> None:
         super().__init__(spatial_dims, image_size)
+        if token_stage not in (2, 3, 4):
+            raise ValueError(f"token_stage must be 2, 3 or 4 (the last stage), got {token_stage!r}")
         if global_pool not in GLOBAL_POOLS:
             raise ValueError(f"unknown global_pool {global_pool!r}; choose one of {', '.join(GLOBAL_POOLS)}")
         self.global_pool = global_pool
@@ -400,19 +410,35 @@ class MonaiResNetEncoder(ImageEncoder):
             feed_forward=False,
         )
         self.embed_dim = self.token_dim = int(int(block_inplanes[3] * widen_factor) * block.expansion)
+        self.token_stage = token_stage
+        conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+        widths = [int(int(w * widen_factor) * block.expansion) for w in block_inplanes]
+        self.laterals = nn.ModuleDict(
+            {str(s): conv(widths[s - 1], self.token_dim, kernel_size=1) for s in range(token_stage, 4)}
+        )
+        for lateral in self.laterals.values():
+            nn.init.zeros_(lateral.weight)
+            nn.init.zeros_(lateral.bias)
 
     def _forward(self, x: Tensor) -> ImageEncoderOutput:
         net = self.backbone
         h = net.act(net.bn1(net.conv1(x)))
         if not net.no_max_pool:
             h = net.maxpool(h)
+        stages = []
         for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
             h = _maybe_checkpoint(self.grad_checkpointing, stage, h)
-        tokens, grid = _flatten_map(h)  # [B, N, C]
-        return ImageEncoderOutput(embedding=global_pool(tokens, self.global_pool), tokens=tokens, grid=grid)
+            stages.append(h)
+        last, _ = _flatten_map(h)  # [B, N, C]
+        for s in range(3, self.token_stage - 1, -1):  # top-down: upsample, add the finer stage's lateral
+            finer = stages[s - 1]
+            h = nn.functional.interpolate(h, size=finer.shape[2:], mode="nearest") + self.laterals[str(s)](finer)
+        tokens, grid = _flatten_map(h)  # [B, N, C] on the token stage's grid
+        return ImageEncoderOutput(embedding=global_pool(last, self.global_pool), tokens=tokens, grid=grid)
 
     def _group_prefixes(self) -> list[tuple[str, ...]]:
-        return [("backbone.conv1.", "backbone.bn1."), *[(f"backbone.layer{i}.",) for i in range(1, 5)]]
+        stages = [(f"backbone.layer{i}.",) for i in range(1, 4)]
+        return [("backbone.conv1.", "backbone.bn1."), *stages, ("backbone.layer4.", "laterals.")]
 
 
 class MonaiSwinEncoder(ImageEncoder):

@@ -278,6 +278,44 @@ def test_resnet_global_pool_rejects_an_unknown_name() -> None:
         create_image_encoder("tiny_resnet", 3, SIZE_3D, global_pool="median")
 
 
+@pytest.mark.parametrize(("dims", "size", "stage"), [(3, (64, 64, 32), 3), (3, (64, 64, 32), 2), (2, SIZE_2D, 3)])
+def test_resnet_finer_token_stage_starts_as_the_last_stage_repeated(dims: int, size: tuple, stage: int) -> None:
+    """Same weights: the embedding is unchanged, the tokens lie on a grid 2 or 4 times finer per axis, and with the
+    laterals at zero they are the last stage's tokens repeated (nearest) on it."""
+    torch.manual_seed(0)
+    last = create_image_encoder("tiny_resnet", dims, size).eval()
+    finer = create_image_encoder("tiny_resnet", dims, size, token_stage=stage).eval()
+    missing = finer.load_state_dict(last.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == sorted(f"laterals.{s}.{w}" for s in range(stage, 4) for w in ("weight", "bias"))
+    x = torch.randn(2, 1, *size)
+    with torch.no_grad():
+        a, b = last(x), finer(x)
+    factor = 2 ** (4 - stage)
+    assert b.grid == tuple(g * factor for g in a.grid) and b.tokens.shape[1] == math.prod(b.grid)
+    torch.testing.assert_close(b.embedding, a.embedding)
+    repeated = torch.nn.functional.interpolate(a.tokens.transpose(1, 2).reshape(2, -1, *a.grid), size=b.grid)
+    torch.testing.assert_close(b.tokens, repeated.flatten(2).transpose(1, 2))
+
+
+def test_resnet_finer_tokens_learn_from_a_token_loss_and_leave_the_embedding_to_the_last_stage() -> None:
+    torch.manual_seed(0)
+    enc = create_image_encoder("tiny_resnet", 3, SIZE_3D, token_stage=3)
+    x = torch.randn(2, 1, *SIZE_3D)
+    enc(x).embedding.pow(2).sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in enc.laterals.parameters()), "the embedding skips them"
+    enc.zero_grad()
+    out = enc(x)
+    (out.tokens * torch.randn(out.tokens.shape)).sum().backward()
+    assert enc.laterals["3"].weight.grad.abs().sum() > 0
+    assert any(name.startswith("laterals.") for name in enc.layer_groups()[-1]), "the laterals are the last group"
+
+
+@pytest.mark.parametrize("stage", [1, 5, "3"])
+def test_resnet_token_stage_rejects_other_stages(stage: object) -> None:
+    with pytest.raises(ValueError, match="token_stage"):
+        create_image_encoder("tiny_resnet", 3, SIZE_3D, token_stage=stage)
+
+
 def _lateral_maps(n: int, channels: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``n`` feature maps with one random lesion vector in the left (side 1) or right (side 0) column, and their
     mirror images."""

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from medvlp.config import ConfigError, load_config
-from medvlp.models import load_model
+from medvlp.models import create_image_encoder, load_model
 from medvlp.train.run import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,6 +91,26 @@ def test_tiny_3d_run(tmp_path: Path) -> None:
     with torch.no_grad():
         emb = model.encode_image(torch.rand(1, 1, 64, 64, 32))
     assert emb.shape == (1, 64) and torch.isfinite(emb).all()
+
+
+def test_tiny_3d_run_grounds_on_finer_tokens(tmp_path: Path) -> None:
+    """token_stage 3 with the phrase-box term: the saved model answers tokens on a grid twice as fine, its laterals
+    trained away from zero, and the evaluation grounds on them."""
+    from medvlp.data.synthetic import synthesize
+    from medvlp.evaluate import evaluate
+
+    yaml_path = synthesize("ct", 20, tmp_path / "ct", seed=4)
+    sets = ["stages.stage1-text.enabled=false", "stages.stage1-image.enabled=false", "stages.stage2-align.steps=4"]
+    sets += ["stages.stage2-align.box_weight=1.0", "model.image_encoder_args={token_stage: 3}"]
+    train(load_config(TINY_3D, sets), yaml_path, tmp_path / "run")
+    model = load_model(tmp_path / "run")
+    assert model.image_encoder.laterals["3"].weight.abs().sum() > 0
+    with torch.no_grad():
+        _, grid = model.encode_image_tokens(torch.rand(1, 1, 64, 64, 32))
+    last = create_image_encoder("tiny_resnet", 3, (64, 64, 32)).eval()(torch.rand(1, 1, 64, 64, 32)).grid
+    assert grid == tuple(2 * g for g in last)
+    metrics = evaluate(tmp_path / "run", yaml_path, tmp_path / "card", baselines=False)
+    assert metrics["grounding"]["n"] > 0 and metrics["grounding"]["supervised"] is True
 
 
 def _cmd(*args: str) -> list[str]:
