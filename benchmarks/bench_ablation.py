@@ -134,10 +134,10 @@ ARMS["mirror_twin_text"] = [*ARMS["twin_text"], "stages.stage2-align.mirror=0.5"
 #: The residual pool with the twin term and the faster text tower (`twin_text`): an image side that can carry the
 #: side, and a text tower taught that "left" is not "right" and "no" is not "yes".
 ARMS["twin_text_attn"] = [*ARMS["twin_text"], "model.image_encoder_args.global_pool=avgattn", MINED_REPORTS]
-#: The phrase-box term on finer tokens (3D ResNet): a feature pyramid to stage 3 or 2 (`token_stage`), tokens of 48 or
-#: 24 mm at the demo's 6 mm voxels instead of 96, so that a lesion can have a token of its own (issue 12 point 4).
-ARMS |= {f"box_light_fpn{s}": [*ARMS["box_light"], f"model.image_encoder_args.token_stage={s}"] for s in (3, 2)}
-ARMS["box_light_image_fpn2"] = [*ARMS["box_light_image"], "model.image_encoder_args.token_stage=2"]  # phrase fixed
+#: The phrase-box terms on finer tokens (3D ResNet): a feature pyramid to stage 3 or 2 (`token_stage`), tokens of 48
+#: or 24 mm at the demo's 6 mm voxels instead of 96, so that a lesion can have a token of its own (issue 12 point 4).
+FPN = {f"{box}_fpn{s}": (box, s) for box in ("box", "box_light", "box_light_image") for s in (3, 2)}
+ARMS |= {arm: [*ARMS[box], f"model.image_encoder_args.token_stage={s}"] for arm, (box, s) in FPN.items()}
 #: Arms that train the `report` arm's config on a cache of their own, built with these preprocess settings over the
 #: cohort YAML's: `auto_resolution` lets `cohort build` choose spacing and size from the cohort (the smallest box,
 #: within the same voxel budget) after cropping to the body (issue 12 point 1); compared with `report`.

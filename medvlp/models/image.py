@@ -1,8 +1,9 @@
 """Image towers: one small interface over timm (2D) and MONAI (2D/3D) backbones.
 
 Every encoder takes a one-channel image ``[B, 1, X, Y]`` or ``[B, 1, X, Y, Z]`` and returns an
-:class:`ImageEncoderOutput` with a global embedding and the patch/voxel tokens of its last stage, laid out on a
-token grid in the input's axis order. Encoders are registered and built by name in :mod:`medvlp.models.registry`.
+:class:`ImageEncoderOutput` with a global embedding and the patch/voxel tokens of its last stage (or, for the MONAI
+ResNet's ``token_stage``, of a finer stage merged with the deeper ones), laid out on a token grid in the input's axis
+order. Encoders are registered and built by name in :mod:`medvlp.models.registry`.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class ImageEncoderOutput:
 
     Attributes:
         embedding: global image embedding, ``[B, embed_dim]``.
-        tokens: patch/voxel tokens of the last stage, ``[B, N, token_dim]``, flattened row-major over ``grid``.
+        tokens: patch/voxel tokens of the last stage (or the ``token_stage`` of a pyramid), ``[B, N, token_dim]``,
+            flattened row-major over ``grid``.
         grid: token grid in the input's axis order ``(X, Y[, Z])``; ``prod(grid) == N``.
     """
 
@@ -61,6 +63,9 @@ class ImageEncoder(nn.Module):
         token_dim: width of ``ImageEncoderOutput.tokens``.
         fixed_size: True when the input must have exactly ``image_size`` (learned position embeddings).
         num_prefix_tokens: prefix (class/register) positions in the backbone's position embedding.
+        head_prefixes: parameter-name prefixes of the tower's own new heads (a token pyramid's laterals): a backbone
+            checkpoint need not hold them (a strict load does not miss them) and ``lock`` leaves them trainable, as
+            the projections on top of a locked tower.
     """
 
     fixed_size: bool = False
@@ -74,6 +79,7 @@ class ImageEncoder(nn.Module):
         self.token_dim = 0
         self.grad_checkpointing = False
         self.unused_parameters: set[str] = set()  # kept for checkpoint compatibility, frozen, never unlocked
+        self.head_prefixes: tuple[str, ...] = ()
 
     @property
     def static_grid(self) -> tuple[int, ...] | None:
@@ -115,13 +121,14 @@ class ImageEncoder(nn.Module):
         return [g for g in groups if g]
 
     def lock(self, unlocked_groups: int = 0) -> None:
-        """Freeze all parameters except those of the last ``unlocked_groups`` layer groups."""
+        """Freeze all parameters except those of the last ``unlocked_groups`` layer groups and the heads."""
         groups = self.layer_groups()
         n_locked = max(len(groups) - max(unlocked_groups, 0), 0)
         params = dict(self.named_parameters())
         for i, group in enumerate(groups):
             for name in group:
-                params[name].requires_grad_(i >= n_locked and name not in self.unused_parameters)
+                trainable = i >= n_locked or name.startswith(self.head_prefixes)
+                params[name].requires_grad_(trainable and name not in self.unused_parameters)
 
 
 def _maybe_checkpoint(enabled: bool, fn: nn.Module, x: Tensor) -> Tensor:
@@ -358,17 +365,17 @@ def global_pool(tokens: Tensor, kind: str) -> Tensor:
 
 
 class MonaiResNetEncoder(ImageEncoder):
-    """MONAI's ResNet (2D or 3D, MedicalNet layout); tokens from the last stage, embedding their pool.
+    """MONAI's ResNet (2D or 3D, MedicalNet layout); tokens from the last stage (or ``token_stage``), embedding the
+    last stage's pool.
 
     ``global_pool`` (``avg`` by default, ``max``, ``avgmax``) makes the embedding: a small lesion fills one token of
     the last stage, so its signal survives a maximum over the tokens, where a mean over them dilutes it.
 
-    ``token_stage`` (4 by default, 3 or 2) takes the grounding tokens from an earlier, finer stage, merged top-down
-    with the deeper ones as a feature pyramid (FPN: the deeper map upsampled to the finer grid, plus a 1 x 1 lateral
-    convolution of the finer stage): each step halves the token size, so that a lesion can have a token of its own
-    (at 6 mm voxels and stride 16 a last-stage token spans about 96 mm). The laterals start at zero, so at
-    initialisation the tokens are the last stage's, repeated on the finer grid; the global embedding stays the pool
-    of the last stage, so only the terms that read tokens (grounding, the phrase-box and local terms) train them.
+    ``token_stage`` (4 by default, 3 or 2) takes the tokens from a finer stage merged top-down with the deeper ones
+    (FPN: the deeper map upsampled, plus a 1 x 1 lateral of the finer stage), each step halving the token size so that
+    a lesion can have a token of its own. The laterals start at zero (the tokens are then the last stage's, repeated);
+    the embedding stays the last stage's pool, so only what reads tokens trains them (the phrase-box and local terms,
+    SimMIM). They are heads (``head_prefixes``): never locked, not expected in a backbone checkpoint.
     """
 
     def __init__(
@@ -419,6 +426,7 @@ class MonaiResNetEncoder(ImageEncoder):
         for lateral in self.laterals.values():
             nn.init.zeros_(lateral.weight)
             nn.init.zeros_(lateral.bias)
+        self.head_prefixes = ("laterals.",) if len(self.laterals) else ()
 
     def _forward(self, x: Tensor) -> ImageEncoderOutput:
         net = self.backbone

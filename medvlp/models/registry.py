@@ -318,7 +318,8 @@ def load_image_checkpoint(encoder: ImageEncoder, path: str | Path, strict: bool 
     Args:
         encoder: the encoder to fill in place.
         path: the checkpoint file.
-        strict: raise if anything is missing, unexpected or of the wrong shape.
+        strict: raise if anything is missing (but the encoder's new heads, ``head_prefixes``), unexpected or of the
+            wrong shape.
 
     Returns:
         ``{"loaded", "adapted", "missing", "unexpected", "mismatched"}`` lists of keys (encoder keys for loaded,
@@ -353,9 +354,10 @@ def load_image_checkpoint(encoder: ImageEncoder, path: str | Path, strict: bool 
         )
     report["loaded"] = sorted(mapped)
     report["missing"] = sorted(k for k in target if k not in mapped and not k.endswith("num_batches_tracked"))
-    if strict and (report["missing"] or report["unexpected"] or report["mismatched"]):
+    backbone_missing = [k for k in report["missing"] if not k.startswith(encoder.head_prefixes)]  # heads start anew
+    if strict and (backbone_missing or report["unexpected"] or report["mismatched"]):
         raise ValueError(
-            f"{path.name} does not fit {type(encoder).__name__} exactly: missing {report['missing'][:10]}, "
+            f"{path.name} does not fit {type(encoder).__name__} exactly: missing {backbone_missing[:10]}, "
             f"unexpected {report['unexpected'][:10]}, mismatched {report['mismatched'][:10]}"
         )
     encoder.load_state_dict(mapped, strict=False)

@@ -310,6 +310,60 @@ def test_resnet_finer_tokens_learn_from_a_token_loss_and_leave_the_embedding_to_
     assert any(name.startswith("laterals.") for name in enc.layer_groups()[-1]), "the laterals are the last group"
 
 
+def _pyramid_reference(enc: ImageEncoder, x: torch.Tensor) -> torch.Tensor:
+    """The token map written out by hand: every stage, then top-down from stage 4 to ``token_stage``."""
+    net, maps = enc.backbone, []
+    h = net.act(net.bn1(net.conv1(x)))
+    h = h if net.no_max_pool else net.maxpool(h)
+    for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+        h = layer(h)
+        maps.append(h)
+    top = maps[3]
+    for stage in range(3, enc.token_stage - 1, -1):
+        up = torch.nn.functional.interpolate(top, size=maps[stage - 1].shape[2:], mode="nearest")
+        top = up + enc.laterals[str(stage)](maps[stage - 1])
+    return top.flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("stage", [3, 2])
+@pytest.mark.parametrize(
+    ("dims", "size", "args"),
+    [
+        (3, (37, 29, 19), {"no_max_pool": True}),
+        (2, (45, 33), {}),
+        (3, (40, 36, 24), {"depth": 50, "widen_factor": 1.5, "block_inplanes": [8, 16, 32, 64]}),
+    ],
+)
+def test_resnet_pyramid_tokens_match_a_hand_written_merge(dims: int, size: tuple, args: dict, stage: int) -> None:
+    torch.manual_seed(0)
+    enc = create_image_encoder("tiny_resnet", dims, size, token_stage=stage, **args).eval()
+    for lateral in enc.laterals.values():  # away from zero, so every lateral and the merge order count
+        torch.nn.init.normal_(lateral.weight)
+        torch.nn.init.normal_(lateral.bias)
+    x = torch.randn(2, 1, *size)
+    with torch.no_grad():
+        out, expected = enc(x), _pyramid_reference(enc, x)
+    torch.testing.assert_close(out.tokens, expected)
+    assert out.tokens.shape[1] == math.prod(out.grid) and out.tokens.shape[2] == enc.token_dim == enc.embed_dim
+
+
+def test_resnet_pyramid_laterals_are_heads_that_lock_and_strict_loads_leave_alone(tmp_path: Path) -> None:
+    """A locked tower keeps its laterals trainable (else the tokens would stay the last stage's, repeated), and a
+    plain backbone checkpoint loads strictly into a pyramid tower; a missing backbone tensor still fails."""
+    enc = create_image_encoder("tiny_resnet", 3, SIZE_3D, token_stage=2)
+    enc.lock(0)
+    trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in enc.laterals.named_parameters(prefix="laterals")}
+    plain = create_image_encoder("tiny_resnet", 3, SIZE_3D)
+    save_file(plain.state_dict(), tmp_path / "plain.safetensors")
+    report = load_image_checkpoint(enc, tmp_path / "plain.safetensors", strict=True)
+    assert sorted(report["missing"]) == sorted(f"laterals.{s}.{w}" for s in (2, 3) for w in ("weight", "bias"))
+    partial = {k: v for k, v in plain.state_dict().items() if not k.startswith("backbone.layer4.")}
+    save_file(partial, tmp_path / "partial.safetensors")
+    with pytest.raises(ValueError, match="layer4"):
+        load_image_checkpoint(enc, tmp_path / "partial.safetensors", strict=True)
+
+
 @pytest.mark.parametrize("stage", [1, 5, "3"])
 def test_resnet_token_stage_rejects_other_stages(stage: object) -> None:
     with pytest.raises(ValueError, match="token_stage"):
