@@ -83,6 +83,18 @@ def model_config(cfg: TrainConfig, cache: CachedCohort, run: Path, stages: list[
     return m
 
 
+def _check_image_encoder(fields: dict[str, Any]) -> None:
+    """Validate the model fields and build the image tower once (no checkpoint read), so that a bad
+    ``image_encoder_args`` value (``token_stage: 5``, ``global_pool: median``) fails now, not after stage 1."""
+    from medvlp.models import ModelConfig, create_image_encoder
+
+    mc = ModelConfig.model_validate(fields)
+    try:
+        create_image_encoder(mc.image_encoder, mc.spatial_dims, mc.image_size, **mc.image_encoder_args)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"model.image_encoder_args {mc.image_encoder_args} for {mc.image_encoder!r}: {err}") from err
+
+
 def _stage(name: str, cfg: TrainConfig, cache: CachedCohort, run: Path, stages: list[str]):
     from medvlp.models import ModelConfig, create_image_encoder
 
@@ -166,9 +178,7 @@ def train(
         barrier(rt)
         cache = CachedCohort.open(cache_path)
         if any(name != "stage1-text" for name in wanted):  # the joint model, completed from the cohort, is checked
-            from medvlp.models import ModelConfig  # before the first stage spends any time
-
-            ModelConfig.model_validate(model_config(cfg, cache, run, wanted))
+            _check_image_encoder(model_config(cfg, cache, run, wanted))  # before the first stage spends any time
         if "stage2-align" in wanted and cfg.stages.stage2_align.mirror and cfg.data.augment:
             from medvlp.train.data import left_right_axis  # a cohort that cannot be mirrored fails before stage 1
 

@@ -302,6 +302,12 @@ def test_a_bad_model_section_fails_before_any_stage_runs(cohort: Path, tmp_path:
         train(cfg, cohort, tmp_path / "run2")
     assert not (tmp_path / "run2" / "stage1-text").exists(), "stage 1 must not run first"
 
+    for bad_args, match in (("{token_stage: 5}", "token_stage must be 2, 3 or 4"), ("{depht: 10}", "depht")):
+        cfg = load_config(TINY_2D, [f"model.image_encoder_args={bad_args}"])
+        with pytest.raises(ValueError, match=rf"model.image_encoder_args .*{match}"):
+            train(cfg, cohort, tmp_path / "run3")
+        assert not (tmp_path / "run3" / "stage1-text").exists(), "a bad tower argument fails before stage 1"
+
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path: Path) -> None:
