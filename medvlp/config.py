@@ -98,9 +98,10 @@ class AlignStageConfig(OptimConfig):
         description="weight of the sentence term: each image also aligned with one sentence of its report, every "
         "image whose report has that sentence a positive; 0: report-level only",
     )
-    hard_negatives: list[Literal["negation", "laterality", "affirmation"]] = Field(
+    hard_negatives: list[Literal["negation", "laterality", "affirmation", "severity"]] = Field(
         default_factory=list,
-        description="rule-made twins (negated; left and right swapped; a negated sentence made affirmative): of the "
+        description="rule-made twins (negated; left and right swapped; a negated sentence made affirmative; size and "
+        "severity turned around): of the "
         "sampled sentence as extra negatives for its image in the sentence term, and of one sentence of each report "
         "in the twin term",
     )

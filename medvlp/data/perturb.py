@@ -15,14 +15,19 @@ description. The rules read grammar, not a list of findings, so they work on any
   "Pneumothorax."; "There is no effusion." -> "There is effusion."; "The heart is not enlarged." -> "The heart is
   enlarged."); an affirmative or uncertain sentence has no twin. As a hard negative it tells a normal image that the
   finding its report denies is not there, which a sentence-embedding text tower, blind to "no", does not learn from
-  the reports alone.
+  the reports alone;
+- :func:`change_severity` turns size and severity around ("Small left pleural effusion." -> "Large left pleural
+  effusion."; "Mild hydronephrosis." -> "Severe hydronephrosis."; "A 8 mm nodule." -> "A 32 mm nodule."): every
+  size or severity word becomes its opposite and every measurement is scaled by four (up below 20 mm, down from
+  it), so a sentence stays consistent with itself; a sentence with neither, or one that is negated, hedged or no
+  statement, has no twin.
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["PERTURBATIONS", "affirm", "mirror_sides", "negate", "swap_laterality", "twins"]
+__all__ = ["PERTURBATIONS", "affirm", "change_severity", "mirror_sides", "negate", "swap_laterality", "twins"]
 
 #: Words that hedge a sentence (it states neither presence nor absence), as report labellers read uncertainty
 #: ("may" not before a number: "May 2019" is a month).
@@ -122,8 +127,49 @@ def affirm(sentence: str) -> str | None:
     return None
 
 
+#: Each size or severity word and the one it becomes (grammar, not findings: these qualify any finding).
+_OPPOSITE = {
+    "small": "large", "tiny": "large", "trace": "large", "minimal": "extensive", "mild": "severe",
+    "slight": "marked", "moderate": "mild", "large": "small", "massive": "small", "extensive": "minimal",
+    "severe": "mild", "marked": "slight",
+}  # fmt: skip
+_SEVERITY = re.compile(rf"\b({'|'.join(_OPPOSITE)})\b", re.I)
+#: A measurement, one number or several ("2 x 3 cm"), and its unit.
+_MEASURE = re.compile(r"\b(\d+(?:\.\d+)?(?:\s*[x\u00d7]\s*\d+(?:\.\d+)?)*)\s*(mm|cm)\b", re.I)
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def _opposite(m: re.Match[str]) -> str:
+    word = m.group(1)
+    other = _OPPOSITE[word.lower()]
+    return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+
+
+def _rescale(m: re.Match[str]) -> str:
+    unit = m.group(2)
+    per_mm = 10.0 if unit.lower() == "cm" else 1.0
+    factor = 4.0 if max(float(x) for x in _NUMBER.findall(m.group(1))) * per_mm < 20 else 0.25
+
+    def scaled(n: re.Match[str]) -> str:
+        value = round(float(n.group(0)) * factor, 1)
+        return f"{value:g}"
+
+    return f"{_NUMBER.sub(scaled, m.group(1))} {unit}"
+
+
+def change_severity(sentence: str) -> str | None:
+    """The sentence with size and severity turned around (see the module docstring), or None when it has no size or
+    severity word or measurement, or is negated, hedged or no statement of its own."""
+    body, end = _sentence(sentence)
+    if not body or _NEGATED.search(body) or _NOT_A_STATEMENT.search(body):
+        return None
+    if not (_SEVERITY.search(body) or _MEASURE.search(body)):
+        return None
+    return f"{_MEASURE.sub(_rescale, _SEVERITY.sub(_opposite, body))}{end}"
+
+
 #: The perturbations by name, as configs and reports name them.
-PERTURBATIONS = {"negation": negate, "laterality": swap_laterality, "affirmation": affirm}
+PERTURBATIONS = {"negation": negate, "laterality": swap_laterality, "affirmation": affirm, "severity": change_severity}
 
 
 def twins(sentence: str, kinds: list[str] | tuple[str, ...] = tuple(PERTURBATIONS)) -> list[str]:

@@ -1,4 +1,4 @@
-"""The negation and laterality rules: grammar, not a finding list."""
+"""The negation, laterality, affirmation and severity rules: grammar, not a finding list."""
 
 from __future__ import annotations
 
@@ -124,3 +124,39 @@ def test_hedged_negation_is_not_affirmed() -> None:
 )
 def test_finding_sentences_near_the_hedge_and_boilerplate_words_keep_their_twin(sentence: str) -> None:
     assert negate(sentence) is not None
+
+
+@pytest.mark.parametrize(
+    ("sentence", "changed"),
+    [
+        ("Small left pleural effusion.", "Large left pleural effusion."),
+        ("Large right pneumothorax.", "Small right pneumothorax."),
+        ("Mild hydronephrosis of the right kidney.", "Severe hydronephrosis of the right kidney."),
+        ("SEVERE cardiomegaly.", "MILD cardiomegaly."),
+        ("A 8 mm stone in the lower pole.", "A 32 mm stone in the lower pole."),  # small measurements grow
+        ("There is a 2 x 3 cm renal mass.", "There is a 0.5 x 0.8 cm renal mass."),  # large ones shrink, all numbers
+        ("Small nodule measuring 8 mm.", "Large nodule measuring 32 mm."),  # words and numbers agree after
+        ("Moderate ascites.", "Mild ascites."),
+        ("Cardiomegaly.", None),  # nothing to turn around
+        ("No large effusion.", None),
+        ("Possible small nodule.", None),
+        ("Recommend follow-up in 6 mm increments.", None),  # no statement of its own
+        ("The smallest nodule is unchanged.", None),  # whole words only: "smallest" is no size word
+    ],
+)
+def test_change_severity(sentence: str, changed: str | None) -> None:
+    from medvlp.data.perturb import change_severity
+
+    assert change_severity(sentence) == changed
+
+
+def test_severity_is_a_hard_negative_rule_of_the_config_and_of_twins() -> None:
+    from medvlp.config import AlignStageConfig
+    from medvlp.data.perturb import twins
+
+    config = AlignStageConfig(steps=1, batch_size=2, lr=1e-3, twin_weight=1.0, hard_negatives=["severity"])
+    assert config.hard_negatives == ["severity"]
+    assert twins("Small left pleural effusion.", ["negation", "severity"]) == [
+        "No left pleural effusion.",
+        "Large left pleural effusion.",
+    ]
