@@ -37,6 +37,11 @@ class OptimConfig(_Strict):
     grad_accum: int = Field(default=1, ge=1)
     clip_grad: float | None = Field(default=1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = Field(
+        default=False,
+        description="image batches and convolution kernels in channels-last order (channels_last_3d for volumes): "
+        "faster convolutions where oneDNN or cuDNN have kernels for it; the same model up to float rounding",
+    )
     checkpoint_every: int = Field(default=50, ge=1)
     log_every: int = Field(default=5, ge=1)
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from medvlp.config import OptimConfig
 from medvlp.data.cache import atomic_write_bytes
 from medvlp.train.data import StepBatchSampler, StepSchedule
-from medvlp.train.runtime import Runtime, autocast, barrier, resolve_precision
+from medvlp.train.runtime import Runtime, autocast, barrier, channels_last, resolve_precision, to_channels_last
 from medvlp.train.select import BEST_FILE, BestTracker
 
 logger = logging.getLogger(__name__)
@@ -193,6 +193,8 @@ def run_stage(
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = out_dir / CHECKPOINT, out_dir / "log.jsonl"
     module = stage.module().to(rt.device)
+    if cfg.channels_last:
+        to_channels_last(module)
     opt = make_optimizer(module, cfg, getattr(stage, "lr_plan", None))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [lr_lambda(cfg, g["delay"]) for g in opt.param_groups])
     amp_dtype = resolve_precision(cfg.precision, rt.device)
@@ -256,6 +258,8 @@ def run_stage(
             sums: dict[str, float] = {}
             for micro in range(accum):
                 batch = _to(next(batches), rt.device)
+                if cfg.channels_last:  # images, views, masks: every 4-D and 5-D tensor
+                    batch = {k: channels_last(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 sync = nullcontext() if (micro == accum - 1 or not rt.distributed) else ddp.no_sync()
                 with sync:
                     with autocast(rt.device, amp_dtype):

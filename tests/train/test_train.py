@@ -93,6 +93,34 @@ def test_tiny_3d_run(tmp_path: Path) -> None:
     assert emb.shape == (1, 64) and torch.isfinite(emb).all()
 
 
+def test_channels_last_trains_the_same_model_in_another_memory_order(tmp_path: Path) -> None:
+    """`channels_last: true` keeps the 3D kernels in channels_last_3d order (the checkpoint says so) and trains the
+    same model as the default order, up to float rounding; what it saves loads like any other run."""
+    from medvlp.data.synthetic import synthesize
+
+    yaml_path = synthesize("ct", 20, tmp_path / "ct", seed=4)
+    runs = {}
+    for on in (False, True):
+        over = ["stages.stage1-text.enabled=false", "stages.stage2-align.steps=4", "stages.stage1-image.steps=2"]
+        over += [f"stages.{s}.channels_last={str(on).lower()}" for s in ("stage1-image", "stage2-align")]
+        train(load_config(TINY_3D, over), yaml_path, tmp_path / f"run-{on}")
+        runs[on] = tmp_path / f"run-{on}"
+    kernels = {
+        k: v
+        for k, v in torch.load(runs[True] / "stage2-align" / "checkpoint.pt", weights_only=False)["module"].items()
+        if v.dim() == 5
+    }
+    assert kernels and all(v.is_contiguous(memory_format=torch.channels_last_3d) for v in kernels.values())
+    assert not all(v.is_contiguous() for v in kernels.values()), "some kernels are stored in another order"
+    for stage in ("stage1-image", "stage2-align"):
+        a, b = _log(runs[False] / stage / "log.jsonl"), _log(runs[True] / stage / "log.jsonl")
+        assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-3, abs=1e-4)
+    a, b = _params(runs[False] / "stage2-align" / "model"), _params(runs[True] / "stage2-align" / "model")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-4) for k in a)
+    with torch.no_grad():
+        assert torch.isfinite(load_model(runs[True]).encode_image(torch.rand(1, 1, 64, 64, 32))).all()
+
+
 def test_tiny_3d_run_grounds_on_finer_tokens(tmp_path: Path) -> None:
     """token_stage 3 with the phrase-box term: the saved model answers tokens on a grid twice as fine, its laterals
     trained away from zero, and the evaluation grounds on them."""
