@@ -79,3 +79,34 @@ def test_export_refusals(model_2d: TinyModel, tmp_path: Path) -> None:
     (tmp_path / "scorer.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="not a medvlp ONNX export"):
         OnnxScorer(tmp_path)
+
+
+def test_onnx_export_of_the_demo_tower_with_its_attention_pool(model_2d: TinyModel, tmp_path: Path) -> None:
+    """The 2D demo's tower (a timm CNN ending in the mean plus a positional attention residual, `global_pool:
+    avgattn`) exports with its trained residual: onnxruntime gives PyTorch's embeddings and the server's answer."""
+    from medvlp.models import MedVLP, ModelConfig
+    from medvlp.serve.server import load_service
+
+    folder = tmp_path / "model"
+    record = json.loads((model_2d.model / "cohort.json").read_text())
+    torch.manual_seed(5)
+    cfg = ModelConfig(
+        image_encoder="tiny_timm_resnet",
+        image_encoder_args={"global_pool": "avgattn"},
+        spatial_dims=2,
+        image_size=tuple(record["preprocess"]["size"]),
+        text_num_layers=1,
+        text_max_length=64,
+        embed_dim=64,
+    )
+    model = MedVLP(cfg)
+    residual = [p for n, p in model.named_parameters() if n.endswith("pool.proj.weight")]
+    assert residual, "the tower ends in the attention pool"
+    with torch.no_grad():
+        for p in residual:  # as training leaves it: not the zero the residual starts at
+            p.normal_(0, 0.05)
+    model.save_pretrained(folder)
+    (folder / "cohort.json").write_text(json.dumps(record))
+    service = load_service(folder, device="cpu", corpus=False)
+    out = export_onnx(service, tmp_path / "export")
+    _check_export(service, out, model_2d.cohort.parent / "images" / "S00001.dcm", tmp_path)

@@ -215,3 +215,24 @@ def test_validation_under_bf16_autocast_computes_its_metrics_in_fp32(cache: Cach
         mixed = stage.validate(batch_size=4)
     assert set(mixed) == set(plain) and all(math.isfinite(v) for v in mixed.values())
     assert mixed["val/zero_shot_auroc"] == pytest.approx(plain["val/zero_shot_auroc"], abs=0.1)
+
+
+def test_label_aware_targets_group_studies_with_the_same_labels(cache: CachedCohort) -> None:
+    """`false_negatives: labels`: fully labelled studies with the same finding labels are positives of each other;
+    a study with an unknown label is only its own positive; `report` groups by the report's text instead."""
+    from medvlp.losses.contrastive import duplicate_groups
+
+    stage = _stage(cache, false_negatives="labels")
+    ds = stage.dataset()
+    batch = stage.collate([ds[(i, 0)] for i in range(len(cache.split("train")))])
+    labels = batch["labels"].clone()
+    labels[0] = -1.0  # one unknown label
+    labels[1] = labels[2]
+    groups = duplicate_groups(stage._keys(batch | {"labels": labels})).tolist()
+    same = [(i, j) for i in range(len(groups)) for j in range(i) if groups[i] == groups[j]]
+    assert same and all(bool((labels[i] == labels[j]).all()) for i, j in same), "same group, same labels"
+    assert groups[1] == groups[2] and groups.count(groups[0]) == 1
+    assert len(set(groups)) < len(set(batch["text"])), "fewer groups than reports: labels merge different reports"
+    by_report = duplicate_groups(_stage(cache, false_negatives="report")._keys(batch)).tolist()
+    assert len(set(by_report)) == len(set(batch["text"]))
+    assert _stage(cache, false_negatives="none")._keys(batch) is None
