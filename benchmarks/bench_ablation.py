@@ -32,117 +32,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ablation_arms import ARMS, DERIVED, PREPROCESS, SYNONYMS, WITH_SYNONYMS  # noqa: E402
 from bench_styles import worst_finding  # noqa: E402
 from machine import machine  # noqa: E402
 
 from medvlp.card import get  # noqa: E402
 
-#: The arms: config overrides on top of the demo config (the `report` arm is the demo config with sentence prompts).
-ARMS: dict[str, list[str]] = {
-    "report": [],
-    "sentence": ["stages.stage2-align.sentence_weight=1.0"],
-    "sentence_hard": [
-        "stages.stage2-align.sentence_weight=1.0",
-        "stages.stage2-align.hard_negatives=[negation,laterality]",
-    ],
-    "sentence_hard_affirm": [
-        "stages.stage2-align.sentence_weight=1.0",
-        "stages.stage2-align.hard_negatives=[negation,laterality,affirmation]",
-    ],
-    "select": ["stages.stage2-align.select_metric=val/zero_shot_auroc"],
-    "twin": [  # each image against its report with one sentence flipped: the text direction, report level
-        "stages.stage2-align.twin_weight=1.0",
-        "stages.stage2-align.hard_negatives=[negation,laterality,affirmation]",
-    ],
-    "text": ["stages.stage2-align.text_lr_scale=0.5"],  # the text tower at half the rate alone, no twins
-    "twin_text": [  # the twin term with the text tower at half the rate instead of a tenth
-        "stages.stage2-align.twin_weight=1.0",
-        "stages.stage2-align.hard_negatives=[negation,laterality,affirmation]",
-        "stages.stage2-align.text_lr_scale=0.5",
-    ],
-    # studies with the same finding labels are not pushed apart (label-aware soft targets instead of same-report)
-    "labels": ["stages.stage2-align.false_negatives=labels"],
-    # the image side (3D ResNet towers): the embedding is the maximum over the last stage's tokens, not their mean
-    "pool_max": ["model.image_encoder_args.global_pool=max"],
-    "pool_avgmax": ["model.image_encoder_args.global_pool=avgmax"],
-    # supervised grounding: one annotated phrase per training study must point into its boxes over the image tokens
-    "box": ["stages.stage2-align.box_weight=1.0"],
-    "box_light": ["stages.stage2-align.box_weight=0.1"],  # the same at a tenth of the weight
-    "box_light_image": ["stages.stage2-align.box_weight=0.1", "stages.stage2-align.box_text_grad=false"],
-}
-#: Arms that differ from a base arm only after training (the prompt form is chosen on val with the calibration):
-#: they start from a copy of the base arm's finished run, which training resumes (nothing to train) and recalibrates.
-#: The other arms keep the `sentence` form whatever the demo config chooses, so `report` stays the baseline.
-FORMS = "stages.stage2-align.prompt_forms=[sentence,report,report_section]"
-#: ... and with the sentences mined from the training reports (label-free), alone and framed, as two more.
-MINED = "stages.stage2-align.prompt_forms=[sentence,report,report_section,mined,mined_report_section]"
-#: ... and with the training reports' mean embeddings per finding (label-free report prototypes) as one more.
-MINED_REPORTS = MINED.replace("mined_report_section]", "mined_report_section,mined_reports]")
-ARMS = {arm: ["stages.stage2-align.prompt_forms=[sentence]", *overrides] for arm, overrides in ARMS.items()}
-DERIVED = {
-    "forms": "report",
-    "twin_text_forms": "twin_text",
-    "labels_forms": "labels",
-    "mined": "report",
-    "mined_reports": "report",
-}
-#: Prompts in the cohort's words (a cohort YAML's ``prompts: synonyms:``), which act after training only (training
-#: reads no prompt; validation during training only logs them): the `synonyms*` arms are the `report` run with these
-#: written into its model folder's cohort record, then recalibrated, as if the cohort YAML had held them. One generic
-#: list per kind, the names a radiologist would add, the same for every style (none read from a style's phrasing).
-SYNONYMS: dict[str, dict[str, list[str]]] = {
-    "cxr": {
-        "cardiomegaly": ["enlarged heart", "enlarged cardiac silhouette"],
-        "pleural_effusion": ["effusion", "pleural fluid"],
-        "lung_nodule": ["pulmonary nodule", "nodule"],
-        "pneumothorax": ["collapsed lung", "air in the pleural space"],
-    },
-    "ct": {
-        "renal_mass": ["kidney mass", "renal tumor"],
-        "kidney_stone": ["renal calculus", "nephrolithiasis"],
-        "hepatic_lesion": ["liver lesion", "liver mass"],
-        "ascites": ["free fluid", "peritoneal fluid"],
-    },
-}
-DERIVED |= {"synonyms": "report", "synonyms_mined_reports": "report", "box_light_mined_reports": "box_light"}
-WITH_SYNONYMS = ("synonyms", "synonyms_mined_reports")
-SENTENCE = ARMS["report"][0]
-FORMS_OF = {
-    "mined": MINED,
-    "mined_reports": MINED_REPORTS,
-    "synonyms": SENTENCE,
-    "synonyms_mined_reports": MINED_REPORTS,
-    "box_light_mined_reports": MINED_REPORTS,
-    "mined_reports_agree": MINED_REPORTS,
-}
-DERIVED["mined_reports_agree"] = "report"  # mined_reports, a sentence's finding read by the tower and a general encoder
-ARMS |= {arm: [*ARMS[base], FORMS_OF.get(arm, FORMS)] for arm, base in DERIVED.items()}
-ARMS["mined_reports_agree"].append("stages.stage2-align.mining_topic_readers=[model,general]")
-#: Stage 2 alone (no text MLM first) with the demo's prompt forms: compared with `mined_reports`, the demo config.
-ARMS["align_only"] = [*ARMS["report"], "stages.stage1-text.enabled=false", MINED_REPORTS]
-#: The image tower ends in a positional attention pool (`global_pool: attn`) instead of the mean: an embedding that
-#: can say left from right (the laterality half of the robustness suite); compared with `mined_reports`.
-ARMS["attn_pool"] = [*ARMS["report"], "model.image_encoder_args.global_pool=attn", MINED_REPORTS]
-#: ... as a residual on the mean that starts at zero (`global_pool: avgattn`), grounding's tokens left as they were.
-ARMS["avgattn_pool"] = [*ARMS["report"], "model.image_encoder_args.global_pool=avgattn", MINED_REPORTS]
-#: Pairs mirrored across the left-right axis with "left" and "right" swapped in the report (half of them); with the
-#: twin term too (`mirror_twin_text`), so that the text tells the sides apart that the mirrored images show.
-ARMS["mirror"] = [*ARMS["report"], "stages.stage2-align.mirror=0.5", MINED_REPORTS]
-ARMS["mirror_avgattn"] = [*ARMS["mirror"], "model.image_encoder_args.global_pool=avgattn"]
-ARMS["mirror_report"] = [*ARMS["report"], "stages.stage2-align.mirror=0.5"]  # the `report` config (3D)
-ARMS["mirror_twin_text"] = [*ARMS["twin_text"], "stages.stage2-align.mirror=0.5", MINED_REPORTS]
-#: The residual pool with the twin term and the faster text tower (`twin_text`): an image side that can carry the
-#: side, and a text tower taught that "left" is not "right" and "no" is not "yes".
-ARMS["twin_text_attn"] = [*ARMS["twin_text"], "model.image_encoder_args.global_pool=avgattn", MINED_REPORTS]
-#: The phrase-box terms on finer tokens (3D ResNet): a feature pyramid to stage 3 or 2 (`token_stage`), tokens of 48
-#: or 24 mm at the demo's 6 mm voxels instead of 96, so that a lesion can have a token of its own (issue 12 point 4).
-FPN = {f"{box}_fpn{s}": (box, s) for box in ("box", "box_light", "box_light_image") for s in (3, 2)}
-ARMS |= {arm: [*ARMS[box], f"model.image_encoder_args.token_stage={s}"] for arm, (box, s) in FPN.items()}
-#: Arms that train the `report` arm's config on a cache of their own, built with these preprocess settings over the
-#: cohort YAML's: `auto_resolution` lets `cohort build` choose spacing and size from the cohort (the smallest box,
-#: within the same voxel budget) after cropping to the body (issue 12 point 1); compared with `report`.
-PREPROCESS: dict[str, dict[str, Any]] = {"auto_resolution": {"size": "auto", "spacing": None, "crop_foreground": True}}
-ARMS |= {arm: ARMS["report"] for arm in PREPROCESS}
 COLUMNS = {
     "zero_shot_auroc": ("zero_shot", "mean_auroc"),
     "zero_shot_ece": ("zero_shot", "mean_ece"),
