@@ -33,6 +33,7 @@ TASKS = {
 REPORTED = {  # printed and written, not required to beat the untrained model
     "grounding_miou": ("grounding", "mean_miou"),
     "zero_shot_ece": ("zero_shot", "mean_ece"),
+    "robustness": ("robustness", "mean_accuracy"),  # the negation/laterality suite
 }
 
 
