@@ -121,6 +121,11 @@ ARMS["twin_text_attn"] = [*ARMS["twin_text"], "model.image_encoder_args.global_p
 #: ... with the text tower at the demo's tenth of the rate (`twin`), and with the light phrase-box term on top.
 ARMS["twin_attn"] = [*ARMS["twin"], "model.image_encoder_args.global_pool=avgattn", MINED_REPORTS]
 ARMS["twin_attn_box"] = [*ARMS["twin_attn"], "stages.stage2-align.box_weight=0.1"]
+#: ... with size/severity twins as a fourth rule ("small" -> "large", "8 mm" -> "32 mm").
+ARMS["twin_attn_box_severity"] = [
+    *ARMS["twin_attn_box"],
+    "stages.stage2-align.hard_negatives=[negation,laterality,affirmation,severity]",
+]
 #: The phrase-box terms on finer tokens (3D ResNet): a feature pyramid to stage 3 or 2 (`token_stage`), tokens of 48
 #: or 24 mm at the demo's 6 mm voxels instead of 96, so that a lesion can have a token of its own (issue 12 point 4).
 FPN = {f"{box}_fpn{s}": (box, s) for box in ("box", "box_light", "box_light_image") for s in (3, 2)}
