@@ -22,6 +22,8 @@ from monai.utils import look_up_option
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from medvlp.models.pooling import GLOBAL_POOLS, LateralityMoment, PositionalAttentionPool, global_pool
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -142,61 +144,27 @@ def _flatten_map(feats: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     return feats.flatten(2).transpose(1, 2), tuple(int(s) for s in feats.shape[2:])
 
 
-class PositionalAttentionPool(nn.Module):
-    """Attention pooling of a feature map with learned absolute positions, so the embedding says *where*.
-
-    A mean-pooled CNN embedding is nearly blind to position: a left and a right pleural effusion give almost the same
-    vector, and no text can tell them apart. CLIP's ResNets end in an attention pool whose keys and values carry a
-    position embedding (timm's :class:`~timm.layers.AttentionPool2d`, used here as is). Two ways to use it:
-
-    - ``attn``: the pool *is* the embedding; its tokens for grounding are MaskCLIP's dense features (each position's
-      value, feature plus position, through the same output projection), so they live in the embedding's space and
-      the shared projection head fits both.
-    - ``avgattn``: the mean of the feature map plus the pool as a residual whose output projection starts at zero, so
-      the tower starts as the mean pool and learns what position adds; the tokens stay the feature map's own, in the
-      mean's space, as grounding reads them without the pool.
-    """
-
-    MODES = ("attn", "avgattn")
-
-    def __init__(self, channels: int, grid: Sequence[int], mode: str = "attn") -> None:
-        super().__init__()
-        from timm.layers import AttentionPool2d
-
-        if mode not in self.MODES:
-            raise ValueError(f"unknown attention pool mode {mode!r}; choose one of {', '.join(self.MODES)}")
-        self.mode = mode
-        heads = max(1, channels // 64) if channels % 64 == 0 else 1
-        self.pool = AttentionPool2d(channels, tuple(grid), num_heads=heads, qkv_separate=True)
-        if mode == "avgattn":
-            nn.init.zeros_(self.pool.proj.weight)
-            nn.init.zeros_(self.pool.proj.bias)
-
-    def forward(self, feats: Tensor) -> tuple[Tensor, Tensor]:
-        """``[B, C, H, W]`` -> (embedding ``[B, C]``, tokens ``[B, H * W, C]``)."""
-        from timm.layers import resample_abs_pos_embed
-
-        pool = self.pool
-        raw = feats.flatten(2).transpose(1, 2)
-        if self.mode == "avgattn":
-            return raw.mean(dim=1) + pool(feats), raw
-        pos = resample_abs_pos_embed(
-            pool.pos_embed.unsqueeze(0), tuple(feats.shape[2:]), old_size=pool.feat_size, num_prefix_tokens=1
-        )
-        return pool(feats), pool.proj(pool.v(raw + pos[:, 1:]))
-
-
 class TimmImageEncoder(ImageEncoder):
     """Any timm architecture, built for one input channel and no classifier (2D only).
 
     ``global_pool="attn"`` or ``"avgattn"`` (CNNs only) ends the tower in a :class:`PositionalAttentionPool` instead
-    of timm's pooling; any other ``global_pool`` is timm's own.
+    of timm's pooling; any other ``global_pool`` is timm's own. ``laterality=True`` (CNNs whose pool keeps the
+    channels) adds a :class:`LateralityMoment` of the feature map along ``laterality_axis`` (0: the radiograph's
+    columns, the patient's left-right) to the embedding.
     """
 
-    def __init__(self, model_name: str, image_size: Sequence[int], **timm_kwargs: Any) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        image_size: Sequence[int],
+        laterality: bool = False,
+        laterality_axis: int = 0,
+        **timm_kwargs: Any,
+    ) -> None:
         super().__init__(2, image_size)
         self.model_name = model_name
         self.attn_pool: PositionalAttentionPool | None = None
+        self.laterality: LateralityMoment | None = None
         pool_kind = timm_kwargs.get("global_pool")
         attn = pool_kind if pool_kind in PositionalAttentionPool.MODES else None
         if attn:
@@ -227,10 +195,26 @@ class TimmImageEncoder(ImageEncoder):
                 raise ValueError(f"global_pool {attn!r} needs a CNN's [B, C, H, W] feature map; {model_name} has none")
             grid = tuple(int(g) for g in feats.shape[2:])
             self.attn_pool = PositionalAttentionPool(int(feats.shape[1]), grid, mode=attn)
+        if laterality:
+            self.laterality = self._laterality_head(kwargs, laterality_axis)
+            self.head_prefixes = ("laterality.",)
         with torch.no_grad():
             out = self.eval()._forward(torch.zeros(1, int(kwargs["in_chans"]), *self.image_size))
         self.train(was_training)
         self.embed_dim, self.token_dim = int(out.embedding.shape[-1]), int(out.tokens.shape[-1])
+
+    def _laterality_head(self, kwargs: dict[str, Any], axis: int) -> LateralityMoment:
+        """The laterality head for this backbone, refused where there is no channel-first map or the pool changes the
+        width (timm's ``avgmax``-like pools)."""
+        with torch.no_grad():
+            feats = self.backbone.eval().forward_features(torch.zeros(1, int(kwargs["in_chans"]), *self.image_size))
+            if feats.ndim != 4:
+                raise ValueError(f"laterality needs a CNN's feature map; {self.model_name} gives {tuple(feats.shape)}")
+            channels = int(feats.shape[1] if self.output_fmt == "NCHW" else feats.shape[3])
+            width = channels if self.attn_pool else int(self.backbone.forward_head(feats, pre_logits=True).shape[-1])
+        if width != channels:
+            raise ValueError(f"laterality needs a pool that keeps the {channels} channels; this one gives {width}")
+        return LateralityMoment(channels, axis, 2)
 
     @property
     def static_grid(self) -> tuple[int, ...] | None:
@@ -241,8 +225,12 @@ class TimmImageEncoder(ImageEncoder):
         feats = self.backbone.forward_features(x)
         if self.attn_pool is not None:
             embedding, tokens = self.attn_pool(feats)
+            if self.laterality is not None:
+                embedding = embedding + self.laterality(feats)
             return ImageEncoderOutput(embedding=embedding, tokens=tokens, grid=tuple(int(g) for g in feats.shape[2:]))
         embedding = self.backbone.forward_head(feats, pre_logits=True)  # [B, embed_dim]
+        if self.laterality is not None:
+            embedding = embedding + self.laterality(feats if self.output_fmt == "NCHW" else feats.permute(0, 3, 1, 2))
         if feats.ndim == 3:  # [B, prefix + N, C] (ViT-like)
             tokens = feats[:, self.num_prefix_tokens :]
             patch_embed = getattr(self.backbone, "patch_embed", None)
@@ -272,8 +260,9 @@ class TimmImageEncoder(ImageEncoder):
             groups = [[f"backbone.{n}" for n in grouped[k]] for k in sorted(grouped)]
         except (AttributeError, NotImplementedError):
             return super().layer_groups()  # the attention pool falls in the last group there
-        if self.attn_pool is not None:  # the pool is the head: it belongs with the last group
-            groups[-1] += [f"attn_pool.{n}" for n, _ in self.attn_pool.named_parameters()]
+        for name, head in (("attn_pool", self.attn_pool), ("laterality", self.laterality)):
+            if head is not None:  # the pool is the head: it belongs with the last group
+                groups[-1] += [f"{name}.{n}" for n, _ in head.named_parameters()]
         return groups
 
 
@@ -349,21 +338,6 @@ _RESNET_LAYOUTS: dict[int, tuple[type[nn.Module], list[int]]] = {
 }
 
 
-#: How a token map becomes the global embedding (timm's names): the mean, the maximum, or their average.
-GLOBAL_POOLS = ("avg", "max", "avgmax")
-
-
-def global_pool(tokens: Tensor, kind: str) -> Tensor:
-    """Pool tokens ``[B, N, C]`` over ``N`` into ``[B, C]``: ``avg``, ``max`` or ``avgmax`` (their mean, as timm)."""
-    if kind == "avg":
-        return tokens.mean(dim=1)
-    if kind == "max":
-        return tokens.amax(dim=1)
-    if kind == "avgmax":
-        return 0.5 * (tokens.mean(dim=1) + tokens.amax(dim=1))
-    raise ValueError(f"unknown global_pool {kind!r}; choose one of {', '.join(GLOBAL_POOLS)}")
-
-
 class MonaiResNetEncoder(ImageEncoder):
     """MONAI's ResNet (2D or 3D, MedicalNet layout); tokens from the last stage (or ``token_stage``), embedding the
     last stage's pool.
@@ -376,6 +350,9 @@ class MonaiResNetEncoder(ImageEncoder):
     a lesion can have a token of its own. The laterals start at zero (the tokens are then the last stage's, repeated);
     the embedding stays the last stage's pool, so only what reads tokens trains them (the phrase-box and local terms,
     SimMIM). They are heads (``head_prefixes``): never locked, not expected in a backbone checkpoint.
+
+    ``laterality=True`` adds a :class:`LateralityMoment` of the last stage along ``laterality_axis`` (0: the L/R
+    axis of an RAS cache) to the embedding, a head as the laterals are.
     """
 
     def __init__(
@@ -392,6 +369,8 @@ class MonaiResNetEncoder(ImageEncoder):
         widen_factor: float = 1.0,
         global_pool: str = "avg",
         token_stage: int = 4,
+        laterality: bool = False,
+        laterality_axis: int = 0,
     ) -> None:
         super().__init__(spatial_dims, image_size)
         if token_stage not in (2, 3, 4):
@@ -427,6 +406,10 @@ class MonaiResNetEncoder(ImageEncoder):
             nn.init.zeros_(lateral.weight)
             nn.init.zeros_(lateral.bias)
         self.head_prefixes = ("laterals.",) if len(self.laterals) else ()
+        self.laterality: LateralityMoment | None = None
+        if laterality:
+            self.laterality = LateralityMoment(self.embed_dim, laterality_axis, spatial_dims)
+            self.head_prefixes = (*self.head_prefixes, "laterality.")
 
     def _forward(self, x: Tensor) -> ImageEncoderOutput:
         net = self.backbone
@@ -438,15 +421,18 @@ class MonaiResNetEncoder(ImageEncoder):
             h = _maybe_checkpoint(self.grad_checkpointing, stage, h)
             stages.append(h)
         last, _ = _flatten_map(h)  # [B, N, C]
+        embedding = global_pool(last, self.global_pool)
+        if self.laterality is not None:
+            embedding = embedding + self.laterality(h)
         for s in range(3, self.token_stage - 1, -1):  # top-down: upsample, add the finer stage's lateral
             finer = stages[s - 1]
             h = nn.functional.interpolate(h, size=finer.shape[2:], mode="nearest") + self.laterals[str(s)](finer)
         tokens, grid = _flatten_map(h)  # [B, N, C] on the token stage's grid
-        return ImageEncoderOutput(embedding=global_pool(last, self.global_pool), tokens=tokens, grid=grid)
+        return ImageEncoderOutput(embedding=embedding, tokens=tokens, grid=grid)
 
     def _group_prefixes(self) -> list[tuple[str, ...]]:
         stages = [(f"backbone.layer{i}.",) for i in range(1, 4)]
-        return [("backbone.conv1.", "backbone.bn1."), *stages, ("backbone.layer4.", "laterals.")]
+        return [("backbone.conv1.", "backbone.bn1."), *stages, ("backbone.layer4.", "laterals.", "laterality.")]
 
 
 class MonaiSwinEncoder(ImageEncoder):

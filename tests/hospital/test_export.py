@@ -81,9 +81,13 @@ def test_export_refusals(model_2d: TinyModel, tmp_path: Path) -> None:
         OnnxScorer(tmp_path)
 
 
-def test_onnx_export_of_the_demo_tower_with_its_attention_pool(model_2d: TinyModel, tmp_path: Path) -> None:
+@pytest.mark.parametrize("args", [{"global_pool": "avgattn"}, {"global_pool": "avgattn", "laterality": True}])
+def test_onnx_export_of_the_demo_tower_with_its_attention_pool(
+    model_2d: TinyModel, tmp_path: Path, args: dict[str, object]
+) -> None:
     """The 2D demo's tower (a timm CNN ending in the mean plus a positional attention residual, `global_pool:
-    avgattn`) exports with its trained residual: onnxruntime gives PyTorch's embeddings and the server's answer."""
+    avgattn`, with or without the laterality head) exports with its trained residuals: onnxruntime gives PyTorch's
+    embeddings and the server's answer."""
     from medvlp.models import MedVLP, ModelConfig
     from medvlp.serve.server import load_service
 
@@ -92,7 +96,7 @@ def test_onnx_export_of_the_demo_tower_with_its_attention_pool(model_2d: TinyMod
     torch.manual_seed(5)
     cfg = ModelConfig(
         image_encoder="tiny_timm_resnet",
-        image_encoder_args={"global_pool": "avgattn"},
+        image_encoder_args=args,
         spatial_dims=2,
         image_size=tuple(record["preprocess"]["size"]),
         text_num_layers=1,
@@ -100,8 +104,8 @@ def test_onnx_export_of_the_demo_tower_with_its_attention_pool(model_2d: TinyMod
         embed_dim=64,
     )
     model = MedVLP(cfg)
-    residual = [p for n, p in model.named_parameters() if n.endswith("pool.proj.weight")]
-    assert residual, "the tower ends in the attention pool"
+    residual = [p for n, p in model.named_parameters() if n.endswith(("pool.proj.weight", "laterality.proj.weight"))]
+    assert len(residual) == len(args), "the tower ends in the attention pool (and the laterality head)"
     with torch.no_grad():
         for p in residual:  # as training leaves it: not the zero the residual starts at
             p.normal_(0, 0.05)
