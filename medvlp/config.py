@@ -116,6 +116,12 @@ class AlignStageConfig(OptimConfig):
         description="weight of the twin term: each image must prefer its report over the same report with one "
         "sentence flipped by a hard_negatives rule; 0: off",
     )
+    twin_sentence_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of the sentence twin term: each image must prefer the sentence drawn for its report's twin "
+        "over that sentence's twin, the two sentences alone (the robustness suite's form); 0: off",
+    )
     box_weight: float = Field(
         default=0.0,
         ge=0,
@@ -184,13 +190,14 @@ class AlignStageConfig(OptimConfig):
 
     @model_validator(mode="after")
     def _selection_needs_validation(self) -> AlignStageConfig:
-        if self.hard_negatives and not (self.sentence_weight or self.twin_weight):
+        if self.hard_negatives and not (self.sentence_weight or self.twin_weight or self.twin_sentence_weight):
             raise ValueError(
-                f"hard_negatives {self.hard_negatives} enter the sentence or the twin term: set sentence_weight > 0 "
-                "or twin_weight > 0"
+                f"hard_negatives {self.hard_negatives} enter the sentence or a twin term: set sentence_weight, "
+                "twin_weight or twin_sentence_weight > 0"
             )
-        if self.twin_weight and not self.hard_negatives:
-            raise ValueError("twin_weight > 0 needs hard_negatives (the rules that make each report's twin)")
+        for name in ("twin_weight", "twin_sentence_weight"):
+            if getattr(self, name) and not self.hard_negatives:
+                raise ValueError(f"{name} > 0 needs hard_negatives (the rules that make each report's twin)")
         if self.select_metric is not None and self.val_every is None:
             raise ValueError(f"select_metric {self.select_metric!r} needs val_every (how often to evaluate on val)")
         if self.patience is not None and self.select_metric is None:

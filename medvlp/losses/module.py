@@ -101,6 +101,8 @@ class ContrastiveLossConfig:
             optional hard-negative twins; needs `sentence_features` and `sentence_positives`).
         twin_weight: weight of `twin_loss` (each image's report against the report with one sentence flipped; needs
             `twin_features`).
+        twin_sentence_weight: weight of `twin_loss` on the flipped sentence alone: each image against that sentence
+            and its twin, the two texts without the rest of the report (needs `twin_sentences`).
 
     The alignment, uniformity, local, sentence and twin terms use this rank's local batch only.
     """
@@ -120,6 +122,7 @@ class ContrastiveLossConfig:
     local_logit_scale: float = 10.0
     sentence_weight: float = 0.0
     twin_weight: float = 0.0
+    twin_sentence_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self.kind = _look_up(self.kind, list(LOSSES), "loss kind")
@@ -129,7 +132,8 @@ class ContrastiveLossConfig:
         for name in ("noise_tau", "uniformity_t"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("alignment_weight", "uniformity_weight", "local_weight", "sentence_weight", "twin_weight"):
+        weights = ("alignment", "uniformity", "local", "sentence", "twin", "twin_sentence")
+        for name in (f"{w}_weight" for w in weights):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -168,6 +172,7 @@ class ContrastiveLoss(nn.Module):
         hard_mask: Tensor | None = None,
         twin_features: Tensor | None = None,
         twin_mask: Tensor | None = None,
+        twin_sentences: tuple[Tensor, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """Compute the loss terms.
 
@@ -185,6 +190,8 @@ class ContrastiveLoss(nn.Module):
             sentence_positives: [b, b] bool, report i contains sentence j (sentence term).
             hard_features: [b, D] hard-negative twins of the sentences, with `hard_mask` [b] (sentence term).
             twin_features: [b, D] each report with one sentence flipped, with `twin_mask` [b] (twin term).
+            twin_sentences: ([b, D], [b, D]) the flipped sentence of each report alone and its twin alone, with
+                `twin_mask` (sentence twin term).
 
         Returns:
             Dict of scalar tensors: "loss" (weighted total), "contrastive", and each enabled term.
@@ -202,6 +209,7 @@ class ContrastiveLoss(nn.Module):
             "local": cfg.local_weight,
             "sentence": cfg.sentence_weight,
             "twin": cfg.twin_weight,
+            "twin_sentence": cfg.twin_sentence_weight,
         }
         if cfg.alignment_weight:
             terms["alignment"] = alignment_loss(image_features, text_features)
@@ -228,5 +236,9 @@ class ContrastiveLoss(nn.Module):
             if twin_features is None:
                 raise ValueError("twin_weight > 0 needs twin_features")
             terms["twin"] = twin_loss(image_features, text_features, twin_features, logit_scale, twin_mask)
+        if cfg.twin_sentence_weight:
+            if twin_sentences is None:
+                raise ValueError("twin_sentence_weight > 0 needs twin_sentences")
+            terms["twin_sentence"] = twin_loss(image_features, *twin_sentences, logit_scale, twin_mask)
         total = sum(weights[k] * v for k, v in terms.items())
         return {"loss": total, **terms}

@@ -100,3 +100,45 @@ def test_training_with_sentences_and_report_twins_logs_both_and_moves_the_text_t
     terms = [r for r in logged if "twin" in r]
     assert terms and all("sentence" in r and torch.isfinite(torch.tensor(r["twin"])) for r in terms)
     assert any(not torch.equal(p, before[n]) for n, p in stage.model.text_encoder.named_parameters())
+
+
+def test_the_sentence_twin_term_scores_the_drawn_sentence_alone_against_its_twin(
+    cache: CachedCohort,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """``twin_sentence_weight``: the same draw as the report twin, but the two sentences alone enter the term (the
+    robustness suite's form), after the report twins in the extra texts; it trains and is logged beside them."""
+    kinds = ["negation", "laterality", "affirmation"]
+    both = _stage(cache, steps=3, twin_weight=1.0, twin_sentence_weight=1.0, hard_negatives=kinds)
+    ds = both.dataset()
+    batch = both.collate([ds[(i, 0)] for i in range(8)])
+    report_only = _stage(cache, twin_weight=1.0, hard_negatives=kinds).collate([ds[(i, 0)] for i in range(8)])
+    assert batch["report_twins"] == report_only["report_twins"], "the same draw"
+    for text, twin, (sentence, flipped), has in zip(
+        batch["text"], batch["report_twins"], batch["twin_sentences"], batch["twin_mask"].tolist(), strict=True
+    ):
+        if has:
+            assert sentence in text_sentences(text) and flipped in twins(sentence, kinds)
+            assert twin == text.replace(sentence, flipped, 1)
+    n = 8 * 3  # the report twins, the drawn sentences, their twins
+    assert batch["extra_tokens"]["input_ids"].shape[0] == n
+    alone = _stage(cache, twin_sentence_weight=1.0, hard_negatives=kinds).collate([ds[(i, 0)] for i in range(8)])
+    assert "report_twins" not in alone and alone["extra_tokens"]["input_ids"].shape[0] == 16
+    run_stage(both, tmp_path, CPU, seed=0)
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    terms = [r for r in logged if "twin_sentence" in r]
+    assert terms and all("twin" in r and torch.isfinite(torch.tensor(r["twin_sentence"])) for r in terms)
+
+
+def test_the_sentence_twin_loss_is_the_twin_loss_of_the_pair() -> None:
+    img, sentence, twin = _unit(3, 4), _unit(3, 4, seed=1), _unit(3, 4, seed=2)
+    mask = torch.tensor([True, False, True])
+    got = ContrastiveLoss(twin_sentence_weight=2.0)(
+        img, _unit(3, 4, seed=3), 5.0, twin_sentences=(sentence, twin), twin_mask=mask
+    )
+    assert got["twin_sentence"].item() == pytest.approx(twin_loss(img, sentence, twin, 5.0, mask).item(), rel=1e-6)
+    assert got["loss"].item() == pytest.approx((got["contrastive"] + 2.0 * got["twin_sentence"]).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="twin_sentences"):
+        ContrastiveLoss(twin_sentence_weight=1.0)(img, sentence, 1.0)
+    with pytest.raises(ValidationError, match="twin_sentence_weight > 0 needs hard_negatives"):
+        AlignStageConfig(steps=1, batch_size=2, lr=1e-3, twin_sentence_weight=1.0)

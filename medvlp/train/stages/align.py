@@ -123,6 +123,7 @@ class AlignStage:
             local_weight=cfg.local_weight,
             sentence_weight=cfg.sentence_weight,
             twin_weight=cfg.twin_weight,
+            twin_sentence_weight=cfg.twin_sentence_weight,
         )
         # the val loss: the same terms on rank 0's whole val batches, never gathered across ranks
         self.val_loss = ContrastiveLoss(config=replace(self.loss.config, gather=False, local_loss=False))
@@ -179,9 +180,14 @@ class AlignStage:
         if self.config.sentence_weight:
             batch.update(self._sentences(batch))
             extra += batch["sentences"] + (batch["hard_texts"] if self.config.hard_negatives else [])
-        if self.config.twin_weight:
-            batch["report_twins"], batch["twin_mask"] = self._report_twins(batch)
-            extra += batch["report_twins"]
+        if self.config.twin_weight or self.config.twin_sentence_weight:
+            report_twins, pairs, batch["twin_mask"] = self._report_twins(batch)
+            if self.config.twin_weight:
+                batch["report_twins"] = report_twins
+                extra += report_twins
+            if self.config.twin_sentence_weight:
+                batch["twin_sentences"] = pairs
+                extra += [p[0] for p in pairs] + [p[1] for p in pairs]
         extra += batch.get("box_phrases") or []  # last, so the box term takes the tail of the extra features
         if extra:
             batch["extra_tokens"] = dict(self.model.text_encoder.tokenize(extra))
@@ -209,13 +215,15 @@ class AlignStage:
             "hard_mask": torch.tensor(has_hard) if self.config.hard_negatives else None,
         }
 
-    def _report_twins(self, batch: dict[str, Any]) -> tuple[list[str], torch.Tensor]:
-        """Each report with one of its sentences flipped by a ``hard_negatives`` rule, and which reports have one.
+    def _report_twins(self, batch: dict[str, Any]) -> tuple[list[str], list[tuple[str, str]], torch.Tensor]:
+        """Each report with one of its sentences flipped by a ``hard_negatives`` rule, that (sentence, twin) pair, and
+        which reports have one.
 
         The flipped sentence is drawn (seeded by seed, epoch and study) among the report's sentences that have a twin
-        the report does not itself state; a report without one keeps its own text, masked out of the term.
+        the report does not itself state; a report without one keeps its own text (and pairs it with itself), masked
+        out of the twin terms.
         """
-        out, mask = [], []
+        out, pairs, mask = [], [], []
         for text, index, epoch in zip(batch["text"], batch["index"].tolist(), batch["epoch"].tolist(), strict=True):
             sentences = list(dict.fromkeys(text_sentences(text)))
             own = {normalize_report(x) for x in sentences}
@@ -229,10 +237,12 @@ class AlignStage:
             if options:
                 sentence, twin = options[int(rng.integers(len(options)))]
                 out.append(text.replace(sentence, twin, 1))
+                pairs.append((sentence, twin))
             else:
                 out.append(text)
+                pairs.append((text, text))
             mask.append(bool(options))
-        return out, torch.tensor(mask)
+        return out, pairs, torch.tensor(mask)
 
     def _keys(self, batch: dict[str, Any]) -> Any:
         mode = self.config.false_negatives
@@ -288,8 +298,13 @@ class AlignStage:
                 if batch["hard_mask"] is not None:
                     extra.update(hard_features=features[b : 2 * b], hard_mask=batch["hard_mask"].to(device))
                     start = 2 * b
+            if "twin_mask" in batch:
+                extra["twin_mask"] = batch["twin_mask"].to(device)
             if "report_twins" in batch:
-                extra.update(twin_features=features[start : start + b], twin_mask=batch["twin_mask"].to(device))
+                extra["twin_features"] = features[start : start + b]
+                start += b
+            if "twin_sentences" in batch:
+                extra["twin_sentences"] = (features[start : start + b], features[start + b : start + 2 * b])
         return loss(
             out["image_features"],
             out["text_features"],
