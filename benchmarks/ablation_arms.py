@@ -17,9 +17,11 @@ PIN = [
     "stages.stage2-align.sentence_weight=0.0",
     "stages.stage2-align.hard_negatives=[]",
     "stages.stage2-align.box_weight=0.0",
+    "stages.stage2-align.twin_sentence_weight=0.0",
     "stages.stage2-align.mirror=0.0",
     "stages.stage2-align.text_lr_scale=0.1",
     "model.image_encoder_args.global_pool=avg",
+    "model.image_encoder_args.laterality=false",
 ]
 
 #: The arms: config overrides on top of the demo config (the `report` arm is the demo config with sentence prompts).
@@ -126,6 +128,12 @@ ARMS["twin_attn_box_severity"] = [
     *ARMS["twin_attn_box"],
     "stages.stage2-align.hard_negatives=[negation,laterality,affirmation,severity]",
 ]
+#: ... with the laterality head (`laterality: true`): the feature map's first moment across the patient's left-right
+#: axis, a zero-initialised residual on the embedding, so that the side of a finding is linear in it.
+ARMS["twin_attn_box_lat"] = [*ARMS["twin_attn_box"], "model.image_encoder_args.laterality=true"]
+#: ... with the sentence twin term (`twin_sentence_weight: 1`): the sentence flipped for the report's twin, alone,
+#: against its twin alone, the robustness suite's own form (the report twin trains whole reports only).
+ARMS["twin_attn_box_sent"] = [*ARMS["twin_attn_box"], "stages.stage2-align.twin_sentence_weight=1.0"]
 #: The phrase-box terms on finer tokens (3D ResNet): a feature pyramid to stage 3 or 2 (`token_stage`), tokens of 48
 #: or 24 mm at the demo's 6 mm voxels instead of 96, so that a lesion can have a token of its own (issue 12 point 4).
 FPN = {f"{box}_fpn{s}": (box, s) for box in ("box", "box_light", "box_light_image") for s in (3, 2)}
