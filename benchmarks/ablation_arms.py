@@ -134,6 +134,7 @@ ARMS["twin_attn_box_lat"] = [*ARMS["twin_attn_box"], "model.image_encoder_args.l
 #: ... with the sentence twin term (`twin_sentence_weight: 1`): the sentence flipped for the report's twin, alone,
 #: against its twin alone, the robustness suite's own form (the report twin trains whole reports only).
 ARMS["twin_attn_box_sent"] = [*ARMS["twin_attn_box"], "stages.stage2-align.twin_sentence_weight=1.0"]
+ARMS["twin_attn_box_sent03"] = [*ARMS["twin_attn_box"], "stages.stage2-align.twin_sentence_weight=0.3"]
 #: The phrase-box terms on finer tokens (3D ResNet): a feature pyramid to stage 3 or 2 (`token_stage`), tokens of 48
 #: or 24 mm at the demo's 6 mm voxels instead of 96, so that a lesion can have a token of its own (issue 12 point 4).
 FPN = {f"{box}_fpn{s}": (box, s) for box in ("box", "box_light", "box_light_image") for s in (3, 2)}

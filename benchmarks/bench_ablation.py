@@ -210,7 +210,10 @@ def image_side(run: Path, cache: Path) -> dict[str, Any]:
     half of the robustness suite cannot be met by any text; None when a split lacks one of the sides.
     ``zero_shot_mean_intensity_spearman``: per finding, the rank correlation on test between the zero-shot score
     (`sentence` prompts) and the image's mean intensity, a global shortcut (body size, fluid) that a tower which does
-    not see a lesion may score it by instead."""
+    not see a lesion may score it by instead.
+    ``laterality_twin_accuracy``: per split, how often the image prefers its own report over that report with its
+    first lateral sentence side-swapped (``report``: the twin term's task) and a finding phrase alone over its
+    side-swapped twin (``sentence``: the robustness suite's task, on that split)."""
     import re
 
     from scipy.stats import spearmanr
@@ -222,13 +225,19 @@ def image_side(run: Path, cache: Path) -> dict[str, Any]:
     from medvlp.data.perturb import swap_laterality
     from medvlp.tasks.embed import embed_split
     from medvlp.tasks.grounding import grounding_pairs
+    from medvlp.tasks.robustness import robustness_suite
     from medvlp.tasks.zeroshot import zero_shot_scores
 
     rd, cohort = RunDir.open(run), CachedCohort.open(cache)
     model = rd.load_model().eval()
-    data, out = {}, {}
+    data, out = {}, {"laterality_twin_accuracy": {}}
     for split in ("train", "test"):
         emb = embed_split(model, cohort, split, rd.report_sections)
+        suite = robustness_suite(model, cohort, emb.image, list(emb.records["study"]), split)["per_perturbation"]
+        out["laterality_twin_accuracy"][split] = {
+            "report": report_twin_accuracy(model, emb.image, emb.reports, swap_laterality),
+            "sentence": suite.get("laterality", {}).get("accuracy"),
+        }
         if split == "test":
             scores = zero_shot_scores(model, emb.image, cohort.findings)
             mean = mean_intensity(cohort, emb.records["study"])
@@ -248,6 +257,30 @@ def image_side(run: Path, cache: Path) -> dict[str, Any]:
     clf = LogisticRegression(max_iter=2000).fit(xtr, ytr)
     probe = float(roc_auc_score(yte, clf.predict_proba(xte)[:, 1]))
     return {**out, "laterality_probe_auroc": probe, "laterality_phrases": len(yte)}
+
+
+def report_twin_accuracy(model: Any, images: np.ndarray, reports: list[str], rule: Any) -> float | None:
+    """How often each image prefers its report over the report with its first sentence that ``rule`` changes
+    changed (ties count against the model); None when no report has such a sentence."""
+    import torch
+
+    from medvlp.data.reports import text_sentences
+
+    rows, own, twin = [], [], []
+    for i, text in enumerate(reports):
+        flipped = next((t for t in map(rule, text_sentences(text)) if t is not None), None)
+        if flipped is not None:
+            sentence = next(x for x in text_sentences(text) if rule(x) == flipped)
+            rows.append(i)
+            own.append(text)
+            twin.append(text.replace(sentence, flipped, 1))
+    if not rows:
+        return None
+    with torch.no_grad():
+        a, b = (torch.cat([model.encode_text(t[i : i + 64]) for i in range(0, len(t), 64)]) for t in (own, twin))
+    img = torch.nn.functional.normalize(torch.as_tensor(images[rows]).float(), dim=-1)
+    a, b = torch.nn.functional.normalize(a.float(), dim=-1), torch.nn.functional.normalize(b.float(), dim=-1)
+    return float(((img * a).sum(-1) > (img * b).sum(-1)).float().mean())
 
 
 def text_side(run: Path, cache: Path) -> dict[str, Any]:
