@@ -265,21 +265,19 @@ def report_twin_accuracy(model: Any, images: np.ndarray, reports: list[str], rul
     import torch
 
     from medvlp.data.reports import text_sentences
+    from medvlp.tasks.embed import encode_texts
 
     rows, own, twin = [], [], []
     for i, text in enumerate(reports):
-        flipped = next((t for t in map(rule, text_sentences(text)) if t is not None), None)
-        if flipped is not None:
-            sentence = next(x for x in text_sentences(text) if rule(x) == flipped)
+        flips = [(x, t) for x in text_sentences(text) if (t := rule(x)) is not None]
+        if flips:
             rows.append(i)
             own.append(text)
-            twin.append(text.replace(sentence, flipped, 1))
+            twin.append(text.replace(*flips[0], 1))
     if not rows:
         return None
-    with torch.no_grad():
-        a, b = (torch.cat([model.encode_text(t[i : i + 64]) for i in range(0, len(t), 64)]) for t in (own, twin))
     img = torch.nn.functional.normalize(torch.as_tensor(images[rows]).float(), dim=-1)
-    a, b = torch.nn.functional.normalize(a.float(), dim=-1), torch.nn.functional.normalize(b.float(), dim=-1)
+    a, b = encode_texts(model, own), encode_texts(model, twin)
     return float(((img * a).sum(-1) > (img * b).sum(-1)).float().mean())
 
 

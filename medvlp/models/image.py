@@ -188,29 +188,29 @@ class TimmImageEncoder(ImageEncoder):
         self.num_prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 0))
         self.output_fmt = str(getattr(self.backbone, "output_fmt", "NCHW"))
         was_training = self.backbone.training
-        if attn:
+        if attn or laterality:  # the heads are sized from the backbone's feature map at image_size
             with torch.no_grad():
                 feats = self.backbone.eval().forward_features(torch.zeros(1, int(kwargs["in_chans"]), *self.image_size))
+        if attn:
             if feats.ndim != 4 or self.output_fmt != "NCHW":
                 raise ValueError(f"global_pool {attn!r} needs a CNN's [B, C, H, W] feature map; {model_name} has none")
             grid = tuple(int(g) for g in feats.shape[2:])
             self.attn_pool = PositionalAttentionPool(int(feats.shape[1]), grid, mode=attn)
         if laterality:
-            self.laterality = self._laterality_head(kwargs, laterality_axis)
+            self.laterality = self._laterality_head(feats, laterality_axis)
             self.head_prefixes = ("laterality.",)
         with torch.no_grad():
             out = self.eval()._forward(torch.zeros(1, int(kwargs["in_chans"]), *self.image_size))
         self.train(was_training)
         self.embed_dim, self.token_dim = int(out.embedding.shape[-1]), int(out.tokens.shape[-1])
 
-    def _laterality_head(self, kwargs: dict[str, Any], axis: int) -> LateralityMoment:
-        """The laterality head for this backbone, refused where there is no channel-first map or the pool changes the
-        width (timm's ``avgmax``-like pools)."""
+    def _laterality_head(self, feats: Tensor, axis: int) -> LateralityMoment:
+        """The laterality head for this backbone's feature map ``feats``, refused where there is no map or the pool
+        changes the width (timm's ``catavgmax``)."""
+        if feats.ndim != 4:
+            raise ValueError(f"laterality needs a CNN's feature map; {self.model_name} gives {tuple(feats.shape)}")
+        channels = int(feats.shape[1] if self.output_fmt == "NCHW" else feats.shape[3])
         with torch.no_grad():
-            feats = self.backbone.eval().forward_features(torch.zeros(1, int(kwargs["in_chans"]), *self.image_size))
-            if feats.ndim != 4:
-                raise ValueError(f"laterality needs a CNN's feature map; {self.model_name} gives {tuple(feats.shape)}")
-            channels = int(feats.shape[1] if self.output_fmt == "NCHW" else feats.shape[3])
             width = channels if self.attn_pool else int(self.backbone.forward_head(feats, pre_logits=True).shape[-1])
         if width != channels:
             raise ValueError(f"laterality needs a pool that keeps the {channels} channels; this one gives {width}")
