@@ -18,6 +18,7 @@ PIN = [
     "stages.stage2-align.hard_negatives=[]",
     "stages.stage2-align.box_weight=0.0",
     "stages.stage2-align.twin_sentence_weight=0.0",
+    "stages.stage2-align.twin_sides=sentence",
     "stages.stage2-align.mirror=0.0",
     "stages.stage2-align.text_lr_scale=0.1",
     "model.image_encoder_args.global_pool=avg",
@@ -135,6 +136,9 @@ ARMS["twin_attn_box_lat"] = [*ARMS["twin_attn_box"], "model.image_encoder_args.l
 #: against its twin alone, the robustness suite's own form (the report twin trains whole reports only).
 ARMS["twin_attn_box_sent"] = [*ARMS["twin_attn_box"], "stages.stage2-align.twin_sentence_weight=1.0"]
 ARMS["twin_attn_box_sent03"] = [*ARMS["twin_attn_box"], "stages.stage2-align.twin_sentence_weight=0.3"]
+#: ... with consistent laterality twins (`twin_sides: report`): every side of the report swapped, so the twin does not
+#: contradict itself (a one-sentence swap did in about 3 of 4 reports: a text-only cue the tower can learn).
+ARMS["twin_attn_box_sides"] = [*ARMS["twin_attn_box"], "stages.stage2-align.twin_sides=report"]
 #: The phrase-box terms on finer tokens (3D ResNet): a feature pyramid to stage 3 or 2 (`token_stage`), tokens of 48
 #: or 24 mm at the demo's 6 mm voxels instead of 96, so that a lesion can have a token of its own (issue 12 point 4).
 FPN = {f"{box}_fpn{s}": (box, s) for box in ("box", "box_light", "box_light_image") for s in (3, 2)}

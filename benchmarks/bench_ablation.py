@@ -213,7 +213,9 @@ def image_side(run: Path, cache: Path) -> dict[str, Any]:
     not see a lesion may score it by instead.
     ``laterality_twin_accuracy``: per split, how often the image prefers its own report over that report with its
     first lateral sentence side-swapped (``report``: the twin term's task) and a finding phrase alone over its
-    side-swapped twin (``sentence``: the robustness suite's task, on that split)."""
+    side-swapped twin (``sentence``: the robustness suite's task, on that split); beside them the report with every
+    side swapped (``report_mirrored``) and ``report`` scored with other studies' images (``report_shuffled_images``:
+    above 0.5, the text alone gives the twin away; :func:`report_twin_accuracy`)."""
     import re
 
     from scipy.stats import spearmanr
@@ -234,9 +236,12 @@ def image_side(run: Path, cache: Path) -> dict[str, Any]:
     for split in ("train", "test"):
         emb = embed_split(model, cohort, split, rd.report_sections)
         suite = robustness_suite(model, cohort, emb.image, list(emb.records["study"]), split)["per_perturbation"]
+        reports = report_twin_accuracy(model, emb.image, emb.reports, swap_laterality) or {}
         out["laterality_twin_accuracy"][split] = {
-            "report": report_twin_accuracy(model, emb.image, emb.reports, swap_laterality),
+            "report": reports.get("one"),
             "sentence": suite.get("laterality", {}).get("accuracy"),
+            "report_mirrored": reports.get("mirrored"),
+            "report_shuffled_images": reports.get("shuffled"),
         }
         if split == "test":
             scores = zero_shot_scores(model, emb.image, cohort.findings)
@@ -259,11 +264,20 @@ def image_side(run: Path, cache: Path) -> dict[str, Any]:
     return {**out, "laterality_probe_auroc": probe, "laterality_phrases": len(yte)}
 
 
-def report_twin_accuracy(model: Any, images: np.ndarray, reports: list[str], rule: Any) -> float | None:
-    """How often each image prefers its report over the report with its first sentence that ``rule`` changes
-    changed (ties count against the model); None when no report has such a sentence."""
+def report_twin_accuracy(model: Any, images: np.ndarray, reports: list[str], rule: Any) -> dict[str, float] | None:
+    """How often each image prefers its report over a twin (ties count against the model), on the reports that have
+    a sentence ``rule`` changes; None when none has.
+
+    - ``one``: the twin with that first sentence changed (the twin term's default draw). In a report that states the
+      finding twice, the twin contradicts itself;
+    - ``mirrored``: every side of the report swapped (:func:`medvlp.data.perturb.mirror_sides`), a twin as consistent
+      as a real report, which only the image's side tells apart;
+    - ``shuffled``: ``one`` with every image swapped for another study's (a seeded permutation): about 0.5 unless the
+      tower tells twins from reports by their text alone (a contradiction cue).
+    """
     import torch
 
+    from medvlp.data.perturb import mirror_sides
     from medvlp.data.reports import text_sentences
     from medvlp.tasks.embed import encode_texts
 
@@ -277,8 +291,13 @@ def report_twin_accuracy(model: Any, images: np.ndarray, reports: list[str], rul
     if not rows:
         return None
     img = torch.nn.functional.normalize(torch.as_tensor(images[rows]).float(), dim=-1)
-    a, b = encode_texts(model, own), encode_texts(model, twin)
-    return float(((img * a).sum(-1) > (img * b).sum(-1)).float().mean())
+    a, b, c = encode_texts(model, own), encode_texts(model, twin), encode_texts(model, [mirror_sides(t) for t in own])
+    other = img[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
+
+    def accuracy(x: Any, y: Any, z: Any) -> float:
+        return float(((x * y).sum(-1) > (x * z).sum(-1)).float().mean())
+
+    return {"one": accuracy(img, a, b), "mirrored": accuracy(img, a, c), "shuffled": accuracy(other, a, b)}
 
 
 def text_side(run: Path, cache: Path) -> dict[str, Any]:

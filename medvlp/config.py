@@ -116,6 +116,13 @@ class AlignStageConfig(OptimConfig):
         description="weight of the twin term: each image must prefer its report over the same report with one "
         "sentence flipped by a hard_negatives rule; 0: off",
     )
+    twin_sides: Literal["sentence", "report"] = Field(
+        default="sentence",
+        description="how the twin term's laterality twin is made: 'sentence' swaps left and right in the drawn "
+        "sentence alone, so a report that names the side again elsewhere contradicts itself, a cue the text tower can "
+        "learn without the image; 'report' swaps every side the report names (medvlp.data.perturb.mirror_sides), a "
+        "twin as consistent as a real report, which only the image's side can tell apart",
+    )
     twin_sentence_weight: float = Field(
         default=0.0,
         ge=0,
@@ -198,6 +205,11 @@ class AlignStageConfig(OptimConfig):
         for name in ("twin_weight", "twin_sentence_weight"):
             if getattr(self, name) and not self.hard_negatives:
                 raise ValueError(f"{name} > 0 needs hard_negatives (the rules that make each report's twin)")
+        if self.twin_sides == "report" and not (self.twin_weight and "laterality" in self.hard_negatives):
+            raise ValueError(
+                "twin_sides 'report' makes the twin term's laterality twin: it needs twin_weight > 0 and "
+                "'laterality' in hard_negatives"
+            )
         if self.select_metric is not None and self.val_every is None:
             raise ValueError(f"select_metric {self.select_metric!r} needs val_every (how often to evaluate on val)")
         if self.patience is not None and self.select_metric is None:

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from medvlp.config import AlignStageConfig
 from medvlp.data.cache import CachedCohort
-from medvlp.data.perturb import twins
+from medvlp.data.perturb import mirror_sides, twins
 from medvlp.data.reports import text_sentences
 from medvlp.losses import ContrastiveLoss, twin_loss
 from medvlp.train.loop import run_stage
@@ -77,6 +77,34 @@ def test_each_twin_is_its_report_with_one_sentence_flipped_by_a_rule(cache: Cach
     later = [stage.collate([ds[(i, e)] for i in range(8)])["report_twins"] for e in range(1, 6)]
     assert any(t != batch["report_twins"] for t in later), "other epochs flip other sentences"
     assert batch["extra_tokens"]["input_ids"].shape[0] == 8, "only the twins: no sentence term"
+
+
+def test_report_sides_swap_every_side_of_a_laterality_twin_and_leave_the_other_rules_alone(
+    cache: CachedCohort,  # noqa: F811
+) -> None:
+    """``twin_sides: report``: the same draw, but a laterality twin swaps every side the report names, so it never
+    contradicts itself; a negated or affirmed twin is the one-sentence twin as before."""
+    kinds = ["negation", "laterality", "affirmation"]
+    ds = _stage(cache, twin_weight=1.0, hard_negatives=kinds).dataset()
+    items = [dict(ds[(i, 0)]) for i in range(8)]
+    items[0]["text"] = "FINDINGS: Small left pleural effusion. IMPRESSION: Left effusion."
+    one = _stage(cache, twin_weight=1.0, hard_negatives=["laterality"]).collate(items)
+    whole = _stage(cache, twin_weight=1.0, hard_negatives=["laterality"], twin_sides="report").collate(items)
+    assert one["report_twins"][0] == "FINDINGS: Small right pleural effusion. IMPRESSION: Left effusion."
+    assert whole["report_twins"][0] == "FINDINGS: Small right pleural effusion. IMPRESSION: Right effusion."
+    mixed = _stage(cache, twin_weight=1.0, hard_negatives=kinds, twin_sides="report").collate(items)
+    plain = _stage(cache, twin_weight=1.0, hard_negatives=kinds).collate(items)
+    assert mixed["twin_mask"].tolist() == plain["twin_mask"].tolist()
+    swapped = 0
+    for text, a, b in zip(mixed["text"], mixed["report_twins"], plain["report_twins"], strict=True):
+        if a != b:  # a laterality draw: the whole report mirrored
+            swapped += 1
+            assert a == mirror_sides(text) and b != a
+    assert swapped >= 1
+    with pytest.raises(ValidationError, match="twin_sides"):
+        AlignStageConfig(
+            steps=1, batch_size=2, lr=1e-3, twin_weight=1.0, hard_negatives=["negation"], twin_sides="report"
+        )
 
 
 def test_a_report_with_nothing_to_flip_is_masked(cache: CachedCohort) -> None:  # noqa: F811

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from medvlp.config import AlignStageConfig
 from medvlp.data.cache import COHORT_RECORD, CachedCohort, atomic_write_json, cohort_record
-from medvlp.data.perturb import twins
+from medvlp.data.perturb import mirror_sides, swap_laterality, twins
 from medvlp.data.reports import normalize_report, text_sentences
 from medvlp.losses import ContrastiveLoss, box_grounding_loss
 from medvlp.models import MedVLP, ModelConfig
@@ -221,7 +221,8 @@ class AlignStage:
 
         The flipped sentence is drawn (seeded by seed, epoch and study) among the report's sentences that have a twin
         the report does not itself state; a report without one keeps its own text (and pairs it with itself), masked
-        out of the twin terms.
+        out of the twin terms. With ``twin_sides: report`` a laterality twin swaps every side the report names, not
+        the drawn sentence's alone (the pair stays the drawn sentence and its twin).
         """
         out, pairs, mask = [], [], []
         for text, index, epoch in zip(batch["text"], batch["index"].tolist(), batch["epoch"].tolist(), strict=True):
@@ -236,7 +237,8 @@ class AlignStage:
             rng = np.random.default_rng(sample_seed(self.seed, epoch, index, TWIN_STREAM))
             if options:
                 sentence, twin = options[int(rng.integers(len(options)))]
-                out.append(text.replace(sentence, twin, 1))
+                whole = self.config.twin_sides == "report" and twin == swap_laterality(sentence)
+                out.append(mirror_sides(text) if whole else text.replace(sentence, twin, 1))
                 pairs.append((sentence, twin))
             else:
                 out.append(text)
