@@ -215,7 +215,8 @@ def image_side(run: Path, cache: Path) -> dict[str, Any]:
     first lateral sentence side-swapped (``report``: the twin term's task) and a finding phrase alone over its
     side-swapped twin (``sentence``: the robustness suite's task, on that split); beside them the report with every
     side swapped (``report_mirrored``) and ``report`` scored with other studies' images (``report_shuffled_images``:
-    above 0.5, the text alone gives the twin away; :func:`report_twin_accuracy`)."""
+    above 0.5, the text alone gives the twin away) and the share of one-sentence twins that contradict their report
+    (``report_twins_contradictory``; :func:`report_twin_accuracy`)."""
     import re
 
     from scipy.stats import spearmanr
@@ -242,6 +243,7 @@ def image_side(run: Path, cache: Path) -> dict[str, Any]:
             "sentence": suite.get("laterality", {}).get("accuracy"),
             "report_mirrored": reports.get("mirrored"),
             "report_shuffled_images": reports.get("shuffled"),
+            "report_twins_contradictory": reports.get("contradictory"),
         }
         if split == "test":
             scores = zero_shot_scores(model, emb.image, cohort.findings)
@@ -273,8 +275,11 @@ def report_twin_accuracy(model: Any, images: np.ndarray, reports: list[str], rul
     - ``mirrored``: every side of the report swapped (:func:`medvlp.data.perturb.mirror_sides`), a twin as consistent
       as a real report, which only the image's side tells apart;
     - ``shuffled``: ``one`` with every image swapped for another study's (a seeded permutation): about 0.5 unless the
-      tower tells twins from reports by their text alone (a contradiction cue).
+      tower tells twins from reports by their text alone (a contradiction cue);
+    - ``contradictory``: the share of ``one`` twins that name both sides where their report named one.
     """
+    import re
+
     import torch
 
     from medvlp.data.perturb import mirror_sides
@@ -297,7 +302,16 @@ def report_twin_accuracy(model: Any, images: np.ndarray, reports: list[str], rul
     def accuracy(x: Any, y: Any, z: Any) -> float:
         return float(((x * y).sum(-1) > (x * z).sum(-1)).float().mean())
 
-    return {"one": accuracy(img, a, b), "mirrored": accuracy(img, a, c), "shuffled": accuracy(other, a, b)}
+    def sides(text: str) -> set[str]:
+        return {w.lower() for w in re.findall(r"\b(left|right)\b", text, re.I)}
+
+    both = [len(sides(t)) == 2 and len(sides(r)) == 1 for r, t in zip(own, twin, strict=True)]
+    return {
+        "one": accuracy(img, a, b),
+        "mirrored": accuracy(img, a, c),
+        "shuffled": accuracy(other, a, b),
+        "contradictory": float(np.mean(both)),
+    }
 
 
 def text_side(run: Path, cache: Path) -> dict[str, Any]:
