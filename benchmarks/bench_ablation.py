@@ -278,11 +278,9 @@ def report_twin_accuracy(model: Any, images: np.ndarray, reports: list[str], rul
       tower tells twins from reports by their text alone (a contradiction cue);
     - ``contradictory``: the share of ``one`` twins that name both sides where their report named one.
     """
-    import re
-
     import torch
 
-    from medvlp.data.perturb import mirror_sides
+    from medvlp.data.perturb import mirror_sides, named_sides
     from medvlp.data.reports import text_sentences
     from medvlp.tasks.embed import encode_texts
 
@@ -302,10 +300,7 @@ def report_twin_accuracy(model: Any, images: np.ndarray, reports: list[str], rul
     def accuracy(x: Any, y: Any, z: Any) -> float:
         return float(((x * y).sum(-1) > (x * z).sum(-1)).float().mean())
 
-    def sides(text: str) -> set[str]:
-        return {w.lower() for w in re.findall(r"\b(left|right)\b", text, re.I)}
-
-    both = [len(sides(t)) == 2 and len(sides(r)) == 1 for r, t in zip(own, twin, strict=True)]
+    both = [len(named_sides(t)) == 2 and len(named_sides(r)) == 1 for r, t in zip(own, twin, strict=True)]
     return {
         "one": accuracy(img, a, b),
         "mirrored": accuracy(img, a, c),

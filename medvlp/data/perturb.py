@@ -27,7 +27,16 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["PERTURBATIONS", "affirm", "change_severity", "mirror_sides", "negate", "swap_laterality", "twins"]
+__all__ = [
+    "PERTURBATIONS",
+    "affirm",
+    "change_severity",
+    "mirror_sides",
+    "named_sides",
+    "negate",
+    "swap_laterality",
+    "twins",
+]
 
 #: Words that hedge a sentence (it states neither presence nor absence), as report labellers read uncertainty
 #: ("may" not before a number: "May 2019" is a month).
@@ -85,8 +94,12 @@ def negate(sentence: str) -> str | None:
 
 def swap_laterality(sentence: str) -> str | None:
     """The sentence with left and right swapped (case kept), or None without exactly one side named."""
-    sides = {m.group(1).lower() for m in _SIDE.finditer(sentence)}
-    return mirror_sides(sentence) if len(sides) == 1 else None
+    return mirror_sides(sentence) if len(named_sides(sentence)) == 1 else None
+
+
+def named_sides(text: str) -> set[str]:
+    """The sides a text names, ``{"left"}``, ``{"right"}``, both or none (whole words, any case)."""
+    return {m.group(1).lower() for m in _SIDE.finditer(text)}
 
 
 def mirror_sides(text: str) -> str:

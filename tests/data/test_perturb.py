@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from medvlp.data.perturb import negate, swap_laterality
+from medvlp.data.perturb import named_sides, negate, swap_laterality
 
 
 @pytest.mark.parametrize(
@@ -160,3 +160,9 @@ def test_severity_is_a_hard_negative_rule_of_the_config_and_of_twins() -> None:
         "No left pleural effusion.",
         "Large left pleural effusion.",
     ]
+
+
+def test_named_sides_reads_whole_words_in_any_case() -> None:
+    assert named_sides("Small LEFT effusion. Right nodule.") == {"left", "right"}
+    assert named_sides("Left pleural effusion.") == {"left"}
+    assert named_sides("Leftover contrast; righteous bright lungs.") == set()
