@@ -1,7 +1,7 @@
 """3D image towers at equal wall-clock: each trains stage 2 for the same number of seconds, then is evaluated.
 
-    python benchmarks/bench_towers.py [--style 0] [--n 500] [--budget-s 300]
-        [--towers resnet3d,resnet3d_bf16,resnet3d_cl,slices,vit3d,swin3d] [--keep DIR] [--mode align|supervised|both]
+    python benchmarks/bench_towers.py [--style 0] [--n 500] [--budget-s 300] [--keep DIR]
+        [--towers resnet3d,resnet3d_bf16,resnet3d_cl,resnet3d_max,slices,vit3d,swin3d] [--mode align|supervised|both]
 
 The CT cohort of the style (0 = the built-in one, others `medvlp cohort synth --kind ct --style`) is made once. For
 each tower a short timing run (`--probe-steps` stage-2 steps, stage 1 off) measures its training samples/s on this
@@ -35,6 +35,7 @@ TOWERS: dict[str, list[str]] = {
     "resnet3d": [],  # the demo's narrow MONAI ResNet-10
     "resnet3d_bf16": ["stages.stage2-align.precision=bf16"],
     "resnet3d_cl": ["stages.stage2-align.channels_last=true"],  # kernels and volumes in channels_last_3d order
+    "resnet3d_max": ["model.image_encoder_args.global_pool=max"],  # the embedding is the maximum over the tokens
     # the SwinUNETR encoder, narrow (feature size 12) with 4-voxel windows: 2 x 2 x 1 tokens at 64 x 64 x 32
     "swin3d": ["model.image_encoder=monai_swin", "model.image_encoder_args={feature_size: 12, window_size: 4}"],
     "slices": ["model.image_encoder=resnet10t_slices", "model.image_encoder_args={}"],

@@ -1,0 +1,124 @@
+"""Are the CT findings in the cached voxels? Three hand-made image statistics, scored as if they were the finding.
+
+    python benchmarks/bench_visibility.py [--styles 0,1,2] [--n 500] [--keep DIR]
+
+A yardstick for the 3D issue, not a method: before asking why a tower does not learn a lesion, ask whether the
+preprocessed volume (the demo's 64 x 64 x 32 at 6 x 6 x 8 mm, abdominal window) still holds it. Each statistic is one
+number per series, computed from the cached array alone (no labels, no boxes, nothing fitted), on fixed voxel
+neighbourhoods and fixed window fractions; the per-finding AUROC of that number against the finding's labels (the
+project's :func:`~medvlp.tasks.zeroshot.classification_metrics`, ties against) says how much of the finding a
+trivial detector sees. The neighbourhoods and fractions were chosen by looking at the built-in style (0), so on
+style 0 the figures are an upper estimate; styles 1 and 2 (other spacing, contrast and sizes, resampled to the same
+grid) were not looked at before they ran.
+
+- ``bright_spot``: the largest margin by which a voxel exceeds every voxel 2 to 3 voxels away (a dense dot in
+  soft tissue: a calcification; bone and the table are wider than the ring and do not count);
+- ``bright_blob``: the brightest 3 x 3 x 2 mean among voxels with no bone within 3 voxels (an enhancing mass is
+  brighter than any organ but darker than bone);
+- ``dark_blob``: the deepest 3 x 3 x 2 mean below its 9 x 9 x 5 surroundings where those are parenchyma (a
+  hypodense lesion in liver or spleen).
+
+Per style and split, the AUROC of each statistic for each finding, and the linear-probe and zero-shot AUROC of the
+demo's model on the same cohort where a bench_ablation result holds them. Writes benchmarks/results/visibility-ct.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from machine import machine
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench_ablation import prepare  # noqa: E402
+
+BONE = 0.92  # window fraction: above it, bone or the table (the abdominal window clips them at 1)
+PARENCHYMA = (0.5, 0.6)  # window fraction of liver and spleen in the abdominal window (about 40 to 80 HU)
+AIR = 0.3  # below it within 2 voxels, a border with fat or gas, not parenchyma
+
+
+def statistics(volume: np.ndarray) -> dict[str, float]:
+    """The three statistics of one cached volume ``[X, Y, Z]`` in [0, 1]."""
+    from scipy.ndimage import maximum_filter, minimum_filter, uniform_filter
+
+    v = volume.astype(np.float32)
+    ring = np.ones((7, 7, 5), bool)
+    ring[2:5, 2:5, 1:4] = False  # 2 to 3 voxels away in-plane, 2 across slices
+    local = uniform_filter(v, (3, 3, 2))
+    around = uniform_filter(v, (9, 9, 5))
+    soft = maximum_filter(v, (7, 7, 5)) < BONE
+    organ = (around > PARENCHYMA[0]) & (around < PARENCHYMA[1]) & (minimum_filter(v, (5, 5, 3)) > AIR)
+    return {
+        "bright_spot": float((v - maximum_filter(v, footprint=ring)).max()),
+        "bright_blob": float(np.where(soft, local, 0.0).max()),
+        "dark_blob": float(np.where(organ, around - local, 0.0).max()),
+    }
+
+
+def visibility(cache_dir: Path) -> dict[str, Any]:
+    """Per split, the AUROC of each statistic for each finding of the cache."""
+    from medvlp.data.cache import CachedCohort
+    from medvlp.tasks.zeroshot import classification_metrics
+
+    cache = CachedCohort.open(cache_dir)
+    out: dict[str, Any] = {}
+    for split in ("train", "test"):
+        records = cache.split(split)
+        stats = [statistics(np.asarray(cache.load_image(s))[0]) for s in records["study"]]
+        labels = records[cache.findings].to_numpy(dtype=np.float64)
+        labels[labels < -1] = np.nan  # unknown; uncertain (-1) is left out by classification_metrics
+        out[split] = {"n": len(records)}
+        for name in stats[0]:
+            score = np.repeat(np.array([s[name] for s in stats])[:, None], len(cache.findings), axis=1)
+            per = classification_metrics(labels, score, cache.findings)["per_finding"]
+            out[split][name] = {f: round(m["auroc"], 3) for f, m in per.items()}
+    return out
+
+
+def demo_model(style: int) -> dict[str, Any] | None:
+    """The demo-3d model's probe and zero-shot AUROC per finding on the same cohort, from bench_ablation's result."""
+    path = ROOT / "benchmarks" / "results" / "ablation-ct-fpn.json"
+    if not path.is_file():
+        return None
+    row = json.loads(path.read_text()).get("styles", {}).get(str(style), {}).get("report")
+    if not row:
+        return None
+    return {
+        "source": f"{path.name}, arm report",
+        "linear_probe_auroc": row.get("linear_probe_auroc"),
+        "zero_shot_per_finding": row.get("zero_shot_per_finding"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--styles", default="0,1,2")
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--keep", type=Path, help="keep (and reuse) each style's cohort and cache under DIR/style<S>")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "visibility-ct.json")
+    args = ap.parse_args()
+    styles = [int(s) for s in args.styles.split(",") if s.strip()]
+    result: dict[str, Any] = {
+        "benchmark": f"bench_visibility --styles {args.styles} --n {args.n}",
+        "machine": machine(),
+        "styles": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        base = args.keep or Path(tmp)
+        for style in styles:
+            _, cache, _ = prepare("ct", style, args.n, base / f"style{style}")
+            result["styles"][str(style)] = {"statistics": visibility(cache), "demo_model": demo_model(style)}
+            print(style, json.dumps(result["styles"][str(style)]["statistics"]["test"]), flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
