@@ -112,8 +112,9 @@ def peak_contrast(array: Any, box: Any, margin: int = 2) -> float:
 
     Returns:
         ``max |box - median(ring)| / (1.4826 * MAD(ring))``, the MAD floored at 1e-3 of the range [0, 1] (a flat
-        background); ``nan`` when the box lies outside the array. A dense calcification a third of a voxel wide
-        still stands 5 to 10 spreads out at 6 mm; a faint lesion averaged into its organ stands under 3.
+        background); ``nan`` when the box lies outside the array. On the built-in CT at 6 x 6 x 8 mm a 4 mm stone
+        (two thirds of a voxel) mostly stands 8 to 19 spreads out; at 16 x 16 x 20 mm, averaged into the kidney,
+        under 3.
     """
     import numpy as np
 
