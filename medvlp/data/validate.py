@@ -117,6 +117,7 @@ def peak_contrast(array: Any, box: Any, margin: int = 2) -> float:
         under 3.
     """
     import numpy as np
+    from scipy.stats import median_abs_deviation
 
     a = np.asarray(array, dtype=np.float32)
     dims = a.ndim
@@ -135,7 +136,7 @@ def peak_contrast(array: Any, box: Any, margin: int = 2) -> float:
     if ring.size == 0:
         return float("nan")
     median = float(np.median(ring))
-    spread = max(1.4826 * float(np.median(np.abs(ring - median))), 1e-3)
+    spread = max(float(median_abs_deviation(ring, scale="normal")), 1e-3)
     return float(np.abs(a[inner] - median).max() / spread)
 
 
@@ -186,12 +187,14 @@ def lesion_warnings(cohort: Cohort, min_voxels: float = 1.0) -> list[str]:
                 before = "x".join(f"{v:g}" for v in src[dims:])
                 mm = "x".join(f"{v * s:.3g}" for v, s in zip(src[dims:], image.spacing, strict=True))
                 contrast = peak_contrast(done.array[0], box)
-                fate = (
-                    f"its peak stands {contrast:.1f} spreads from its surroundings: it survives as a partial-volume "
-                    "dot, but its extent is lost"
-                    if contrast >= VISIBLE_CONTRAST
-                    else f"its peak stands {contrast:.1f} spreads from its surroundings: the lesion is erased"
-                )
+                if not np.isfinite(contrast):
+                    fate = "the box lies outside the preprocessed image, so its lesion is lost"
+                else:
+                    fate = f"its peak stands {contrast:.1f} spreads from its surroundings: " + (
+                        "it survives as a partial-volume dot, but its extent is lost"
+                        if contrast >= VISIBLE_CONTRAST
+                        else "the lesion is erased"
+                    )
                 out.append(
                     f"{name} row {i + 2} (study_id {sid}, {group.at[i, 'category_name']}): a box of {before} voxels "
                     f"({mm} mm) spans {'x'.join(f'{v:.2f}' for v in after)} voxels after preprocessing ({where}); "
