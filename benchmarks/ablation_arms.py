@@ -56,6 +56,8 @@ ARMS: dict[str, list[str]] = {
     "box": ["stages.stage2-align.box_weight=1.0"],
     "box_light": ["stages.stage2-align.box_weight=0.1"],  # the same at a tenth of the weight
     "box_light_image": ["stages.stage2-align.box_weight=0.1", "stages.stage2-align.box_text_grad=false"],
+    # the 3D ResNet's embedding plus fixed bright/dark spot margins of the input per body half (medvlp.models.blobs)
+    "blobs": ["model.image_encoder_args.blobs=true"],
     # stage 2 for 400 steps instead of the 3D demo's 150 (measured in 3D: 876 s of training, past the demo's 15 minutes)
     "long": ["stages.stage2-align.steps=400", "stages.stage2-align.checkpoint_every=100"],
 }
@@ -105,6 +107,8 @@ FORMS_OF = {
     "mined_reports_agree": MINED_REPORTS,
 }
 DERIVED["mined_reports_agree"] = "report"  # mined_reports, a sentence's finding read by the tower and a general encoder
+DERIVED["blobs_mined_reports"] = "blobs"  # the blobs run with the 2D demo's prompt forms, chosen on val
+FORMS_OF["blobs_mined_reports"] = MINED_REPORTS
 ARMS |= {arm: [*ARMS[base], FORMS_OF.get(arm, FORMS)] for arm, base in DERIVED.items()}
 ARMS["mined_reports_agree"].append("stages.stage2-align.mining_topic_readers=[model,general]")
 #: Stage 2 alone (no text MLM first) with the demo's prompt forms: compared with `mined_reports`, the demo config.

@@ -22,6 +22,7 @@ from monai.utils import look_up_option
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from medvlp.models.blobs import BlobStatistics
 from medvlp.models.pooling import GLOBAL_POOLS, LateralityMoment, PositionalAttentionPool, global_pool
 
 logger = logging.getLogger(__name__)
@@ -352,7 +353,8 @@ class MonaiResNetEncoder(ImageEncoder):
     SimMIM). They are heads (``head_prefixes``): never locked, not expected in a backbone checkpoint.
 
     ``laterality=True`` adds a :class:`LateralityMoment` of the last stage along ``laterality_axis`` (0: the L/R
-    axis of an RAS cache) to the embedding, a head as the laterals are.
+    axis of an RAS cache) to the embedding, a head as the laterals are; ``blobs=True`` adds the input's
+    :class:`~medvlp.models.blobs.BlobStatistics` (fixed spot margins per half along that axis), a head too.
     """
 
     def __init__(
@@ -371,6 +373,7 @@ class MonaiResNetEncoder(ImageEncoder):
         token_stage: int = 4,
         laterality: bool = False,
         laterality_axis: int = 0,
+        blobs: bool = False,
     ) -> None:
         super().__init__(spatial_dims, image_size)
         if token_stage not in (2, 3, 4):
@@ -410,6 +413,10 @@ class MonaiResNetEncoder(ImageEncoder):
         if laterality:
             self.laterality = LateralityMoment(self.embed_dim, laterality_axis, spatial_dims)
             self.head_prefixes = (*self.head_prefixes, "laterality.")
+        self.blobs: BlobStatistics | None = None
+        if blobs:
+            self.blobs = BlobStatistics(self.embed_dim, spatial_dims, laterality_axis)
+            self.head_prefixes = (*self.head_prefixes, "blobs.")
 
     def _forward(self, x: Tensor) -> ImageEncoderOutput:
         net = self.backbone
@@ -424,6 +431,8 @@ class MonaiResNetEncoder(ImageEncoder):
         embedding = global_pool(last, self.global_pool)
         if self.laterality is not None:
             embedding = embedding + self.laterality(h)
+        if self.blobs is not None:
+            embedding = embedding + self.blobs(x)
         for s in range(3, self.token_stage - 1, -1):  # top-down: upsample, add the finer stage's lateral
             finer = stages[s - 1]
             h = nn.functional.interpolate(h, size=finer.shape[2:], mode="nearest") + self.laterals[str(s)](finer)
@@ -432,7 +441,11 @@ class MonaiResNetEncoder(ImageEncoder):
 
     def _group_prefixes(self) -> list[tuple[str, ...]]:
         stages = [(f"backbone.layer{i}.",) for i in range(1, 4)]
-        return [("backbone.conv1.", "backbone.bn1."), *stages, ("backbone.layer4.", "laterals.", "laterality.")]
+        return [
+            ("backbone.conv1.", "backbone.bn1."),
+            *stages,
+            ("backbone.layer4.", "laterals.", "laterality.", "blobs."),
+        ]
 
 
 class MonaiSwinEncoder(ImageEncoder):

@@ -114,3 +114,35 @@ def test_onnx_export_of_the_demo_tower_with_its_attention_pool(
     service = load_service(folder, device="cpu", corpus=False)
     out = export_onnx(service, tmp_path / "export")
     _check_export(service, out, model_2d.cohort.parent / "images" / "S00001.dcm", tmp_path)
+
+
+def test_onnx_export_of_a_3d_tower_with_blob_statistics(model_3d: TinyModel, tmp_path: Path) -> None:
+    """A 3D ResNet with the fixed spot statistics (`blobs: true`) exports with its trained map and norm: onnxruntime
+    gives PyTorch's embeddings and the server's answer."""
+    from medvlp.models import MedVLP, ModelConfig
+    from medvlp.serve.server import load_service
+
+    folder = tmp_path / "model"
+    record = json.loads((model_3d.model / "cohort.json").read_text())
+    torch.manual_seed(6)
+    cfg = ModelConfig(
+        image_encoder="tiny_resnet",
+        image_encoder_args={"blobs": True},
+        spatial_dims=3,
+        image_size=tuple(record["preprocess"]["size"]),
+        text_num_layers=1,
+        text_max_length=64,
+        embed_dim=64,
+    )
+    model = MedVLP(cfg)
+    blobs = model.image_encoder.blobs
+    assert blobs is not None
+    with torch.no_grad():  # as training leaves them: a map that is not zero, statistics of the training images
+        blobs.proj.weight.normal_(0, 0.05)
+        blobs.norm.running_mean.uniform_(0.0, 0.2)
+        blobs.norm.running_var.uniform_(0.01, 0.05)
+    model.save_pretrained(folder)
+    (folder / "cohort.json").write_text(json.dumps(record))
+    service = load_service(folder, device="cpu", corpus=False)
+    out = export_onnx(service, tmp_path / "export")
+    _check_export(service, out, model_3d.cohort.parent / "images" / "S00002", tmp_path)

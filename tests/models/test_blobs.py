@@ -1,0 +1,92 @@
+"""Fixed spot statistics beside the 3D ResNet's embedding (`image_encoder_args.blobs`)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from medvlp.models import create_image_encoder, load_image_checkpoint
+from medvlp.models.blobs import BlobStatistics, ring_max, spot_margins
+
+
+def _brute_ring_max(x: torch.Tensor, inner: tuple, width: tuple) -> torch.Tensor:
+    """The ring's maximum by visiting every voxel and every offset."""
+    size = x.shape[2:]
+    outer = [i + w for i, w in zip(inner, width, strict=True)]
+    out = torch.full_like(x, float("-inf"))
+    for at in itertools.product(*(range(n) for n in size)):
+        for off in itertools.product(*(range(-o, o + 1) for o in outer)):
+            if all(abs(d) <= i for d, i in zip(off, inner, strict=True)):
+                continue  # inside the spot
+            q = tuple(a + d for a, d in zip(at, off, strict=True))
+            if all(0 <= v < n for v, n in zip(q, size, strict=True)):
+                idx = (slice(None), slice(None), *at)
+                out[idx] = torch.maximum(out[idx], x[(slice(None), slice(None), *q)])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("size", "inner", "width"),
+    [((7, 6, 5), (1, 0, 0), (1, 2, 1)), ((6, 6, 4), (0, 0, 0), (2, 2, 1)), ((8, 7), (1, 1), (2, 1))],
+)
+def test_ring_max_is_the_maximum_over_the_ring_edges_included(size: tuple, inner: tuple, width: tuple) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, *size)
+    torch.testing.assert_close(ring_max(x, inner, width), _brute_ring_max(x, inner, width))
+
+
+def test_a_dot_has_a_margin_and_a_line_or_an_edge_of_the_same_brightness_has_none() -> None:
+    x = torch.full((1, 1, 16, 16, 8), 0.4)
+    dot = x.clone()
+    dot[0, 0, 5, 9, 4] = 0.9
+    bright, dark = spot_margins(dot, (0, 0, 0), (2, 2, 1))
+    assert bright.max().item() == pytest.approx(0.5)  # the dot's height over its flat ring
+    assert dark.max().item() <= 1e-6  # nothing darker than its ring
+    line = x.clone()
+    line[0, 0, :, 9, 4] = 0.9  # a rib-like bar across the image: it runs through every ring along it
+    assert spot_margins(line, (0, 0, 0), (2, 2, 1))[0].max().item() <= 1e-6
+    edge = x.clone()
+    edge[0, 0, 8:] = 0.9  # half the image brighter: an organ's border, not a spot
+    assert spot_margins(edge, (1, 1, 1), (3, 3, 2))[0].max().item() <= 1e-6
+    hole = x.clone()
+    hole[0, 0, 4:7, 4:7, 3:6] = 0.1  # a dark 3 x 3 x 3 block: a dark spot at the matching scale
+    assert spot_margins(hole, (1, 1, 1), (3, 3, 2))[1].max().item() == pytest.approx(0.3)
+
+
+def test_statistics_say_on_which_side_the_spot_is_and_ignore_the_intensity_level() -> None:
+    stats = BlobStatistics(32, spatial_dims=3, axis=0)
+    assert stats.num_statistics == 32
+    base = torch.full((2, 1, 16, 12, 8), 0.4) + 0.01 * torch.rand(1, 1, 16, 12, 8)
+    sided = base.clone()
+    sided[0, 0, 3, 6, 4] += 0.5  # a dot in the first half along axis 0
+    sided[1, 0, 12, 6, 4] += 0.5  # and in the second half
+    s = stats.statistics(sided)
+    first_max, second_max = s[:, 0], s[:, 2]  # scale 0, bright, maximum of each half
+    assert first_max[0] > 0.45 and second_max[0] < 0.05
+    assert second_max[1] > 0.45 and first_max[1] < 0.05
+    torch.testing.assert_close(stats.statistics(sided + 0.2), s)  # margins: a level shift changes nothing
+    assert BlobStatistics(8, spatial_dims=2).statistics(torch.rand(3, 1, 20, 20)).shape == (3, 32)
+    with pytest.raises(ValueError, match="spatial axis"):
+        BlobStatistics(8, spatial_dims=3, axis=3)
+
+
+def test_resnet_with_blobs_starts_as_without_trains_the_map_and_loads_a_plain_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    size = (32, 32, 16)
+    enc = create_image_encoder("tiny_resnet", 3, size, blobs=True)
+    plain = create_image_encoder("tiny_resnet", 3, size)
+    save_file(plain.state_dict(), tmp_path / "plain.safetensors")
+    report = load_image_checkpoint(enc, tmp_path / "plain.safetensors", strict=True)
+    assert {"blobs.proj.weight", "blobs.proj.bias"} <= set(report["missing"])
+    x = torch.rand(4, 1, *size)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.eval()(x).embedding, plain.eval()(x).embedding)  # a zero residual at first
+    enc.train()
+    enc(x).embedding.sum().backward()
+    assert enc.blobs is not None and enc.blobs.proj.weight.grad.abs().sum() > 0
+    enc.lock(0)  # a head: trainable on a locked tower
+    assert {"blobs.proj.weight", "blobs.norm.weight"} <= {n for n, p in enc.named_parameters() if p.requires_grad}
