@@ -25,6 +25,10 @@ PIN = [
     "model.image_encoder_args.laterality=false",
 ]
 
+#: Per kind, what the demo config turns on beyond :data:`PIN`'s methods, pinned off as well (a kind's own switch: only
+#: the 3D ResNet takes the spot statistics), so `report` stays the baseline; :func:`arm_overrides` puts it first.
+PIN_KIND: dict[str, list[str]] = {"cxr": [], "ct": ["model.image_encoder_args.blobs=false"]}
+
 #: The arms: config overrides on top of the demo config (the `report` arm is the demo config with sentence prompts).
 ARMS: dict[str, list[str]] = {
     "report": [],
@@ -154,3 +158,8 @@ ARMS |= {arm: [*ARMS[box], f"model.image_encoder_args.token_stage={s}"] for arm,
 #: within the same voxel budget) after cropping to the body (issue 12 point 1); compared with `report`.
 PREPROCESS: dict[str, dict[str, Any]] = {"auto_resolution": {"size": "auto", "spacing": None, "crop_foreground": True}}
 ARMS |= {arm: ARMS["report"] for arm in PREPROCESS}
+
+
+def arm_overrides(kind: str, arm: str) -> list[str]:
+    """The config overrides of ``arm`` for a cohort ``kind`` (``cxr`` or ``ct``): the kind's pins, then the arm's."""
+    return [*PIN_KIND[kind], *ARMS[arm]]

@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ablation_arms import ARMS, DERIVED, PREPROCESS, SYNONYMS, WITH_SYNONYMS  # noqa: E402
+from ablation_arms import ARMS, DERIVED, PREPROCESS, SYNONYMS, WITH_SYNONYMS, arm_overrides  # noqa: E402
 from bench_styles import worst_finding  # noqa: E402
 from machine import machine  # noqa: E402
 
@@ -428,7 +428,7 @@ def main() -> None:
                 arm_yaml, arm_cache = yaml_path, cache
                 if arm in PREPROCESS:
                     arm_yaml, arm_cache = prepare_preprocess(yaml_path, base / f"style{style}", arm)
-                overrides = [*args.overrides, *ARMS[arm]]
+                overrides = [*args.overrides, *arm_overrides(args.kind, arm)]
                 row = run_arm(config, overrides, arm_yaml, arm_cache, where, args.reevaluate, synonyms)
                 rows.setdefault(str(style), {})[arm] = row
                 print(f"style {style} {arm}:", json.dumps({k: v for k, v in row.items() if k != "seconds"}), flush=True)
@@ -436,7 +436,7 @@ def main() -> None:
                     "benchmark": f"bench_ablation --kind {args.kind} --styles {args.styles} --arms {args.arms} "
                     f"--n {args.n} --config {config.name} " + " ".join(f"--set {o}" for o in args.overrides),
                     "machine": machine(),
-                    "arms": {a: ARMS[a] for a in arms},
+                    "arms": {a: arm_overrides(args.kind, a) for a in arms},
                     "goals": GOALS,
                     "complete": sum(len(v) for v in rows.values()) == len(styles) * len(arms),
                     "runs": {s: sorted(v) for s, v in rows.items()},
