@@ -90,3 +90,14 @@ def test_resnet_with_blobs_starts_as_without_trains_the_map_and_loads_a_plain_ch
     assert enc.blobs is not None and enc.blobs.proj.weight.grad.abs().sum() > 0
     enc.lock(0)  # a head: trainable on a locked tower
     assert {"blobs.proj.weight", "blobs.norm.weight"} <= {n for n, p in enc.named_parameters() if p.requires_grad}
+
+
+def test_the_3d_demo_config_builds_its_resnet_with_the_statistics() -> None:
+    from medvlp.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo-3d.yaml")
+    args = cfg.model["image_encoder_args"]
+    assert args.get("blobs") is True
+    assert "mined_reports" in cfg.stages.stage2_align.prompt_forms
+    enc = create_image_encoder(cfg.model["image_encoder"], 3, (64, 64, 32), **args)
+    assert isinstance(enc.blobs, BlobStatistics) and enc.blobs.num_statistics == 32
