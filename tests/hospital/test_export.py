@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from medvlp.export import export_onnx
+from medvlp.models import MedVLP
 from medvlp.serve.service import DiagnosisService, ImageJob
 from medvlp.tasks.zeroshot import zero_shot_probabilities
 
@@ -81,6 +82,37 @@ def test_export_refusals(model_2d: TinyModel, tmp_path: Path) -> None:
         OnnxScorer(tmp_path)
 
 
+def _tiny_model(tiny: TinyModel, encoder: str, args: dict[str, object], seed: int) -> MedVLP:
+    """A MedVLP with ``encoder`` and ``args`` on the preprocessing of ``tiny``'s cohort record."""
+    from medvlp.models import ModelConfig
+
+    record = json.loads((tiny.model / "cohort.json").read_text())
+    torch.manual_seed(seed)
+    return MedVLP(
+        ModelConfig(
+            image_encoder=encoder,
+            image_encoder_args=args,
+            spatial_dims=tiny.spatial_dims,
+            image_size=tuple(record["preprocess"]["size"]),
+            text_num_layers=1,
+            text_max_length=64,
+            embed_dim=64,
+        )
+    )
+
+
+def _export_and_check(model: MedVLP, tiny: TinyModel, image: str, tmp_path: Path) -> None:
+    """Save ``model`` with ``tiny``'s cohort record, serve it, export it and check onnxruntime against both."""
+    from medvlp.serve.server import load_service
+
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    (folder / "cohort.json").write_text((tiny.model / "cohort.json").read_text())
+    service = load_service(folder, device="cpu", corpus=False)
+    out = export_onnx(service, tmp_path / "export")
+    _check_export(service, out, tiny.cohort.parent / "images" / image, tmp_path)
+
+
 @pytest.mark.parametrize("args", [{"global_pool": "avgattn"}, {"global_pool": "avgattn", "laterality": True}])
 def test_onnx_export_of_the_demo_tower_with_its_attention_pool(
     model_2d: TinyModel, tmp_path: Path, args: dict[str, object]
@@ -88,61 +120,23 @@ def test_onnx_export_of_the_demo_tower_with_its_attention_pool(
     """The 2D demo's tower (a timm CNN ending in the mean plus a positional attention residual, `global_pool:
     avgattn`, with or without the laterality head) exports with its trained residuals: onnxruntime gives PyTorch's
     embeddings and the server's answer."""
-    from medvlp.models import MedVLP, ModelConfig
-    from medvlp.serve.server import load_service
-
-    folder = tmp_path / "model"
-    record = json.loads((model_2d.model / "cohort.json").read_text())
-    torch.manual_seed(5)
-    cfg = ModelConfig(
-        image_encoder="tiny_timm_resnet",
-        image_encoder_args=args,
-        spatial_dims=2,
-        image_size=tuple(record["preprocess"]["size"]),
-        text_num_layers=1,
-        text_max_length=64,
-        embed_dim=64,
-    )
-    model = MedVLP(cfg)
+    model = _tiny_model(model_2d, "tiny_timm_resnet", args, seed=5)
     residual = [p for n, p in model.named_parameters() if n.endswith(("pool.proj.weight", "laterality.proj.weight"))]
     assert len(residual) == len(args), "the tower ends in the attention pool (and the laterality head)"
     with torch.no_grad():
         for p in residual:  # as training leaves it: not the zero the residual starts at
             p.normal_(0, 0.05)
-    model.save_pretrained(folder)
-    (folder / "cohort.json").write_text(json.dumps(record))
-    service = load_service(folder, device="cpu", corpus=False)
-    out = export_onnx(service, tmp_path / "export")
-    _check_export(service, out, model_2d.cohort.parent / "images" / "S00001.dcm", tmp_path)
+    _export_and_check(model, model_2d, "S00001.dcm", tmp_path)
 
 
 def test_onnx_export_of_a_3d_tower_with_blob_statistics(model_3d: TinyModel, tmp_path: Path) -> None:
     """A 3D ResNet with the fixed spot statistics (`blobs: true`) exports with its trained map and norm: onnxruntime
     gives PyTorch's embeddings and the server's answer."""
-    from medvlp.models import MedVLP, ModelConfig
-    from medvlp.serve.server import load_service
-
-    folder = tmp_path / "model"
-    record = json.loads((model_3d.model / "cohort.json").read_text())
-    torch.manual_seed(6)
-    cfg = ModelConfig(
-        image_encoder="tiny_resnet",
-        image_encoder_args={"blobs": True},
-        spatial_dims=3,
-        image_size=tuple(record["preprocess"]["size"]),
-        text_num_layers=1,
-        text_max_length=64,
-        embed_dim=64,
-    )
-    model = MedVLP(cfg)
+    model = _tiny_model(model_3d, "tiny_resnet", {"blobs": True}, seed=6)
     blobs = model.image_encoder.blobs
     assert blobs is not None
     with torch.no_grad():  # as training leaves them: a map that is not zero, statistics of the training images
         blobs.proj.weight.normal_(0, 0.05)
         blobs.norm.running_mean.uniform_(0.0, 0.2)
         blobs.norm.running_var.uniform_(0.01, 0.05)
-    model.save_pretrained(folder)
-    (folder / "cohort.json").write_text(json.dumps(record))
-    service = load_service(folder, device="cpu", corpus=False)
-    out = export_onnx(service, tmp_path / "export")
-    _check_export(service, out, model_3d.cohort.parent / "images" / "S00002", tmp_path)
+    _export_and_check(model, model_3d, "S00002", tmp_path)
