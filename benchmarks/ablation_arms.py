@@ -62,6 +62,10 @@ ARMS: dict[str, list[str]] = {
     "box_light_image": ["stages.stage2-align.box_weight=0.1", "stages.stage2-align.box_text_grad=false"],
     # the 3D ResNet's embedding plus fixed bright/dark spot margins of the input per body half (medvlp.models.blobs)
     "blobs": ["model.image_encoder_args.blobs=true"],
+    # ... and the levels of spots away from the window's ceiling (soft tissue brighter than the organs: masses)
+    "blobs_levels": ["model.image_encoder_args.blobs=[margins,levels]"],
+    # ... trained on the cached images as they are (no affine, intensity or noise jitter, which the statistics see)
+    "blobs_noaug": ["model.image_encoder_args.blobs=true", "data.augment=false"],
     # stage 2 for 400 steps instead of the 3D demo's 150 (measured in 3D: 876 s of training, past the demo's 15 minutes)
     "long": ["stages.stage2-align.steps=400", "stages.stage2-align.checkpoint_every=100"],
 }
@@ -113,6 +117,10 @@ FORMS_OF = {
 DERIVED["mined_reports_agree"] = "report"  # mined_reports, a sentence's finding read by the tower and a general encoder
 DERIVED["blobs_mined_reports"] = "blobs"  # the blobs run with the 2D demo's prompt forms, chosen on val
 FORMS_OF["blobs_mined_reports"] = MINED_REPORTS
+DERIVED["blobs_levels_mined_reports"] = "blobs_levels"
+FORMS_OF["blobs_levels_mined_reports"] = MINED_REPORTS
+DERIVED["blobs_noaug_mined_reports"] = "blobs_noaug"
+FORMS_OF["blobs_noaug_mined_reports"] = MINED_REPORTS
 ARMS |= {arm: [*ARMS[base], FORMS_OF.get(arm, FORMS)] for arm, base in DERIVED.items()}
 ARMS["mined_reports_agree"].append("stages.stage2-align.mining_topic_readers=[model,general]")
 #: Stage 2 alone (no text MLM first) with the demo's prompt forms: compared with `mined_reports`, the demo config.

@@ -10,6 +10,9 @@ the mean of its largest few values. Nothing in it is fitted and nothing reads a 
 that starts at zero carry the statistics into the embedding as a residual, so an encoder built with them starts as
 the one without.
 
+``levels`` (opt-in, :func:`ceiling_free_levels`) add the spot's own mean where neither it nor its ring touches the
+image's maximum (the window's top, where a windowed CT clips bone): soft tissue brighter than the organs.
+
 The sizes are in voxels of the cached grid (half-widths of the spot and widths of the ring, in-plane first; a 2D
 image uses the in-plane two), not in millimetres: the cache's spacing (``cohort build``) sets what they span.
 """
@@ -22,7 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BLOB_SCALES", "BlobStatistics", "ring_max", "spot_margins"]
+__all__ = [
+    "BLOB_KINDS",
+    "BLOB_SCALES",
+    "BlobStatistics",
+    "blob_kinds",
+    "ceiling_free_levels",
+    "ring_max",
+    "spot_margins",
+]
 
 #: (half-width of the spot, width of the ring around it) per axis X, Y, Z: a single voxel against 2 voxels around
 #: it, then 3 x 3 x 1, 3 x 3 x 3 and 5 x 5 x 3 blocks against rings of 2 to 3 voxels.
@@ -32,6 +43,10 @@ BLOB_SCALES: tuple[tuple[tuple[int, int, int], tuple[int, int, int]], ...] = (
     ((1, 1, 1), (3, 3, 2)),
     ((2, 2, 1), (3, 3, 2)),
 )
+#: what :class:`BlobStatistics` can compute: spot ``margins`` (bright and dark, 8 numbers per scale) and the
+#: ``levels`` of spots away from the window's ceiling (4 numbers per scale)
+BLOB_KINDS = ("margins", "levels")
+CEILING_TOL = 1e-3  # within this fraction of the range below the image's maximum, a voxel is at the window's ceiling
 TOP_K = 8  # the largest margins averaged beside the maximum: a spot of a few voxels, not one noisy voxel
 
 
@@ -95,50 +110,102 @@ def ring_max(x: Tensor, inner: Sequence[int], width: Sequence[int]) -> Tensor:
 def spot_margins(x: Tensor, inner: Sequence[int], width: Sequence[int]) -> tuple[Tensor, Tensor]:
     """The margin by which the mean of the box of half-widths ``inner`` around each voxel exceeds every voxel of its
     ring (bright spots), and falls below every one of them (dark spots); ``[B, C, *grid]`` each."""
-    kernel = [2 * i + 1 for i in inner]
-    count = _box_sum(_pad(torch.ones_like(x[:1, :1]), inner, 0.0), kernel)
-    centre = _box_sum(_pad(x, inner, 0.0), kernel) / count  # the box mean, the image's voxels only
+    centre = _box_mean(x, inner)
     return centre - ring_max(x, inner, width), -centre - ring_max(-x, inner, width)
 
 
-class BlobStatistics(nn.Module):
-    """Spot margins at :data:`BLOB_SCALES`, per half of the image along ``axis``, mapped into an embedding residual.
+def _box_mean(x: Tensor, inner: Sequence[int]) -> Tensor:
+    """The mean of the box of half-widths ``inner`` around each voxel, over the image's voxels only."""
+    kernel = [2 * i + 1 for i in inner]
+    count = _box_sum(_pad(torch.ones_like(x[:1, :1]), inner, 0.0), kernel)
+    return _box_sum(_pad(x, inner, 0.0), kernel) / count
 
-    ``statistics(x)`` gives ``[B, S * 2 * 2 * 2]`` numbers (scales, bright and dark, two halves, maximum and top-k
-    mean), without gradient; ``forward`` returns ``proj(norm(statistics))`` ``[B, channels]``, zero at the start.
+
+def ceiling_free_levels(x: Tensor, inner: Sequence[int], width: Sequence[int]) -> Tensor:
+    """The mean of the box of half-widths ``inner`` around each voxel where neither it nor its ring (``width`` past
+    it) holds a voxel at the image's maximum, and the image's minimum elsewhere; ``[B, C, *grid]``.
+
+    A CT cache is windowed: bone, the table and dense calcifications are clipped at the window's top. A soft-tissue
+    spot brighter than every organ (an enhancing mass) has no margin over a ring that reaches a rib or the spine,
+    but its level away from anything clipped still tells it from parenchyma.
+    """
+    flat = x.flatten(1)
+    top, bottom = flat.amax(dim=1), flat.amin(dim=1)
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    top, bottom = top.view(shape), bottom.view(shape)
+    clipped = (x >= top - CEILING_TOL * (top - bottom)).to(x.dtype)
+    outer = [i + w for i, w in zip(inner, width, strict=True)]
+    near = _box_max(_pad(clipped, outer, 0.0), [2 * o + 1 for o in outer])
+    return torch.where(near > 0, bottom.expand_as(x), _box_mean(x, inner))
+
+
+class BlobStatistics(nn.Module):
+    """Spot statistics at :data:`BLOB_SCALES`, per half of the image along ``axis``, mapped into an embedding residual.
+
+    ``kinds`` picks from :data:`BLOB_KINDS` (``True``: the margins alone). ``statistics(x)`` gives per scale 8
+    margins (bright and dark, two halves, maximum and top-k mean) and 4 levels (two halves, maximum and top-k mean),
+    without gradient; ``forward`` returns ``proj(norm(statistics))`` ``[B, channels]``, zero at the start.
     """
 
-    def __init__(self, channels: int, spatial_dims: int = 3, axis: int = 0) -> None:
+    def __init__(
+        self, channels: int, spatial_dims: int = 3, axis: int = 0, kinds: bool | str | Sequence[str] = True
+    ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"blob statistics need a 2D or 3D image, not {spatial_dims}D")
         if not 0 <= axis < spatial_dims:
             raise ValueError(f"blob_axis must be a spatial axis of a {spatial_dims}D image, not {axis}")
+        self.kinds = blob_kinds(kinds)
         self.spatial_dims, self.axis = int(spatial_dims), int(axis)
         self.scales = [(inner[:spatial_dims], width[:spatial_dims]) for inner, width in BLOB_SCALES]
         if spatial_dims == 2:  # the 3D list's in-plane sizes, each kept once
             self.scales = list(dict.fromkeys(self.scales))
-        self.num_statistics = len(self.scales) * 8
+        per_scale = {"margins": 8, "levels": 4}
+        self.num_statistics = len(self.scales) * sum(per_scale[k] for k in self.kinds)
         self.norm = nn.BatchNorm1d(self.num_statistics)
         self.proj = nn.Linear(self.num_statistics, channels)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
+    def _summaries(self, maps: Sequence[Tensor]) -> list[Tensor]:
+        """Per map and half along ``axis``: the maximum and the mean of the top-k values, ``[B]`` each."""
+        half = maps[0].shape[2 + self.axis] // 2
+        out = []
+        for m in maps:
+            n = m.shape[2 + self.axis]
+            for part in (m.narrow(2 + self.axis, 0, half), m.narrow(2 + self.axis, half, n - half)):
+                flat = part.flatten(1)
+                out += [flat.amax(dim=1), flat.topk(min(TOP_K, flat.shape[1]), dim=1).values.mean(dim=1)]
+        return out
+
     @torch.no_grad()
     def statistics(self, x: Tensor) -> Tensor:
-        """``x`` ``[B, 1, *grid]`` -> ``[B, num_statistics]`` in float32."""
+        """``x`` ``[B, 1, *grid]`` -> ``[B, num_statistics]`` in float32: the margins of all scales, then the levels."""
+        if x.shape[2 + self.axis] < 2:
+            raise ValueError(
+                f"blob statistics read two halves along axis {self.axis}, and this image has "
+                f"{x.shape[2 + self.axis]} voxel(s) there (shape {tuple(x.shape[2:])})"
+            )
         x = x.float()
-        half = x.shape[2 + self.axis] // 2
-        out = []
-        for inner, width in self.scales:
-            for margin in spot_margins(x, inner, width):
-                for part in (
-                    margin.narrow(2 + self.axis, 0, half),
-                    margin.narrow(2 + self.axis, half, margin.shape[2 + self.axis] - half),
-                ):
-                    flat = part.flatten(1)
-                    out += [flat.amax(dim=1), flat.topk(min(TOP_K, flat.shape[1]), dim=1).values.mean(dim=1)]
+        out: list[Tensor] = []
+        if "margins" in self.kinds:
+            for inner, width in self.scales:
+                out += self._summaries(spot_margins(x, inner, width))
+        if "levels" in self.kinds:
+            for inner, width in self.scales:
+                out += self._summaries([ceiling_free_levels(x, inner, width)])
         return torch.stack(out, dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(self.norm(self.statistics(x)))
+
+
+def blob_kinds(kinds: bool | str | Sequence[str]) -> tuple[str, ...]:
+    """``True`` -> the margins; a kind or a list of kinds from :data:`BLOB_KINDS`, each once, in that order."""
+    if kinds is True:
+        return ("margins",)
+    chosen = [kinds] if isinstance(kinds, str) else list(kinds) if not isinstance(kinds, bool) else []
+    unknown = [k for k in chosen if k not in BLOB_KINDS]
+    if unknown or not chosen:
+        raise ValueError(f"blobs must be true or a list of {', '.join(BLOB_KINDS)}, not {kinds!r}")
+    return tuple(k for k in BLOB_KINDS if k in chosen)

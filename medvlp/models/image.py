@@ -354,7 +354,8 @@ class MonaiResNetEncoder(ImageEncoder):
 
     ``laterality=True`` adds a :class:`LateralityMoment` of the last stage along ``laterality_axis`` (0: the L/R
     axis of an RAS cache) to the embedding, a head as the laterals are; ``blobs=True`` adds the input's
-    :class:`~medvlp.models.blobs.BlobStatistics` (fixed spot margins per half along that axis), a head too.
+    :class:`~medvlp.models.blobs.BlobStatistics` (fixed spot margins per half along that axis; a list of kinds adds
+    spot levels), a head too.
     """
 
     def __init__(
@@ -373,7 +374,7 @@ class MonaiResNetEncoder(ImageEncoder):
         token_stage: int = 4,
         laterality: bool = False,
         laterality_axis: int = 0,
-        blobs: bool = False,
+        blobs: bool | str | Sequence[str] = False,
     ) -> None:
         super().__init__(spatial_dims, image_size)
         if token_stage not in (2, 3, 4):
@@ -415,7 +416,7 @@ class MonaiResNetEncoder(ImageEncoder):
             self.head_prefixes = (*self.head_prefixes, "laterality.")
         self.blobs: BlobStatistics | None = None
         if blobs:
-            self.blobs = BlobStatistics(self.embed_dim, spatial_dims, laterality_axis)
+            self.blobs = BlobStatistics(self.embed_dim, spatial_dims, laterality_axis, kinds=blobs)
             self.head_prefixes = (*self.head_prefixes, "blobs.")
 
     def _forward(self, x: Tensor) -> ImageEncoderOutput:

@@ -130,9 +130,9 @@ def test_onnx_export_of_the_demo_tower_with_its_attention_pool(
 
 
 def test_onnx_export_of_a_3d_tower_with_blob_statistics(model_3d: TinyModel, tmp_path: Path) -> None:
-    """A 3D ResNet with the fixed spot statistics (`blobs: true`) exports with its trained map and norm: onnxruntime
-    gives PyTorch's embeddings and the server's answer."""
-    model = _tiny_model(model_3d, "tiny_resnet", {"blobs": True}, seed=6)
+    """A 3D ResNet with the fixed spot statistics (`blobs: [margins, levels]`) exports with its trained map and norm:
+    onnxruntime gives PyTorch's embeddings and the server's answer."""
+    model = _tiny_model(model_3d, "tiny_resnet", {"blobs": ["margins", "levels"]}, seed=6)
     blobs = model.image_encoder.blobs
     assert blobs is not None
     with torch.no_grad():  # as training leaves them: a map that is not zero, statistics of the training images

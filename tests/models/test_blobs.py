@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from medvlp.models import create_image_encoder, load_image_checkpoint
-from medvlp.models.blobs import BlobStatistics, ring_max, spot_margins
+from medvlp.models.blobs import BlobStatistics, blob_kinds, ceiling_free_levels, ring_max, spot_margins
 
 
 def _brute_ring_max(x: torch.Tensor, inner: tuple, width: tuple) -> torch.Tensor:
@@ -72,6 +72,38 @@ def test_statistics_say_on_which_side_the_spot_is_and_ignore_the_intensity_level
     assert BlobStatistics(8, spatial_dims=2).statistics(torch.rand(3, 1, 20, 20)).shape == (3, 32)
     with pytest.raises(ValueError, match="spatial axis"):
         BlobStatistics(8, spatial_dims=3, axis=3)
+
+
+def test_a_bright_soft_tissue_spot_has_its_level_only_away_from_what_the_window_clips() -> None:
+    x = torch.full((1, 1, 24, 16, 8), 0.4)
+    x[0, 0, 4:7, 6:9, 3:6] = 0.7  # an enhancing mass: brighter than the organs, below the window's top
+    x[0, 0, 16:19, 6:9, 3:6] = 0.7  # the same mass against a clipped plate (a rib) that runs through its ring
+    x[0, 0, 19, :, :] = 1.0
+    level = ceiling_free_levels(x, (1, 1, 1), (3, 3, 2))
+    assert level[0, 0, 5, 7, 4].item() == pytest.approx(0.7)  # its own level, where nothing clipped is near
+    assert level[0, 0, 17, 7, 4].item() == pytest.approx(0.4)  # beside the plate: the image's minimum
+    assert level[0, 0, 12:].max().item() == pytest.approx(0.4)  # nothing within the ring's reach of it
+    # per half along axis 0, the maximum level: the first half's mass, the second half nothing but the floor
+    stats = BlobStatistics(8, kinds=["levels"])
+    s = stats.statistics(x)
+    assert stats.num_statistics == 16 and s.shape == (1, 16)
+    first_max, second_max = s[0, 8], s[0, 10]  # scale (1, 1, 1): maximum of each half
+    assert first_max.item() == pytest.approx(0.7) and second_max.item() == pytest.approx(0.4)
+
+
+def test_blob_kinds_are_checked_and_the_margins_come_first() -> None:
+    assert blob_kinds(True) == ("margins",)
+    assert blob_kinds(["levels", "margins"]) == ("margins", "levels") and blob_kinds("levels") == ("levels",)
+    for bad in (False, [], ["spots"], "margin"):
+        with pytest.raises(ValueError, match="blobs must be true or a list of margins, levels"):
+            blob_kinds(bad)
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 16, 12, 8)
+    both = BlobStatistics(8, kinds=["margins", "levels"])
+    assert both.num_statistics == 48
+    torch.testing.assert_close(both.statistics(x)[:, :32], BlobStatistics(8).statistics(x))  # `true` unchanged
+    with pytest.raises(ValueError, match="two halves along axis 0, and this image has 1 voxel"):
+        BlobStatistics(8).statistics(torch.rand(1, 1, 1, 12, 8))
 
 
 def test_resnet_with_blobs_starts_as_without_trains_the_map_and_loads_a_plain_checkpoint(tmp_path: Path) -> None:
