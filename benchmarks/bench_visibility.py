@@ -19,7 +19,10 @@ grid) were not looked at before they ran.
   hypodense lesion in liver or spleen).
 
 Per style and split, the AUROC of each statistic for each finding, and the linear-probe and zero-shot AUROC of the
-demo's model on the same cohort where a bench_ablation result holds them. Writes benchmarks/results/visibility-ct.json.
+demo's model on the same cohort where a bench_ablation result holds them. Beside them, ``blob_probe``: the project's
+linear probe (fitted on train, scored on test: labels are read, so a yardstick of what the statistics hold, not a
+detector) on the fixed spot statistics of :mod:`medvlp.models.blobs` alone, the margins and the margins with the
+levels. Writes benchmarks/results/visibility-ct.json.
 """
 
 from __future__ import annotations
@@ -82,6 +85,38 @@ def visibility(cache_dir: Path) -> dict[str, Any]:
     return out
 
 
+BLOB_KINDS_PROBED = (("margins",), ("margins", "levels"))
+
+
+def blob_probe(cache_dir: Path) -> dict[str, Any]:
+    """Per kind list of :data:`BLOB_KINDS_PROBED`, the linear probe's test AUROC on the spot statistics alone."""
+    import torch
+
+    from medvlp.data.cache import CachedCohort
+    from medvlp.models.blobs import BlobStatistics
+    from medvlp.tasks.probe import linear_probe
+
+    cache = CachedCohort.open(cache_dir)
+    images, labels = {}, {}
+    for split in ("train", "test"):
+        records = cache.split(split)
+        images[split] = torch.stack([torch.as_tensor(np.asarray(cache.load_image(s))) for s in records["study"]])
+        labels[split] = records[cache.findings].to_numpy(dtype=np.float64)
+        labels[split][labels[split] < -1] = np.nan
+    out: dict[str, Any] = {}
+    for kinds in BLOB_KINDS_PROBED:
+        blobs = BlobStatistics(1, kinds=list(kinds))
+        feats = {s: torch.cat([blobs.statistics(b) for b in x.split(32)]) for s, x in images.items()}
+        probe = linear_probe(feats["train"], labels["train"], feats["test"], labels["test"], cache.findings, (1.0,))
+        res = probe["fractions"][1.0]
+        out["+".join(kinds)] = {
+            "n_statistics": blobs.num_statistics,
+            "mean_auroc": round(res["mean_auroc"], 3),
+            "per_finding": {f: round(m["auroc"], 3) for f, m in res["per_finding"].items()},
+        }
+    return out
+
+
 def demo_model(style: int) -> dict[str, Any] | None:
     """The demo-3d model's probe and zero-shot AUROC per finding on the same cohort, from bench_ablation's result."""
     path = ROOT / "benchmarks" / "results" / "ablation-ct-fpn.json"
@@ -114,7 +149,11 @@ def main() -> None:
         base = args.keep or Path(tmp)
         for style in styles:
             _, cache, _ = prepare("ct", style, args.n, base / f"style{style}")
-            result["styles"][str(style)] = {"statistics": visibility(cache), "demo_model": demo_model(style)}
+            result["styles"][str(style)] = {
+                "statistics": visibility(cache),
+                "demo_model": demo_model(style),
+                "blob_probe": blob_probe(cache),
+            }
             print(style, json.dumps(result["styles"][str(style)]["statistics"]["test"]), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=2) + "\n")
