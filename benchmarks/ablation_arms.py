@@ -171,6 +171,8 @@ ARMS |= {arm: ARMS["report"] for arm in PREPROCESS}
 def arm_overrides(kind: str, arm: str) -> list[str]:
     """The config overrides of ``arm`` for a cohort ``kind`` (``cxr`` or ``ct``): the kind's pins, then the arm's."""
     return [*PIN_KIND[kind], *ARMS[arm]]
+
+
 #: The spot statistics with the phrase-box term on stage-2 tokens (the two 3D switches that each raised the probe),
 #: and the same run with the 3D demo's prompt forms chosen on val: compared with `blobs` and `blobs_mined_reports`.
 ARMS["blobs_box_light_fpn2"] = [*ARMS["box_light_fpn2"], "model.image_encoder_args.blobs=true"]
