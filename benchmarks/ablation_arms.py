@@ -161,6 +161,12 @@ ARMS["twin_attn_box_sides"] = [*ARMS["twin_attn_box"], "stages.stage2-align.twin
 #: or 24 mm at the demo's 6 mm voxels instead of 96, so that a lesion can have a token of its own (issue 12 point 4).
 FPN = {f"{box}_fpn{s}": (box, s) for box in ("box", "box_light", "box_light_image") for s in (3, 2)}
 ARMS |= {arm: [*ARMS[box], f"model.image_encoder_args.token_stage={s}"] for arm, (box, s) in FPN.items()}
+#: The spot statistics with the phrase-box term on stage-2 tokens (the two 3D switches that each raised the probe),
+#: and the same run with the 3D demo's prompt forms chosen on val: compared with `blobs` and `blobs_mined_reports`.
+ARMS["blobs_box_light_fpn2"] = [*ARMS["box_light_fpn2"], "model.image_encoder_args.blobs=true"]
+DERIVED["blobs_box_light_fpn2_mined_reports"] = "blobs_box_light_fpn2"
+FORMS_OF["blobs_box_light_fpn2_mined_reports"] = MINED_REPORTS
+ARMS["blobs_box_light_fpn2_mined_reports"] = [*ARMS["blobs_box_light_fpn2"], MINED_REPORTS]
 #: Arms that train the `report` arm's config on a cache of their own, built with these preprocess settings over the
 #: cohort YAML's: `auto_resolution` lets `cohort build` choose spacing and size from the cohort (the smallest box,
 #: within the same voxel budget) after cropping to the body (issue 12 point 1); compared with `report`.
@@ -171,11 +177,3 @@ ARMS |= {arm: ARMS["report"] for arm in PREPROCESS}
 def arm_overrides(kind: str, arm: str) -> list[str]:
     """The config overrides of ``arm`` for a cohort ``kind`` (``cxr`` or ``ct``): the kind's pins, then the arm's."""
     return [*PIN_KIND[kind], *ARMS[arm]]
-
-
-#: The spot statistics with the phrase-box term on stage-2 tokens (the two 3D switches that each raised the probe),
-#: and the same run with the 3D demo's prompt forms chosen on val: compared with `blobs` and `blobs_mined_reports`.
-ARMS["blobs_box_light_fpn2"] = [*ARMS["box_light_fpn2"], "model.image_encoder_args.blobs=true"]
-DERIVED["blobs_box_light_fpn2_mined_reports"] = "blobs_box_light_fpn2"
-FORMS_OF["blobs_box_light_fpn2_mined_reports"] = MINED_REPORTS
-ARMS["blobs_box_light_fpn2_mined_reports"] = [*ARMS["blobs_box_light_fpn2"], MINED_REPORTS]
