@@ -115,12 +115,18 @@ FORMS_OF = {
     "mined_reports_agree": MINED_REPORTS,
 }
 DERIVED["mined_reports_agree"] = "report"  # mined_reports, a sentence's finding read by the tower and a general encoder
-DERIVED["blobs_mined_reports"] = "blobs"  # the blobs run with the 2D demo's prompt forms, chosen on val
-FORMS_OF["blobs_mined_reports"] = MINED_REPORTS
-DERIVED["blobs_levels_mined_reports"] = "blobs_levels"
-FORMS_OF["blobs_levels_mined_reports"] = MINED_REPORTS
-DERIVED["blobs_noaug_mined_reports"] = "blobs_noaug"
-FORMS_OF["blobs_noaug_mined_reports"] = MINED_REPORTS
+
+
+def with_mined_reports(base: str) -> str:
+    """Adds ``<base>_mined_reports``: the finished ``base`` run with the 2D demo's prompt forms, chosen on val."""
+    arm = f"{base}_mined_reports"
+    DERIVED[arm], FORMS_OF[arm] = base, MINED_REPORTS
+    ARMS[arm] = [*ARMS[base], MINED_REPORTS]
+    return arm
+
+
+for _base in ("blobs", "blobs_levels", "blobs_noaug"):
+    with_mined_reports(_base)
 ARMS |= {arm: [*ARMS[base], FORMS_OF.get(arm, FORMS)] for arm, base in DERIVED.items()}
 ARMS["mined_reports_agree"].append("stages.stage2-align.mining_topic_readers=[model,general]")
 #: Stage 2 alone (no text MLM first) with the demo's prompt forms: compared with `mined_reports`, the demo config.
@@ -164,9 +170,7 @@ ARMS |= {arm: [*ARMS[box], f"model.image_encoder_args.token_stage={s}"] for arm,
 #: The spot statistics with the phrase-box term on stage-2 tokens (the two 3D switches that each raised the probe),
 #: and the same run with the 3D demo's prompt forms chosen on val: compared with `blobs` and `blobs_mined_reports`.
 ARMS["blobs_box_light_fpn2"] = [*ARMS["box_light_fpn2"], "model.image_encoder_args.blobs=true"]
-DERIVED["blobs_box_light_fpn2_mined_reports"] = "blobs_box_light_fpn2"
-FORMS_OF["blobs_box_light_fpn2_mined_reports"] = MINED_REPORTS
-ARMS["blobs_box_light_fpn2_mined_reports"] = [*ARMS["blobs_box_light_fpn2"], MINED_REPORTS]
+with_mined_reports("blobs_box_light_fpn2")
 #: Arms that train the `report` arm's config on a cache of their own, built with these preprocess settings over the
 #: cohort YAML's: `auto_resolution` lets `cohort build` choose spacing and size from the cohort (the smallest box,
 #: within the same voxel budget) after cropping to the body (issue 12 point 1); compared with `report`.

@@ -65,22 +65,32 @@ def statistics(volume: np.ndarray) -> dict[str, float]:
     }
 
 
-def visibility(cache_dir: Path) -> dict[str, Any]:
-    """Per split, the AUROC of each statistic for each finding of the cache."""
+def load_splits(cache_dir: Path) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The cache's findings and, per split (train, test), its volumes ``[N, 1, *grid]`` and labels ``[N, F]``."""
     from medvlp.data.cache import CachedCohort
-    from medvlp.tasks.zeroshot import classification_metrics
 
     cache = CachedCohort.open(cache_dir)
-    out: dict[str, Any] = {}
+    splits = {}
     for split in ("train", "test"):
         records = cache.split(split)
-        stats = [statistics(np.asarray(cache.load_image(s))[0]) for s in records["study"]]
+        volumes = np.stack([np.asarray(cache.load_image(s)) for s in records["study"]])
         labels = records[cache.findings].to_numpy(dtype=np.float64)
-        labels[labels < -1] = np.nan  # unknown; uncertain (-1) is left out by classification_metrics
-        out[split] = {"n": len(records)}
+        labels[labels < -1] = np.nan  # unknown; uncertain (-1) is left out by the metrics
+        splits[split] = (volumes, labels)
+    return list(cache.findings), splits
+
+
+def visibility(findings: list[str], splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """Per split, the AUROC of each statistic for each finding of the cache."""
+    from medvlp.tasks.zeroshot import classification_metrics
+
+    out: dict[str, Any] = {}
+    for split, (volumes, labels) in splits.items():
+        stats = [statistics(v[0]) for v in volumes]
+        out[split] = {"n": len(volumes)}
         for name in stats[0]:
-            score = np.repeat(np.array([s[name] for s in stats])[:, None], len(cache.findings), axis=1)
-            per = classification_metrics(labels, score, cache.findings)["per_finding"]
+            score = np.repeat(np.array([s[name] for s in stats])[:, None], len(findings), axis=1)
+            per = classification_metrics(labels, score, findings)["per_finding"]
             out[split][name] = {f: round(m["auroc"], 3) for f, m in per.items()}
     return out
 
@@ -88,26 +98,21 @@ def visibility(cache_dir: Path) -> dict[str, Any]:
 BLOB_KINDS_PROBED = (("margins",), ("margins", "levels"))
 
 
-def blob_probe(cache_dir: Path) -> dict[str, Any]:
+def blob_probe(findings: list[str], splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
     """Per kind list of :data:`BLOB_KINDS_PROBED`, the linear probe's test AUROC on the spot statistics alone."""
     import torch
 
-    from medvlp.data.cache import CachedCohort
     from medvlp.models.blobs import BlobStatistics
     from medvlp.tasks.probe import linear_probe
 
-    cache = CachedCohort.open(cache_dir)
-    images, labels = {}, {}
-    for split in ("train", "test"):
-        records = cache.split(split)
-        images[split] = torch.stack([torch.as_tensor(np.asarray(cache.load_image(s))) for s in records["study"]])
-        labels[split] = records[cache.findings].to_numpy(dtype=np.float64)
-        labels[split][labels[split] < -1] = np.nan
+    (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
     out: dict[str, Any] = {}
     for kinds in BLOB_KINDS_PROBED:
         blobs = BlobStatistics(1, kinds=list(kinds))
-        feats = {s: torch.cat([blobs.statistics(b) for b in x.split(32)]) for s, x in images.items()}
-        probe = linear_probe(feats["train"], labels["train"], feats["test"], labels["test"], cache.findings, (1.0,))
+        train, test = (
+            torch.cat([blobs.statistics(b) for b in torch.as_tensor(x).split(32)]) for x in (train_x, test_x)
+        )
+        probe = linear_probe(train, train_y, test, test_y, findings, (1.0,))
         res = probe["fractions"][1.0]
         out["+".join(kinds)] = {
             "n_statistics": blobs.num_statistics,
@@ -149,10 +154,11 @@ def main() -> None:
         base = args.keep or Path(tmp)
         for style in styles:
             _, cache, _ = prepare("ct", style, args.n, base / f"style{style}")
+            findings, splits = load_splits(cache)
             result["styles"][str(style)] = {
-                "statistics": visibility(cache),
+                "statistics": visibility(findings, splits),
                 "demo_model": demo_model(style),
-                "blob_probe": blob_probe(cache),
+                "blob_probe": blob_probe(findings, splits),
             }
             print(style, json.dumps(result["styles"][str(style)]["statistics"]["test"]), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)

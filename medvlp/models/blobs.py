@@ -202,10 +202,10 @@ class BlobStatistics(nn.Module):
 
 def blob_kinds(kinds: bool | str | Sequence[str]) -> tuple[str, ...]:
     """``True`` -> the margins; a kind or a list of kinds from :data:`BLOB_KINDS`, each once, in that order."""
-    if kinds is True:
-        return ("margins",)
-    chosen = [kinds] if isinstance(kinds, str) else list(kinds) if not isinstance(kinds, bool) else []
-    unknown = [k for k in chosen if k not in BLOB_KINDS]
-    if unknown or not chosen:
+    if isinstance(kinds, bool):
+        chosen = ["margins"] if kinds else []
+    else:
+        chosen = [kinds] if isinstance(kinds, str) else list(kinds)
+    if not chosen or any(k not in BLOB_KINDS for k in chosen):
         raise ValueError(f"blobs must be true or a list of {', '.join(BLOB_KINDS)}, not {kinds!r}")
     return tuple(k for k in BLOB_KINDS if k in chosen)
