@@ -125,7 +125,11 @@ def with_mined_reports(base: str) -> str:
     return arm
 
 
-for _base in ("blobs", "blobs_levels", "blobs_noaug"):
+#: ... with the statistics' map (a head that starts at zero) at 10 times the rate of the tower (`head_lr_scale`): at
+#: the tower's rate its output stays a tenth of the tower's embedding after 150 steps and is drowned in the sum.
+ARMS["blobs_head10"] = [*ARMS["blobs"], "stages.stage2-align.head_lr_scale=10.0"]
+ARMS["blobs_levels_head10"] = [*ARMS["blobs_levels"], "stages.stage2-align.head_lr_scale=10.0"]
+for _base in ("blobs", "blobs_levels", "blobs_noaug", "blobs_head10", "blobs_levels_head10"):
     with_mined_reports(_base)
 ARMS |= {arm: [*ARMS[base], FORMS_OF.get(arm, FORMS)] for arm, base in DERIVED.items()}
 ARMS["mined_reports_agree"].append("stages.stage2-align.mining_topic_readers=[model,general]")

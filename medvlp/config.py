@@ -148,6 +148,12 @@ class AlignStageConfig(OptimConfig):
         default=0.1, ge=0, description="the pretrained text tower's share of lr (projections and image tower: all)"
     )
     image_lr_scale: float = Field(default=1.0, ge=0, description="the image tower's share of lr")
+    head_lr_scale: float | None = Field(
+        default=None,
+        ge=0,
+        description="the share of lr of the image tower's new heads (its head_prefixes: the spot statistics' map, "
+        "the token pyramid's laterals, the laterality head), which start at zero or anew; None: image_lr_scale",
+    )
     val_every: int | None = Field(
         default=None,
         ge=1,

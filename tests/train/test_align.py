@@ -15,7 +15,7 @@ from medvlp.config import AlignStageConfig
 from medvlp.data.build import build_cohort
 from medvlp.data.cache import CachedCohort
 from medvlp.models import ModelConfig, load_model
-from medvlp.train.loop import run_stage
+from medvlp.train.loop import param_groups, run_stage
 from medvlp.train.runtime import Runtime, seed_everything
 from medvlp.train.select import BestTracker
 from medvlp.train.stages.align import MAX_LOG_SCALE, AlignStage
@@ -236,3 +236,22 @@ def test_label_aware_targets_group_studies_with_the_same_labels(cache: CachedCoh
     by_report = duplicate_groups(_stage(cache, false_negatives="report")._keys(batch)).tolist()
     assert len(set(by_report)) == len(set(batch["text"]))
     assert _stage(cache, false_negatives="none")._keys(batch) is None
+
+
+def test_head_lr_scale_gives_the_image_towers_new_heads_their_own_rate(cache: CachedCohort) -> None:
+    blobs = {"image_encoder_args": {"blobs": True}}
+    same = _stage(cache, blobs, image_lr_scale=0.5)
+    fast = _stage(cache, blobs, image_lr_scale=0.5, head_lr_scale=10.0)
+    head, body = "model.image_encoder.blobs.proj.weight", "model.image_encoder.backbone.conv1.weight"
+    assert same.lr_plan(head).scale == same.lr_plan(body).scale == 0.5, "None: the heads move with the tower"
+    assert fast.lr_plan(head).scale == 10.0 and fast.lr_plan(body).scale == 0.5
+    assert fast.lr_plan("model.text_encoder.embeddings.word_embeddings.weight").scale == 0.1
+
+    def moved(stage: AlignStage) -> float:
+        opt = torch.optim.AdamW(param_groups(stage.module(), stage.config, stage.lr_plan), lr=stage.config.lr, eps=1e-6)
+        batch = stage.collate([stage.dataset()[i] for i in range(4)])
+        stage.training_forward(stage.module(), batch, 0)["loss"].backward()
+        opt.step()
+        return stage.model.image_encoder.blobs.proj.weight.abs().max().item()  # it starts at zero
+
+    assert moved(fast) == pytest.approx(20 * moved(same), rel=1e-3), "Adam's first step is the rate itself"

@@ -147,6 +147,9 @@ class AlignStage:
         its pretraining (and stage 1) taught it within a few hundred steps."""
         if name.startswith("model.text_encoder."):
             return LrPlan(self.config.text_lr_scale)
+        heads = tuple(f"model.image_encoder.{p}" for p in self.model.image_encoder.head_prefixes)
+        if heads and name.startswith(heads) and self.config.head_lr_scale is not None:
+            return LrPlan(self.config.head_lr_scale)
         if name.startswith("model.image_encoder."):
             return LrPlan(self.config.image_lr_scale)
         return LrPlan()
