@@ -321,6 +321,8 @@ def text_side(run: Path, cache: Path) -> dict[str, Any]:
     - ``report_ceiling``: zero-shot metrics of the test **reports** scored in place of their images (the same
       prompts, scale and metric). An image tower that read each image exactly as its report would score this: it is
       how far the text side alone can carry zero-shot.
+    - ``report_ceiling_form``: the same in the prompt form val chose (the calibration's; ``sentence`` without one),
+      the form the arm's zero-shot figure is scored in.
     """
     import torch.nn.functional as F
 
@@ -328,6 +330,7 @@ def text_side(run: Path, cache: Path) -> dict[str, Any]:
     from medvlp.data.cache import CachedCohort
     from medvlp.tasks import zeroshot as zs
     from medvlp.tasks.embed import embed_split
+    from medvlp.tasks.prompt_forms import mined_prompts, mined_report_prototypes, prompt_form
 
     found = RunDir.open(run)
     model, record = found.load_model(), found.cohort_record() or {}
@@ -341,12 +344,25 @@ def text_side(run: Path, cache: Path) -> dict[str, Any]:
     ceiling = zs.classification_metrics(
         test.labels, zs.zero_shot_probabilities(test.text, prompts, zs.model_logit_scale(model)), findings
     )
+    calibration = found.calibration()
+    in_form = zs.zero_shot_scores(
+        model,
+        test.text,
+        findings,
+        *zs.prompt_spec(record),
+        prompt_form(calibration),
+        mined_prompts(calibration),
+        mined_report_prototypes(calibration),
+    )
+    form_ceiling = zs.classification_metrics(test.labels, in_form, findings)
     return {
         "prompt_cosine": per,
         "mean_prompt_cosine": sum(per.values()) / len(per) if per else None,
         "direction_cosine": shared,
         "report_ceiling_auroc": ceiling["mean_auroc"],
         "report_ceiling_per_finding": {f: m["auroc"] for f, m in ceiling["per_finding"].items()},
+        "report_ceiling_form_auroc": form_ceiling["mean_auroc"],
+        "report_ceiling_form_per_finding": {f: m["auroc"] for f, m in form_ceiling["per_finding"].items()},
     }
 
 
