@@ -1,6 +1,6 @@
 """Are the CT findings in the cached voxels? Three hand-made image statistics, scored as if they were the finding.
 
-    python benchmarks/bench_visibility.py [--styles 0,1,2] [--n 500] [--keep DIR]
+    python benchmarks/bench_visibility.py [--styles 0,1,2] [--n 500] [--keep DIR [--runs ARM,...]]
 
 A yardstick for the 3D issue, not a method: before asking why a tower does not learn a lesion, ask whether the
 preprocessed volume (the demo's 64 x 64 x 32 at 6 x 6 x 8 mm, abdominal window) still holds it. Each statistic is one
@@ -22,7 +22,8 @@ Per style and split, the AUROC of each statistic for each finding, and the linea
 demo's model on the same cohort where a bench_ablation result holds them. Beside them, ``blob_probe``: the project's
 linear probe (fitted on train, scored on test: labels are read, so a yardstick of what the statistics hold, not a
 detector) on the fixed spot statistics of :mod:`medvlp.models.blobs` alone, the margins and the margins with the
-levels. Writes benchmarks/results/visibility-ct.json.
+levels. With ``--runs``, ``head_parts``: how bench_ablation's trained models (kept under the same DIR) carry the
+statistics in their embeddings. Writes benchmarks/results/visibility-ct.json.
 """
 
 from __future__ import annotations
@@ -122,6 +123,40 @@ def blob_probe(findings: list[str], splits: dict[str, tuple[np.ndarray, np.ndarr
     return out
 
 
+def head_parts(run: Path, findings: list[str], splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """How a trained 3D model's embedding holds the spot statistics: the statistics' map output (``blobs(x)``, added
+    to the tower's pooled embedding) against the rest, as mean norms on test (``share``: their ratio), and the project's
+    linear probe (fitted on train, scored on test) on the tower part, the map part and their sum, per finding."""
+    import torch
+
+    from medvlp.artifacts import RunDir
+    from medvlp.tasks.probe import linear_probe
+
+    encoder = RunDir.open(run).load_model().eval().image_encoder
+    if getattr(encoder, "blobs", None) is None:
+        raise SystemExit(f"{run} was trained without the spot statistics (image_encoder_args.blobs)")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    with torch.no_grad():
+        for split, (x, _) in splits.items():
+            full, spot = [], []
+            for batch in torch.as_tensor(x).float().split(32):
+                full.append(encoder(batch).embedding)
+                spot.append(encoder.blobs(batch))
+            f, b = torch.cat(full), torch.cat(spot)
+            parts[split] = {"tower": f - b, "map": b, "sum": f}
+    test = parts["test"]
+    out: dict[str, Any] = {
+        "norm_tower": round(float(test["tower"].norm(dim=1).mean()), 3),
+        "norm_map": round(float(test["map"].norm(dim=1).mean()), 3),
+    }
+    out["share"] = round(out["norm_map"] / out["norm_tower"], 3)
+    (_, train_y), (_, test_y) = splits["train"], splits["test"]
+    for part in ("tower", "map", "sum"):
+        probe = linear_probe(parts["train"][part], train_y, test[part], test_y, findings, (1.0,))["fractions"][1.0]
+        out[f"probe_{part}"] = {f: round(m["auroc"], 3) for f, m in probe["per_finding"].items()}
+    return out
+
+
 def demo_model(style: int) -> dict[str, Any] | None:
     """The demo-3d model's probe and zero-shot AUROC per finding on the same cohort, from bench_ablation's result."""
     path = ROOT / "benchmarks" / "results" / "ablation-ct-fpn.json"
@@ -143,6 +178,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--keep", type=Path, help="keep (and reuse) each style's cohort and cache under DIR/style<S>")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "visibility-ct.json")
+    ap.add_argument(
+        "--runs",
+        default="",
+        help="bench_ablation arms trained with the spot statistics under --keep (DIR/style<S>/<arm>/run): "
+        "how their embeddings hold the statistics (head_parts)",
+    )
     args = ap.parse_args()
     styles = [int(s) for s in args.styles.split(",") if s.strip()]
     result: dict[str, Any] = {
@@ -160,6 +201,11 @@ def main() -> None:
                 "demo_model": demo_model(style),
                 "blob_probe": blob_probe(findings, splits),
             }
+            for arm in filter(None, args.runs.split(",")):
+                if args.keep is None:
+                    raise SystemExit("--runs reads bench_ablation's runs under --keep DIR")
+                parts = result["styles"][str(style)].setdefault("head_parts", {})
+                parts[arm] = head_parts(args.keep / f"style{style}" / arm / "run", findings, splits)
             print(style, json.dumps(result["styles"][str(style)]["statistics"]["test"]), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=2) + "\n")
