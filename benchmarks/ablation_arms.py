@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 #: The `report` baseline's methods, pinned whatever the demo config says: no twin, sentence or box term, no mirrored
-#: pairs, the text tower at a tenth of the rate, the tower's mean pool, `sentence` prompts.
+#: pairs, the text tower at a tenth of the rate, the tower's heads at its rate, the tower's mean pool, `sentence`
+#: prompts.
 PIN = [
     "stages.stage2-align.prompt_forms=[sentence]",
     "stages.stage2-align.twin_weight=0.0",
@@ -21,6 +22,7 @@ PIN = [
     "stages.stage2-align.twin_sides=sentence",
     "stages.stage2-align.mirror=0.0",
     "stages.stage2-align.text_lr_scale=0.1",
+    "stages.stage2-align.head_lr_scale=null",
     "model.image_encoder_args.global_pool=avg",
     "model.image_encoder_args.laterality=false",
 ]
