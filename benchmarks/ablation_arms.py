@@ -131,7 +131,8 @@ def with_mined_reports(base: str) -> str:
 #: the tower's rate its output stays a tenth of the tower's embedding after 150 steps and is drowned in the sum.
 ARMS["blobs_head10"] = [*ARMS["blobs"], "stages.stage2-align.head_lr_scale=10.0"]
 ARMS["blobs_levels_head10"] = [*ARMS["blobs_levels"], "stages.stage2-align.head_lr_scale=10.0"]
-for _base in ("blobs", "blobs_levels", "blobs_noaug", "blobs_head10", "blobs_levels_head10"):
+ARMS["blobs_levels_head3"] = [*ARMS["blobs_levels"], "stages.stage2-align.head_lr_scale=3.0"]  # between the two
+for _base in ("blobs", "blobs_levels", "blobs_noaug", "blobs_head10", "blobs_levels_head10", "blobs_levels_head3"):
     with_mined_reports(_base)
 ARMS |= {arm: [*ARMS[base], FORMS_OF.get(arm, FORMS)] for arm, base in DERIVED.items()}
 ARMS["mined_reports_agree"].append("stages.stage2-align.mining_topic_readers=[model,general]")
