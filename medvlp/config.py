@@ -129,6 +129,11 @@ class AlignStageConfig(OptimConfig):
         description="weight of the sentence twin term: each image must prefer the sentence drawn for its report's twin "
         "over that sentence's twin, the two sentences alone (the robustness suite's form); 0: off",
     )
+    twin_sentence_text_only: bool = Field(
+        default=False,
+        description="the sentence twin term moves the text side only (the image embedding enters it detached): the "
+        "image keeps what the report-level terms taught it, the two sentences must part along the image's own axis",
+    )
     box_weight: float = Field(
         default=0.0,
         ge=0,
@@ -208,6 +213,8 @@ class AlignStageConfig(OptimConfig):
                 f"hard_negatives {self.hard_negatives} enter the sentence or a twin term: set sentence_weight, "
                 "twin_weight or twin_sentence_weight > 0"
             )
+        if self.twin_sentence_text_only and not self.twin_sentence_weight:
+            raise ValueError("twin_sentence_text_only acts on the sentence twin term: set twin_sentence_weight > 0")
         for name in ("twin_weight", "twin_sentence_weight"):
             if getattr(self, name) and not self.hard_negatives:
                 raise ValueError(f"{name} > 0 needs hard_negatives (the rules that make each report's twin)")

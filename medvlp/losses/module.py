@@ -103,6 +103,7 @@ class ContrastiveLossConfig:
             `twin_features`).
         twin_sentence_weight: weight of `twin_loss` on the flipped sentence alone: each image against that sentence
             and its twin, the two texts without the rest of the report (needs `twin_sentences`).
+        twin_sentence_text_only: the sentence twin term sees the image features detached (it trains the text side).
 
     The alignment, uniformity, local, sentence and twin terms use this rank's local batch only.
     """
@@ -123,6 +124,7 @@ class ContrastiveLossConfig:
     sentence_weight: float = 0.0
     twin_weight: float = 0.0
     twin_sentence_weight: float = 0.0
+    twin_sentence_text_only: bool = False
 
     def __post_init__(self) -> None:
         self.kind = _look_up(self.kind, list(LOSSES), "loss kind")
@@ -239,6 +241,7 @@ class ContrastiveLoss(nn.Module):
         if cfg.twin_sentence_weight:
             if twin_sentences is None:
                 raise ValueError("twin_sentence_weight > 0 needs twin_sentences")
-            terms["twin_sentence"] = twin_loss(image_features, *twin_sentences, logit_scale, twin_mask)
+            image = image_features.detach() if cfg.twin_sentence_text_only else image_features
+            terms["twin_sentence"] = twin_loss(image, *twin_sentences, logit_scale, twin_mask)
         total = sum(weights[k] * v for k, v in terms.items())
         return {"loss": total, **terms}

@@ -170,3 +170,30 @@ def test_the_sentence_twin_loss_is_the_twin_loss_of_the_pair() -> None:
         ContrastiveLoss(twin_sentence_weight=1.0)(img, sentence, 1.0)
     with pytest.raises(ValidationError, match="twin_sentence_weight > 0 needs hard_negatives"):
         AlignStageConfig(steps=1, batch_size=2, lr=1e-3, twin_sentence_weight=1.0)
+
+
+def test_twin_sentence_text_only_trains_the_text_side_and_leaves_the_image_to_the_other_terms() -> None:
+    """``twin_sentence_text_only``: the same value, but no gradient reaches the image features through the sentence
+    twin term; the sentences still get theirs, and the report-level terms still reach the image."""
+    mask = torch.tensor([True, False, True])
+
+    def grads(text_only: bool) -> tuple[torch.Tensor, ...]:
+        img, report = _unit(3, 4).requires_grad_(), _unit(3, 4, seed=3).requires_grad_()
+        sentence, twin = _unit(3, 4, seed=1).requires_grad_(), _unit(3, 4, seed=2)
+        loss = ContrastiveLoss(twin_sentence_weight=1.0, twin_sentence_text_only=text_only)
+        terms = loss(img, report, 5.0, twin_sentences=(sentence, twin), twin_mask=mask)
+        (g_img_term, g_sentence) = torch.autograd.grad(
+            terms["twin_sentence"], (img, sentence), allow_unused=True, retain_graph=True
+        )
+        (g_img_all,) = torch.autograd.grad(terms["loss"], (img,))
+        zero = torch.zeros_like(img)
+        return (terms["twin_sentence"].detach(), zero if g_img_term is None else g_img_term, g_sentence, g_img_all)
+
+    value, g_img, g_sentence, _ = grads(False)
+    value_text, g_img_text, g_sentence_text, g_all_text = grads(True)
+    assert value_text.item() == pytest.approx(value.item(), rel=1e-6), "the same term"
+    assert g_img.abs().sum() > 0 and g_img_text.abs().sum() == 0, "the image is detached from the term"
+    torch.testing.assert_close(g_sentence_text, g_sentence)  # the text side learns as before
+    assert g_all_text.abs().sum() > 0, "the contrastive term still trains the image"
+    with pytest.raises(ValidationError, match="twin_sentence_text_only acts on the sentence twin term"):
+        AlignStageConfig(steps=1, batch_size=2, lr=1e-3, twin_sentence_text_only=True)

@@ -124,6 +124,7 @@ class AlignStage:
             sentence_weight=cfg.sentence_weight,
             twin_weight=cfg.twin_weight,
             twin_sentence_weight=cfg.twin_sentence_weight,
+            twin_sentence_text_only=cfg.twin_sentence_text_only,
         )
         # the val loss: the same terms on rank 0's whole val batches, never gathered across ranks
         self.val_loss = ContrastiveLoss(config=replace(self.loss.config, gather=False, local_loss=False))
