@@ -1,28 +1,30 @@
 """Latency and throughput of `medvlp serve` over real HTTP, with and without micro-batching.
 
-    python benchmarks/bench_serve.py [--model RUN] [--requests 400] [--rounds 4] [--concurrency 1,8,32]
-        [--max-batch 16] [--batch-wait-ms 5] [--heatmaps] [--out benchmarks/results/serve.json]
+    python benchmarks/bench_serve.py [--kind cxr|ct] [--model RUN] [--requests 400] [--rounds 4]
+        [--concurrency 1,8,32] [--max-batch 16] [--batch-wait-ms 5] [--heatmaps] [--out JSON]
 
 Two real `medvlp serve` processes (uvicorn, one model, one model thread each) on free loopback ports serve the same
 model: one with micro-batching (`--max-batch`, `--batch-wait-ms`), one with `--no-batching` (one request per
 forward pass, the same single model thread). The client is an asyncio loop of httpx requests in this process: `C`
-workers each send `POST /v1/diagnose` (a synthetic radiograph DICOM upload, the model's 4 findings) back to back.
+workers each send `POST /v1/diagnose` (`--kind cxr`: a synthetic radiograph DICOM upload; `--kind ct`: a synthetic
+abdominal CT series of 40 DICOM slices, zipped; the model's 4 findings) back to back.
 Per concurrency level each mode answers `--requests` requests (a quarter of them, at least 40, at concurrency 1),
 split into `--rounds` rounds that alternate between the two servers (A B B A ...), so a change in the machine's
 load while the benchmark runs hits both modes alike. Latency is per request as the client sees it (upload, decode,
 preprocessing, the forward pass, the answer); throughput is answers per second of summed wall time. 8 warm-up
 requests per server are not counted.
 
-Without `--model`, the model is the demo's 2D architecture (configs/demo-2d.yaml: timm resnet10t at 128 x 128, the
-first 3 layers of MiniLM, 128-d embeddings) with untrained weights, which cost exactly what trained ones do.
+Without `--model`, the model is the demo config's architecture (the `model` section of configs/demo-2d.yaml or
+demo-3d.yaml, at the default preprocessing's size) with untrained weights, which cost exactly what trained ones do.
 Client and servers share the machine's cores, as they would on a single-host deployment; the load average before
-and after is recorded. Prints a table and writes JSON.
+and after is recorded. Prints a table and writes JSON (default benchmarks/results/serve.json, serve-ct.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import platform
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "bench-key-" + "5f1e2d3c4b5a6978"
 WARMUP = 8
+DEMO = {"cxr": "demo-2d.yaml", "ct": "demo-3d.yaml"}
+MODALITY = {"cxr": "CR", "ct": "CT"}
+UPLOAD = {"cxr": "DICOM", "ct": "zip of a DICOM series"}
+FINDINGS = {
+    "cxr": ("cardiomegaly", "pleural_effusion", "lung_nodule", "pneumothorax"),
+    "ct": ("renal_mass", "kidney_stone", "hepatic_lesion", "ascites"),
+}  # the synthetic cohorts' findings
 
 
 def _free_port() -> int:
@@ -47,29 +57,41 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _demo_model(folder: Path) -> Path:
-    """The demo-2d architecture, untrained, saved as a model folder with its cohort record."""
+def _demo_model(folder: Path, kind: str, findings: list[str]) -> tuple[Path, dict[str, Any]]:
+    """The demo config's architecture, untrained, saved as a model folder with its cohort record; and its fields."""
     import torch
 
+    from medvlp.config import load_config
     from medvlp.data.cohort import default_preprocess
     from medvlp.models import MedVLP, ModelConfig
     from medvlp.serve.context import COHORT_RECORD
 
     torch.manual_seed(0)
-    spec = default_preprocess(2)
-    cfg = ModelConfig(
-        image_encoder="timm/resnet10t",
-        spatial_dims=2,
-        image_size=spec.size,
-        text_num_layers=3,
-        text_max_length=96,
-        embed_dim=128,
-    )
-    out = MedVLP(cfg).save_pretrained(folder)
-    findings = ["cardiomegaly", "pleural_effusion", "lung_nodule", "pneumothorax"]
-    record = {"cohort": "synthetic-cxr", "modality": "CR", "spatial_dims": 2, "findings": findings}
+    dims = 2 if kind == "cxr" else 3
+    spec = default_preprocess(dims)
+    fields = {k: v for k, v in load_config(ROOT / "configs" / DEMO[kind]).model.items() if k != "text_dropout"}
+    fields |= {"spatial_dims": dims, "image_size": list(spec.size)}
+    out = MedVLP(ModelConfig(**fields)).save_pretrained(folder)
+    record = {"cohort": f"synthetic-{kind}", "modality": MODALITY[kind], "spatial_dims": dims, "findings": findings}
     (out / COHORT_RECORD).write_text(json.dumps(record | {"preprocess": spec.model_dump(mode="json")}))
-    return out
+    return out, fields
+
+
+def _payloads(kind: str, folder: Path) -> list[bytes]:
+    """Uploads a client sends: one DICOM file per radiograph, one zip per CT series (of the synthetic cohort)."""
+    from medvlp.data.synthetic import synthesize
+
+    images = synthesize(kind, 8 if kind == "ct" else 16, folder, seed=0).parent / "images"
+    if kind == "cxr":
+        return [p.read_bytes() for p in sorted(images.glob("*.dcm"))]
+    payloads = []
+    for series in sorted(p for p in images.iterdir() if p.is_dir()):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for k, f in enumerate(sorted(series.glob("*.dcm"))):
+                zf.writestr(f"{k:04d}.dcm", f.read_bytes())
+        payloads.append(buf.getvalue())
+    return payloads
 
 
 def _start(model: Path, log: Path, extra: list[str]) -> tuple[subprocess.Popen[bytes], str]:
@@ -158,24 +180,26 @@ def _summary(concurrency: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, default=None, help="a run or model folder (default: demo-2d, untrained)")
+    parser.add_argument("--kind", default="cxr", choices=list(DEMO), help="radiographs or CT series")
+    parser.add_argument(
+        "--model", type=Path, default=None, help="a run or model folder (default: the demo's, untrained)"
+    )
     parser.add_argument("--requests", type=int, default=400, help="answers per concurrency level and mode")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds the requests are split into")
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--heatmaps", action="store_true", help="ask for a heatmap per finding as well")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/serve.json (cxr), serve-ct.json (ct)")
     args = parser.parse_args()
+    args.out = args.out or ROOT / "benchmarks" / "results" / ("serve.json" if args.kind == "cxr" else "serve-ct.json")
     levels = [int(c) for c in args.concurrency.split(",")]
     t_all = time.perf_counter()
-    from medvlp.data.synthetic import synthesize
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         tmp_path = Path(tmp)
-        model = args.model or _demo_model(tmp_path / "model")
-        cohort = synthesize("cxr", 16, tmp_path / "cxr", seed=0)
-        payloads = [p.read_bytes() for p in sorted((cohort.parent / "images").glob("*.dcm"))]
+        payloads, findings = _payloads(args.kind, tmp_path / args.kind), list(FINDINGS[args.kind])
+        model, fields = (args.model, None) if args.model else _demo_model(tmp_path / "model", args.kind, findings)
         modes = {
             "batching": ["--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms)],
             "no_batching": ["--no-batching"],
@@ -214,8 +238,12 @@ def main() -> None:
     out = {
         "benchmark": "serve",
         "command": " ".join(["python", "benchmarks/bench_serve.py", *sys.argv[1:]]),
-        "model": str(args.model) if args.model else "demo-2d architecture (timm/resnet10t 128x128, MiniLM 3 layers)",
-        "endpoint": "POST /v1/diagnose, multipart DICOM upload, 4 findings" + (", heatmaps" if args.heatmaps else ""),
+        "kind": args.kind,
+        "model": str(args.model) if args.model else f"configs/{DEMO[args.kind]} architecture, untrained",
+        "model_fields": fields,
+        "endpoint": f"POST /v1/diagnose, multipart {UPLOAD[args.kind]} upload, {len(findings)} findings"
+        + (", heatmaps" if args.heatmaps else ""),
+        "upload_mib": round(float(np.mean([len(p) for p in payloads])) / 2**20, 3),
         "max_batch": args.max_batch,
         "batch_wait_ms": args.batch_wait_ms,
         "rounds": args.rounds,
