@@ -94,6 +94,26 @@ def _payloads(kind: str, folder: Path) -> list[bytes]:
     return payloads
 
 
+def _forward_ms(model: Path, batches: tuple[int, ...] = (1, 2, 4), repeats: int = 10) -> dict[str, float]:
+    """The image tower's forward pass alone (encode_image, no request around it), ms per batch: what batching shares."""
+    import torch
+
+    from medvlp.models import load_model
+
+    net = load_model(model).eval()
+    out = {}
+    for b in batches:
+        x = torch.randn(b, 1, *net.config.image_size)
+        with torch.inference_mode():
+            for _ in range(2):  # warm-up
+                net.encode_image(x)
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                net.encode_image(x)
+        out[str(b)] = round((time.perf_counter() - t0) / repeats * 1000.0, 1)
+    return out
+
+
 def _start(model: Path, log: Path, extra: list[str]) -> tuple[subprocess.Popen[bytes], str]:
     import httpx
 
@@ -204,6 +224,8 @@ def main() -> None:
             "batching": ["--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms)],
             "no_batching": ["--no-batching"],
         }
+        forward_ms = _forward_ms(model)
+        print(f"image tower forward alone, ms per batch of 1 / 2 / 4: {forward_ms}", flush=True)
         load_before = os.getloadavg()
         servers = {mode: _start(model, tmp_path / f"{mode}.log", extra) for mode, extra in modes.items()}
         runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
@@ -243,6 +265,7 @@ def main() -> None:
         "model_fields": fields,
         "endpoint": f"POST /v1/diagnose, multipart {UPLOAD[args.kind]} upload, {len(findings)} findings"
         + (", heatmaps" if args.heatmaps else ""),
+        "image_forward_ms_per_batch": forward_ms,
         "upload_mib": round(float(np.mean([len(p) for p in payloads])) / 2**20, 3),
         "max_batch": args.max_batch,
         "batch_wait_ms": args.batch_wait_ms,
