@@ -20,6 +20,7 @@ PIN = [
     "stages.stage2-align.box_weight=0.0",
     "stages.stage2-align.twin_sentence_weight=0.0",
     "stages.stage2-align.twin_sentence_text_only=false",
+    "stages.stage2-align.twin_sentence_kinds=null",
     "stages.stage2-align.twin_sides=sentence",
     "stages.stage2-align.mirror=0.0",
     "stages.stage2-align.text_lr_scale=0.1",
@@ -171,6 +172,9 @@ ARMS["twin_attn_box_sent03"] = [*ARMS["twin_attn_box"], "stages.stage2-align.twi
 #: ... with that term moving the text side only (`twin_sentence_text_only`): the image embedding, which holds the side
 #: already (side probe 0.82 to 0.98), enters it detached, so the term cannot pull images toward single sentences.
 ARMS["twin_attn_box_sent_text"] = [*ARMS["twin_attn_box_sent"], "stages.stage2-align.twin_sentence_text_only=true"]
+#: ... with that term on the side-swapped pairs alone (`twin_sentence_kinds: [laterality]`): negation is at 0.90 to 1.00
+#: with the report twin already, and the negated and affirmed sentence pairs move the prompts the zero-shot reads.
+ARMS["twin_attn_box_sent_lat"] = [*ARMS["twin_attn_box_sent"], "stages.stage2-align.twin_sentence_kinds=[laterality]"]
 #: ... with consistent laterality twins (`twin_sides: report`): every side of the report swapped, so the twin does not
 #: contradict itself (a one-sentence swap did in about 3 of 4 reports: a text-only cue the tower can learn).
 ARMS["twin_attn_box_sides"] = [*ARMS["twin_attn_box"], "stages.stage2-align.twin_sides=report"]

@@ -129,6 +129,11 @@ class AlignStageConfig(OptimConfig):
         description="weight of the sentence twin term: each image must prefer the sentence drawn for its report's twin "
         "over that sentence's twin, the two sentences alone (the robustness suite's form); 0: off",
     )
+    twin_sentence_kinds: list[Literal["negation", "laterality", "affirmation", "severity"]] | None = Field(
+        default=None,
+        description="the hard_negatives rules whose twins the sentence twin term scores (the drawn pair of a report "
+        "made by another rule leaves that term, not the report twin term); None: all of hard_negatives",
+    )
     twin_sentence_text_only: bool = Field(
         default=False,
         description="the sentence twin term moves the text side only (the image embedding enters it detached): the "
@@ -212,6 +217,13 @@ class AlignStageConfig(OptimConfig):
             raise ValueError(
                 f"hard_negatives {self.hard_negatives} enter the sentence or a twin term: set sentence_weight, "
                 "twin_weight or twin_sentence_weight > 0"
+            )
+        if self.twin_sentence_kinds is not None and not (
+            self.twin_sentence_weight and set(self.twin_sentence_kinds) <= set(self.hard_negatives)
+        ):
+            raise ValueError(
+                f"twin_sentence_kinds {self.twin_sentence_kinds} choose among hard_negatives {self.hard_negatives} "
+                "for the sentence twin term: set twin_sentence_weight > 0 and name rules of hard_negatives"
             )
         if self.twin_sentence_text_only and not self.twin_sentence_weight:
             raise ValueError("twin_sentence_text_only acts on the sentence twin term: set twin_sentence_weight > 0")

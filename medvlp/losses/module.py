@@ -175,6 +175,7 @@ class ContrastiveLoss(nn.Module):
         twin_features: Tensor | None = None,
         twin_mask: Tensor | None = None,
         twin_sentences: tuple[Tensor, Tensor] | None = None,
+        twin_sentence_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Compute the loss terms.
 
@@ -194,6 +195,7 @@ class ContrastiveLoss(nn.Module):
             twin_features: [b, D] each report with one sentence flipped, with `twin_mask` [b] (twin term).
             twin_sentences: ([b, D], [b, D]) the flipped sentence of each report alone and its twin alone, with
                 `twin_mask` (sentence twin term).
+            twin_sentence_mask: [b] bool, the rows the sentence twin term scores; None: `twin_mask`.
 
         Returns:
             Dict of scalar tensors: "loss" (weighted total), "contrastive", and each enabled term.
@@ -242,6 +244,7 @@ class ContrastiveLoss(nn.Module):
             if twin_sentences is None:
                 raise ValueError("twin_sentence_weight > 0 needs twin_sentences")
             image = image_features.detach() if cfg.twin_sentence_text_only else image_features
-            terms["twin_sentence"] = twin_loss(image, *twin_sentences, logit_scale, twin_mask)
+            rows = twin_mask if twin_sentence_mask is None else twin_sentence_mask
+            terms["twin_sentence"] = twin_loss(image, *twin_sentences, logit_scale, rows)
         total = sum(weights[k] * v for k, v in terms.items())
         return {"loss": total, **terms}

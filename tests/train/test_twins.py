@@ -197,3 +197,48 @@ def test_twin_sentence_text_only_trains_the_text_side_and_leaves_the_image_to_th
     assert g_all_text.abs().sum() > 0, "the contrastive term still trains the image"
     with pytest.raises(ValidationError, match="twin_sentence_text_only acts on the sentence twin term"):
         AlignStageConfig(steps=1, batch_size=2, lr=1e-3, twin_sentence_text_only=True)
+
+
+def test_twin_sentence_kinds_keeps_the_pairs_of_those_rules_in_the_sentence_twin_term(
+    cache: CachedCohort,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """``twin_sentence_kinds: [laterality]``: the same draw, but only the side-swapped pairs enter the sentence twin
+    term (its mask), while the report twin term keeps every rule's twin; the term trains and is logged."""
+    kinds = ["negation", "laterality", "affirmation"]
+    stage = _stage(
+        cache,
+        steps=3,
+        twin_weight=1.0,
+        twin_sentence_weight=1.0,
+        hard_negatives=kinds,
+        twin_sentence_kinds=["laterality"],
+    )
+    ds = stage.dataset()
+    batch = stage.collate([ds[(i, 0)] for i in range(16)])
+    every = _stage(cache, twin_weight=1.0, twin_sentence_weight=1.0, hard_negatives=kinds).collate(
+        [ds[(i, 0)] for i in range(16)]
+    )
+    assert batch["twin_sentences"] == every["twin_sentences"] and "twin_sentence_mask" not in every, "the same draw"
+    chosen, has = batch["twin_sentence_mask"].tolist(), batch["twin_mask"].tolist()
+    for (sentence, twin), keep, drawn in zip(batch["twin_sentences"], chosen, has, strict=True):
+        assert keep == (drawn and twin in twins(sentence, ["laterality"]))
+    assert any(chosen) and not all(c == h for c, h in zip(chosen, has, strict=True)), "some pairs kept, some not"
+    img, sentence, twin = _unit(4, 4), _unit(4, 4, seed=1), _unit(4, 4, seed=2)
+    rows, only = torch.tensor([True, True, True, False]), torch.tensor([True, False, False, False])
+    got = ContrastiveLoss(twin_sentence_weight=1.0)(
+        img, _unit(4, 4, seed=3), 5.0, twin_sentences=(sentence, twin), twin_mask=rows, twin_sentence_mask=only
+    )
+    assert got["twin_sentence"].item() == pytest.approx(twin_loss(img, sentence, twin, 5.0, only).item(), rel=1e-6)
+    run_stage(stage, tmp_path, CPU, seed=0)
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert any("twin_sentence" in r and torch.isfinite(torch.tensor(r["twin_sentence"])) for r in logged)
+    with pytest.raises(ValidationError, match="twin_sentence_kinds"):
+        AlignStageConfig(
+            steps=1,
+            batch_size=2,
+            lr=1e-3,
+            twin_sentence_weight=1.0,
+            hard_negatives=["negation"],
+            twin_sentence_kinds=["laterality"],
+        )

@@ -191,6 +191,10 @@ class AlignStage:
                 extra += report_twins
             if self.config.twin_sentence_weight:
                 batch["twin_sentences"] = pairs
+                if (kinds := self.config.twin_sentence_kinds) is not None:  # the pairs those rules made
+                    drawn = zip(pairs, batch["twin_mask"].tolist(), strict=True)
+                    chosen = [has and twin in twins(s, kinds) for (s, twin), has in drawn]
+                    batch["twin_sentence_mask"] = torch.tensor(chosen, dtype=torch.bool)
                 extra += [p[0] for p in pairs] + [p[1] for p in pairs]
         extra += batch.get("box_phrases") or []  # last, so the box term takes the tail of the extra features
         if extra:
@@ -311,6 +315,8 @@ class AlignStage:
                 start += b
             if "twin_sentences" in batch:
                 extra["twin_sentences"] = (features[start : start + b], features[start + b : start + 2 * b])
+                if "twin_sentence_mask" in batch:
+                    extra["twin_sentence_mask"] = batch["twin_sentence_mask"].to(device)
         return loss(
             out["image_features"],
             out["text_features"],
