@@ -112,11 +112,16 @@ def test_channels_last_trains_the_same_model_in_another_memory_order(tmp_path: P
     }
     assert kernels and all(v.is_contiguous(memory_format=torch.channels_last_3d) for v in kernels.values())
     assert not all(v.is_contiguous() for v in kernels.values()), "some kernels are stored in another order"
+    # A kernel in another memory order rounds differently (how much depends on the CPU's kernels), and Adam, which
+    # moves a weight by about lr per step whatever the size of its gradient, turns a rounding difference in a
+    # near-zero gradient into one of up to ~lr per step: the first logged loss agrees to rounding, the later ones
+    # and the weights within what 4 steps at lr 1e-3 (tiny-3d's stage 2) can drift, not beyond.
     for stage in ("stage1-image", "stage2-align"):
         a, b = _log(runs[False] / stage / "log.jsonl"), _log(runs[True] / stage / "log.jsonl")
-        assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-3, abs=1e-4)
+        assert b[0]["loss"] == pytest.approx(a[0]["loss"], rel=1e-3, abs=1e-4)
+        assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-2, abs=1e-4)
     a, b = _params(runs[False] / "stage2-align" / "model"), _params(runs[True] / "stage2-align" / "model")
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-4) for k in a)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=5e-2, atol=2 * 4 * 1e-3) for k in a)
     with torch.no_grad():
         assert torch.isfinite(load_model(runs[True]).encode_image(torch.rand(1, 1, 64, 64, 32))).all()
 
