@@ -172,7 +172,7 @@ ARMS["twin_attn_box_sent03"] = [*ARMS["twin_attn_box"], "stages.stage2-align.twi
 #: ... with that term moving the text side only (`twin_sentence_text_only`): the image embedding, which holds the side
 #: already (side probe 0.82 to 0.98), enters it detached, so the term cannot pull images toward single sentences.
 ARMS["twin_attn_box_sent_text"] = [*ARMS["twin_attn_box_sent"], "stages.stage2-align.twin_sentence_text_only=true"]
-#: ... with that term on the side-swapped pairs alone (`twin_sentence_kinds: [laterality]`): negation is at 0.90 to 1.00
+#: ... with that term on the side-swapped pairs alone (`twin_sentence_kinds: [laterality]`): negation is at 0.87 to 0.97
 #: with the report twin already, and the negated and affirmed sentence pairs move the prompts the zero-shot reads.
 ARMS["twin_attn_box_sent_lat"] = [*ARMS["twin_attn_box_sent"], "stages.stage2-align.twin_sentence_kinds=[laterality]"]
 #: ... with consistent laterality twins (`twin_sides: report`): every side of the report swapped, so the twin does not
