@@ -35,20 +35,18 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from medvlp.data.cohort import CohortSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "bench-key-" + "5f1e2d3c4b5a6978"
 WARMUP = 8
 DEMO = {"cxr": "demo-2d.yaml", "ct": "demo-3d.yaml"}
-MODALITY = {"cxr": "CR", "ct": "CT"}
 UPLOAD = {"cxr": "DICOM", "ct": "zip of a DICOM series"}
-FINDINGS = {
-    "cxr": ("cardiomegaly", "pleural_effusion", "lung_nodule", "pneumothorax"),
-    "ct": ("renal_mass", "kidney_stone", "hepatic_lesion", "ascites"),
-}  # the synthetic cohorts' findings
 
 
 def _free_port() -> int:
@@ -57,8 +55,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _demo_model(folder: Path, kind: str, findings: list[str]) -> tuple[Path, dict[str, Any]]:
-    """The demo config's architecture, untrained, saved as a model folder with its cohort record; and its fields."""
+def _demo_model(folder: Path, kind: str, cohort: CohortSpec) -> tuple[Path, dict[str, Any]]:
+    """The demo config's architecture, untrained, saved as a model folder with the cohort's record; and its fields."""
     import torch
 
     from medvlp.config import load_config
@@ -67,23 +65,24 @@ def _demo_model(folder: Path, kind: str, findings: list[str]) -> tuple[Path, dic
     from medvlp.serve.context import COHORT_RECORD
 
     torch.manual_seed(0)
-    dims = 2 if kind == "cxr" else 3
-    spec = default_preprocess(dims)
+    spec = cohort.preprocess or default_preprocess(cohort.spatial_dims)
     fields = {k: v for k, v in load_config(ROOT / "configs" / DEMO[kind]).model.items() if k != "text_dropout"}
-    fields |= {"spatial_dims": dims, "image_size": list(spec.size)}
+    fields |= {"spatial_dims": cohort.spatial_dims, "image_size": list(spec.size)}
     out = MedVLP(ModelConfig(**fields)).save_pretrained(folder)
-    record = {"cohort": f"synthetic-{kind}", "modality": MODALITY[kind], "spatial_dims": dims, "findings": findings}
+    record = cohort.model_dump(mode="json", include={"modality", "spatial_dims", "findings"}) | {"cohort": cohort.name}
     (out / COHORT_RECORD).write_text(json.dumps(record | {"preprocess": spec.model_dump(mode="json")}))
     return out, fields
 
 
-def _payloads(kind: str, folder: Path) -> list[bytes]:
-    """Uploads a client sends: one DICOM file per radiograph, one zip per CT series (of the synthetic cohort)."""
+def _payloads(kind: str, folder: Path) -> tuple[list[bytes], CohortSpec]:
+    """Uploads a client sends (one DICOM file per radiograph, one zip per CT series) and the synthetic cohort's YAML."""
+    from medvlp.data.cohort import load_spec
     from medvlp.data.synthetic import synthesize
 
-    images = synthesize(kind, 8 if kind == "ct" else 16, folder, seed=0).parent / "images"
+    yaml_path = synthesize(kind, 8 if kind == "ct" else 16, folder, seed=0)
+    images, cohort = yaml_path.parent / "images", load_spec(yaml_path)
     if kind == "cxr":
-        return [p.read_bytes() for p in sorted(images.glob("*.dcm"))]
+        return [p.read_bytes() for p in sorted(images.glob("*.dcm"))], cohort
     payloads = []
     for series in sorted(p for p in images.iterdir() if p.is_dir()):
         buf = io.BytesIO()
@@ -91,7 +90,7 @@ def _payloads(kind: str, folder: Path) -> list[bytes]:
             for k, f in enumerate(sorted(series.glob("*.dcm"))):
                 zf.writestr(f"{k:04d}.dcm", f.read_bytes())
         payloads.append(buf.getvalue())
-    return payloads
+    return payloads, cohort
 
 
 def _forward_ms(model: Path, batches: tuple[int, ...] = (1, 2, 4), repeats: int = 10) -> dict[str, float]:
@@ -218,8 +217,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         tmp_path = Path(tmp)
-        payloads, findings = _payloads(args.kind, tmp_path / args.kind), list(FINDINGS[args.kind])
-        model, fields = (args.model, None) if args.model else _demo_model(tmp_path / "model", args.kind, findings)
+        payloads, cohort = _payloads(args.kind, tmp_path / args.kind)
+        model, fields = (args.model, None) if args.model else _demo_model(tmp_path / "model", args.kind, cohort)
         modes = {
             "batching": ["--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms)],
             "no_batching": ["--no-batching"],
@@ -263,7 +262,7 @@ def main() -> None:
         "kind": args.kind,
         "model": str(args.model) if args.model else f"configs/{DEMO[args.kind]} architecture, untrained",
         "model_fields": fields,
-        "endpoint": f"POST /v1/diagnose, multipart {UPLOAD[args.kind]} upload, {len(findings)} findings"
+        "endpoint": f"POST /v1/diagnose, multipart {UPLOAD[args.kind]} upload, {len(cohort.findings)} findings"
         + (", heatmaps" if args.heatmaps else ""),
         "image_forward_ms_per_batch": forward_ms,
         "upload_mib": round(float(np.mean([len(p) for p in payloads])) / 2**20, 3),
