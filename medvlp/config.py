@@ -257,6 +257,11 @@ class StagesConfig(_Strict):
 
 class DataConfig(_Strict):
     augment: bool = True
+    augment_interpolation: Literal["bilinear", "nearest"] = Field(
+        default="bilinear",
+        description="the training augmentation's affine resampling: bilinear (trilinear in 3D) blurs a one-voxel "
+        "lesion, nearest moves voxels without mixing them (medvlp.train.data.augmentation)",
+    )
     num_workers: int = Field(default=0, ge=0)
     report_sections: list[str] = Field(
         default_factory=lambda: ["findings", "impression"],

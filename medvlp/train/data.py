@@ -98,8 +98,18 @@ def mask_generators(seed: int, step: int, indices: torch.Tensor | list[int]) -> 
     ]
 
 
-def augmentation(spatial_dims: int, strong: bool = False):
-    """MONAI augmentations for radiographs/CT in [0, 1]: small affine, intensity jitter, noise (+ more if strong)."""
+INTERPOLATIONS = ("bilinear", "nearest")
+
+
+def augmentation(spatial_dims: int, strong: bool = False, interpolation: str = "bilinear"):
+    """MONAI augmentations for radiographs/CT in [0, 1]: small affine, intensity jitter, noise (+ more if strong).
+
+    ``interpolation`` is the affine's resampling: ``bilinear`` (trilinear in 3D) spreads a one-voxel dot over its
+    neighbours and lowers its peak by up to half per axis, so a lesion of a voxel or two is fainter in most augmented
+    samples than in the un-augmented ones the model is scored on; ``nearest`` moves voxels without mixing them.
+    """
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation {interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
     from monai.transforms import (
         Compose,
         RandAdjustContrast,
@@ -118,7 +128,7 @@ def augmentation(spatial_dims: int, strong: bool = False):
             scale_range=(0.2 if strong else 0.08,) * spatial_dims,
             translate_range=(0.08,) * spatial_dims,
             padding_mode="zeros",
-            mode="bilinear",
+            mode=interpolation,
         ),
         RandScaleIntensity(factors=0.15 if strong else 0.05, prob=0.5),
         RandShiftIntensity(offsets=0.1 if strong else 0.03, prob=0.5),
@@ -170,6 +180,7 @@ class CachedImages(Dataset):
             patient's left-right axis (:func:`left_right_axis`), with every "left" and "right" of its report and
             phrase swapped (:func:`medvlp.data.perturb.mirror_sides`), so the pair stays true: a left effusion seen
             on the other side is written as a right one.
+        interpolation: the augmentation's affine resampling (:func:`augmentation`).
     """
 
     def __init__(
@@ -183,6 +194,7 @@ class CachedImages(Dataset):
         need: tuple[str, ...] = PAIRED,
         boxes: bool = False,
         mirror: float = 0.0,
+        interpolation: str = "bilinear",
     ) -> None:
         if not 0.0 <= mirror <= 1.0 or (mirror and views != 1):
             raise ValueError(f"mirror {mirror} must be a probability, for one augmented view (views=1, not {views})")
@@ -195,7 +207,7 @@ class CachedImages(Dataset):
         self.sections = sections or ["findings", "impression"]
         self.views, self.seed = views, seed
         self.findings = cache.findings
-        self._aug = augmentation(cache.spatial_dims, strong) if views > 0 else None
+        self._aug = augmentation(cache.spatial_dims, strong, interpolation) if views > 0 else None
         labels = self.records[self.findings].astype("float32").to_numpy() if self.findings else np.zeros((len(self), 0))
         self.labels = torch.from_numpy(np.nan_to_num(labels, nan=-2.0))  # -2 unknown, -1 uncertain
         self.phrases: dict[str, list[tuple[str, list]]] | None = None

@@ -116,7 +116,7 @@ def _stage(name: str, cfg: TrainConfig, cache: CachedCohort, run: Path, stages: 
         from medvlp.train.stages.image import ImageStage
 
         enc = create_image_encoder(mc.image_encoder, mc.spatial_dims, tuple(mc.image_size), **mc.image_encoder_args)
-        return ImageStage(cfg.stages.stage1_image, cache, enc, cfg.seed)
+        return ImageStage(cfg.stages.stage1_image, cache, enc, cfg.seed, cfg.data.augment_interpolation)
     from medvlp.train.stages.align import AlignStage
 
     return AlignStage(
@@ -127,6 +127,7 @@ def _stage(name: str, cfg: TrainConfig, cache: CachedCohort, run: Path, stages: 
         cfg.seed,
         cfg.data.augment,
         text_dropout=cfg.model.get("text_dropout"),
+        interpolation=cfg.data.augment_interpolation,
     )
 
 

@@ -106,8 +106,10 @@ class AlignStage:
         seed: int,
         augment: bool = True,
         text_dropout: float | None = None,
+        interpolation: str = "bilinear",
     ) -> None:
         self.config, self.cache, self.sections, self.seed, self.augment = cfg, cache, sections, seed, augment
+        self.interpolation = interpolation
         self.model = MedVLP(model_config)
         if text_dropout is not None:
             set_dropout(self.model.text_encoder, text_dropout)
@@ -161,7 +163,14 @@ class AlignStage:
             logger.warning("%s: mirror %s needs data.augment; no sample is mirrored", self.name, self.config.mirror)
         mirror = self.config.mirror if views else 0.0
         data = CachedImages(
-            self.cache, "train", self.sections, views=views, seed=self.seed, boxes=self.boxes, mirror=mirror
+            self.cache,
+            "train",
+            self.sections,
+            views=views,
+            seed=self.seed,
+            boxes=self.boxes,
+            mirror=mirror,
+            interpolation=self.interpolation,
         )
         if self.boxes and not data.phrases:
             logger.warning(

@@ -110,8 +110,11 @@ class ImageStage:
 
     name = "stage1-image"
 
-    def __init__(self, cfg: ImageStageConfig, cache: CachedCohort, encoder: nn.Module, seed: int) -> None:
+    def __init__(
+        self, cfg: ImageStageConfig, cache: CachedCohort, encoder: nn.Module, seed: int, interpolation: str = "bilinear"
+    ) -> None:
         self.config, self.cache, self.encoder, self.seed = cfg, cache, encoder, seed
+        self.interpolation = interpolation
         size = tuple(cache.summary["preprocess"]["size"])
         if cfg.method == "simmim":
             self.net: nn.Module = SimMIM(encoder, size)
@@ -124,7 +127,15 @@ class ImageStage:
     def dataset(self) -> Dataset:
         views = 2 if self.config.method == "simclr" else 1
         strong = self.config.method == "simclr"  # every training image: the pairs' and the image-only studies'
-        return CachedImages(self.cache, "train", views=views, strong=strong, seed=self.seed, need=("image",))
+        return CachedImages(
+            self.cache,
+            "train",
+            views=views,
+            strong=strong,
+            seed=self.seed,
+            need=("image",),
+            interpolation=self.interpolation,
+        )
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return collate(items)
