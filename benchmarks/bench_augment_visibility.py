@@ -36,15 +36,10 @@ def variants() -> dict[str, Any]:
     from medvlp.train.data import INTERPOLATIONS, augmentation
 
     out: dict[str, Any] = {f"demo_{mode}": augmentation(3, interpolation=mode) for mode in INTERPOLATIONS}
-    for mode in INTERPOLATIONS:  # the demo's affine ranges, applied to every series
-        out[f"affine_{mode}"] = RandAffine(
-            prob=1.0,
-            rotate_range=(0.1,) * 3,
-            scale_range=(0.08,) * 3,
-            translate_range=(0.08,) * 3,
-            padding_mode="zeros",
-            mode=mode,
-        )
+    for mode in INTERPOLATIONS:  # the demo's affine alone, applied to every series
+        (affine,) = [t for t in augmentation(3, interpolation=mode).transforms if isinstance(t, RandAffine)]
+        affine.prob = 1.0
+        out[f"affine_{mode}"] = affine
     return out
 
 
