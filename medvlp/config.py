@@ -255,9 +255,13 @@ class StagesConfig(_Strict):
         ]
 
 
+#: The training augmentation's affine resampling (medvlp.train.data.augmentation).
+Interpolation = Literal["bilinear", "nearest"]
+
+
 class DataConfig(_Strict):
     augment: bool = True
-    augment_interpolation: Literal["bilinear", "nearest"] = Field(
+    augment_interpolation: Interpolation = Field(
         default="bilinear",
         description="the training augmentation's affine resampling: bilinear (trilinear in 3D) blurs a one-voxel "
         "lesion, nearest moves voxels without mixing them (medvlp.train.data.augmentation)",

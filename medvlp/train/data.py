@@ -12,13 +12,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from medvlp.config import Interpolation
 from medvlp.data.cache import PAIRED, CachedCohort
 from medvlp.data.perturb import mirror_sides
 from medvlp.data.reports import report_text
@@ -98,10 +99,10 @@ def mask_generators(seed: int, step: int, indices: torch.Tensor | list[int]) -> 
     ]
 
 
-INTERPOLATIONS = ("bilinear", "nearest")
+INTERPOLATIONS: tuple[str, ...] = get_args(Interpolation)
 
 
-def augmentation(spatial_dims: int, strong: bool = False, interpolation: str = "bilinear"):
+def augmentation(spatial_dims: int, strong: bool = False, interpolation: Interpolation = "bilinear"):
     """MONAI augmentations for radiographs/CT in [0, 1]: small affine, intensity jitter, noise (+ more if strong).
 
     ``interpolation`` is the affine's resampling: ``bilinear`` (trilinear in 3D) spreads a one-voxel dot over its
@@ -194,7 +195,7 @@ class CachedImages(Dataset):
         need: tuple[str, ...] = PAIRED,
         boxes: bool = False,
         mirror: float = 0.0,
-        interpolation: str = "bilinear",
+        interpolation: Interpolation = "bilinear",
     ) -> None:
         if not 0.0 <= mirror <= 1.0 or (mirror and views != 1):
             raise ValueError(f"mirror {mirror} must be a probability, for one augmented view (views=1, not {views})")

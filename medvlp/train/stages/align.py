@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from medvlp.config import AlignStageConfig
+from medvlp.config import AlignStageConfig, Interpolation
 from medvlp.data.cache import COHORT_RECORD, CachedCohort, atomic_write_json, cohort_record
 from medvlp.data.perturb import mirror_sides, swap_laterality, twins
 from medvlp.data.reports import normalize_report, text_sentences
@@ -106,7 +106,7 @@ class AlignStage:
         seed: int,
         augment: bool = True,
         text_dropout: float | None = None,
-        interpolation: str = "bilinear",
+        interpolation: Interpolation = "bilinear",
     ) -> None:
         self.config, self.cache, self.sections, self.seed, self.augment = cfg, cache, sections, seed, augment
         self.interpolation = interpolation

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset
 
-from medvlp.config import ImageStageConfig
+from medvlp.config import ImageStageConfig, Interpolation
 from medvlp.data.cache import CachedCohort
 from medvlp.losses import clip_loss
 from medvlp.train.data import CachedImages, collate, mask_generators
@@ -111,7 +111,12 @@ class ImageStage:
     name = "stage1-image"
 
     def __init__(
-        self, cfg: ImageStageConfig, cache: CachedCohort, encoder: nn.Module, seed: int, interpolation: str = "bilinear"
+        self,
+        cfg: ImageStageConfig,
+        cache: CachedCohort,
+        encoder: nn.Module,
+        seed: int,
+        interpolation: Interpolation = "bilinear",
     ) -> None:
         self.config, self.cache, self.encoder, self.seed = cfg, cache, encoder, seed
         self.interpolation = interpolation
