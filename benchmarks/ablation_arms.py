@@ -180,6 +180,14 @@ ARMS["twin_attn_box_sent_lat"] = [*ARMS["twin_attn_box_sent"], "stages.stage2-al
 #: ... with all 6 layers of the bundled text tower, not the first 3 (`model.text_num_layers: 6`): untrained, it tells
 #: "left pneumothorax" from "right pneumothorax" at cosine 0.926 against 0.983, a negation at 0.754 against 0.928.
 ARMS["twin_attn_box_text6"] = [*ARMS["twin_attn_box"], "model.text_num_layers=6"]
+#: ... and with the sentence twin term on the text side (`twin_attn_box_sent_text`): six layers lifted laterality and
+#: retrieval with no term of their own, the text-side term lifted negation to 1.0; the question is whether the deeper
+#: text side carries the term without the zero-shot cost it had on three layers.
+ARMS["twin_attn_box_text6_sent_text"] = [
+    *ARMS["twin_attn_box_text6"],
+    "stages.stage2-align.twin_sentence_weight=1.0",
+    "stages.stage2-align.twin_sentence_text_only=true",
+]
 #: ... with consistent laterality twins (`twin_sides: report`): every side of the report swapped, so the twin does not
 #: contradict itself (a one-sentence swap did in about 3 of 4 reports: a text-only cue the tower can learn).
 ARMS["twin_attn_box_sides"] = [*ARMS["twin_attn_box"], "stages.stage2-align.twin_sides=report"]
