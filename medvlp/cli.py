@@ -423,6 +423,9 @@ def demo(
     n: Annotated[int, typer.Option(help="Number of synthetic studies.", min=20)] = 500,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     config: Annotated[Path | None, typer.Option(help="Training config (default configs/demo-2d or demo-3d).")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config value: --set model.text_num_layers=6")
+    ] = None,
     ablation: Annotated[
         bool, typer.Option(help="Also train stage 2 alone (align-only baseline): the card shows what stage 1 buys.")
     ] = False,
@@ -434,7 +437,7 @@ def demo(
     evaluation.
     """
     from medvlp.card import HEADLINE, get
-    from medvlp.config import STAGES, load_config
+    from medvlp.config import STAGES, ConfigError, load_config
     from medvlp.data.build import build_cohort
     from medvlp.data.synthetic import synthesize
     from medvlp.evaluate import evaluate as run_evaluate
@@ -442,7 +445,12 @@ def demo(
 
     if kind not in KINDS:
         _fail(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    cfg = load_config(config or shipped_config("demo-2d" if kind == "cxr" else "demo-3d"), [f"seed={seed}"])
+    try:
+        default = shipped_config("demo-2d" if kind == "cxr" else "demo-3d")
+        cfg = load_config(config or default, [f"seed={seed}", *(set_ or [])])
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
     stages = [s for s in STAGES if cfg.stages.get(s).enabled]
     phases = {"synth": n, "build": n, **{s: cfg.stages.get(s).steps for s in stages}}
     if ablation:

@@ -122,5 +122,6 @@ def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> TinyDemo:
     config = Path(__file__).resolve().parents[1] / "configs" / "tiny-2d.yaml"
     args = [sys.executable, "-m", "medvlp", "demo", "--out", "demo-out", "--n", "60", "--config", str(config)]
     args.append("--ablation")  # the align-only baseline too: every phase of the display is exercised
+    args += ["--set", "stages.stage1-image.checkpoint_every=6"]  # an override reaches the run (test_demo.py)
     code, raw = run_in_terminal(args, cwd=root)
     return TinyDemo(root, code, terminal_text(raw))

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import inspect
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+import yaml
 
 from medvlp.cli import demo
 
@@ -23,7 +26,26 @@ PHASES = ["synth", "build", "stage1-text", "stage1-image", "stage2-align", "base
 
 
 def test_demo_has_the_options_the_tests_use() -> None:
-    assert {"out", "kind", "n", "seed", "config", "ablation"} <= set(inspect.signature(demo).parameters)
+    assert {"out", "kind", "n", "seed", "config", "set_", "ablation"} <= set(inspect.signature(demo).parameters)
+
+
+def test_demo_set_overrides_the_config_in_the_run(tiny_demo: TinyDemo) -> None:
+    """``--set`` changes the demo's config as ``medvlp train --set`` does: the run folder's config records it."""
+    config = yaml.safe_load((tiny_demo.check().run / "config.yaml").read_text())
+    assert config["stages"]["stage1-image"]["checkpoint_every"] == 6  # tiny-2d.yaml says 3
+    assert config["stages"]["stage1-text"]["checkpoint_every"] == 3
+
+
+def test_demo_rejects_a_bad_override_before_any_work(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medvlp.cli import app
+
+    out = tmp_path / "demo-out"
+    r = CliRunner().invoke(app, ["demo", "--out", str(out), "--n", "20", "--set", "model.text_num_layers"])
+    assert r.exit_code == 2, r.output
+    assert "--set expects key=value" in r.output
+    assert not out.exists()  # no cohort written for a run that cannot start
 
 
 def test_demo_shows_one_pipeline_progress(tiny_demo: TinyDemo) -> None:
