@@ -80,11 +80,11 @@ def test_pipeline_progress_off_a_terminal_prints_only_the_phase_lines() -> None:
 
     from rich.console import Console
 
-    from medvlp.cli import _PipelineProgress
+    from medvlp.progress import PipelineProgress
 
     buf = io.StringIO()
     console = Console(file=buf, force_terminal=False, width=100)
-    with _PipelineProgress({"build": 10, "stage1-text": 4}, console) as bar:
+    with PipelineProgress({"build": 10, "stage1-text": 4}, console) as bar:
         bar.start("build")
         for i in range(5):
             bar.update("build", i + 1, 5)  # 5 studies to process, rescaled to the 10 planned
