@@ -29,6 +29,8 @@ PIN = [
     "model.image_encoder_args.laterality=false",
     "model.text_num_layers=3",
     "data.augment_interpolation=bilinear",
+    "stages.stage2-align.side_edit=false",
+    "stages.stage2-align.side_edit_texts=sentences",
 ]
 
 #: Per kind, what the demo config turns on beyond :data:`PIN`'s methods, pinned off as well (a kind's own switch: only
@@ -196,6 +198,12 @@ ARMS["twin_attn_box_sides"] = [*ARMS["twin_attn_box"], "stages.stage2-align.twin
 ARMS["twin_attn_box_text6_sides"] = [*ARMS["twin_attn_box_text6"], "stages.stage2-align.twin_sides=report"]
 #: ... with the phrase-box term at 0.3 instead of 0.1: six text layers lowered grounding mIoU on every style.
 ARMS["twin_attn_box_text6_sides_box03"] = [*ARMS["twin_attn_box_text6_sides"], "stages.stage2-align.box_weight=0.3"]
+#: The 2D demo's finished run with the side edit fitted after training (`side_edit: true`, medvlp.models.side_edit): the
+#: text embedding of a sentence that names a side moved along the image embedding's side direction, then recalibrated.
+#: `_side` edits a text of one sentence only (the reports keep their embeddings), `_side_all` every text.
+ARMS["twin_attn_box_side"] = [*ARMS["twin_attn_box"], "stages.stage2-align.side_edit=true"]
+ARMS["twin_attn_box_side_all"] = [*ARMS["twin_attn_box_side"], "stages.stage2-align.side_edit_texts=all"]
+DERIVED |= {"twin_attn_box_side": "twin_attn_box", "twin_attn_box_side_all": "twin_attn_box"}
 #: The phrase-box terms on finer tokens (3D ResNet): a feature pyramid to stage 3 or 2 (`token_stage`), tokens of 48
 #: or 24 mm at the demo's 6 mm voxels instead of 96, so that a lesion can have a token of its own (issue 12 point 4).
 FPN = {f"{box}_fpn{s}": (box, s) for box in ("box", "box_light", "box_light_image") for s in (3, 2)}

@@ -9,7 +9,8 @@ Four layouts, each written by one owner and opened here (the README has one tabl
 - **run folder** (written by ``medvlp train``, :func:`medvlp.train.run.train`): ``config.yaml``, ``run.json``,
   ``train.log`` and one folder per stage, the aligned model in ``stage2-align/model``.
 - **model folder** (written by :meth:`medvlp.models.MedVLP.save_pretrained` and stage 2): ``config.json``,
-  ``model.safetensors``, ``text/``, ``cohort.json``, ``calibration.json`` (fitted on ``val`` after training).
+  ``model.safetensors``, ``text/``, ``cohort.json``, ``calibration.json`` (fitted on ``val`` after training),
+  ``side_edit.json`` (with the side edit, :mod:`medvlp.tasks.side_edit`).
 - **card folder** (written by ``medvlp evaluate``): ``metrics.json``, ``model_card.md``, ``*.png`` and, with the
   align-only baseline, ``baselines/align-only/`` (a run folder).
 
@@ -243,6 +244,12 @@ class RunDir:
         from medvlp.tasks.calibration import load_calibration
 
         return load_calibration(self.model_dir)
+
+    def side_edit(self) -> dict[str, Any] | None:
+        """The side edit's fit record (``side_edit.json``: texts, strength, val accuracies), or None without one."""
+        from medvlp.tasks.side_edit import SIDE_EDIT_RECORD
+
+        return _read_json(self.model_dir / SIDE_EDIT_RECORD)
 
     def card(self, card: Path | None = None) -> Path | None:
         """The evaluation card's ``metrics.json`` (see :func:`find_card`)."""

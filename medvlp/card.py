@@ -124,6 +124,15 @@ def write_model_card(out: Path, metrics: dict[str, Any], model_path: Path) -> Pa
             )
             + " |"
         )
+        edit = rob.get("side_edit")
+        if edit:
+            which = "one-sentence texts" if edit["texts"] == "sentences" else "texts"
+            lines += [
+                "",
+                f"*Side edit*: the text embeddings of {which} that name a side carry a rank-one edit fitted after "
+                f"training (directions on train, strength {edit['strength']:g} chosen on val), so the laterality "
+                "column measures the model with it.",
+            ]
     op = (metrics.get("zero_shot") or {}).get("operating_point")
     if op:
         lines += [

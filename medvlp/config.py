@@ -183,6 +183,19 @@ class AlignStageConfig(OptimConfig):
         description="after Platt scaling, an isotonic map per finding fitted on val (at least 10 studies of each "
         "class), blended 0.98 / 0.02 with the Platt answer so that the ranking is kept (medvlp.tasks.calibration)",
     )
+    side_edit: bool = Field(
+        default=False,
+        description="after training, before the calibration: a rank-one side edit of the text embedding "
+        "(medvlp.models.side_edit), its directions fitted on the training reports' one-sided sentences and their "
+        "images (no labels), its strength chosen on val by how often each image prefers its reports' one-sided "
+        "sentences over their side-swapped twins (medvlp.tasks.side_edit)",
+    )
+    side_edit_texts: Literal["sentences", "all"] = Field(
+        default="sentences",
+        description="the texts the side edit acts on: 'sentences', a text of one sentence (the zero-shot report "
+        "prototypes, retrieval's reports and every other longer text keep their embeddings); 'all', every text that "
+        "names a side",
+    )
     prompt_forms: list[
         Literal["sentence", "report", "report_section", "mined", "mined_report_section", "mined_reports"]
     ] = Field(

@@ -206,6 +206,8 @@ def evaluate(
         "findings": cache.findings,
     }
     metrics["protocol"] = dict(PROTOCOL)
+    if metrics.get("robustness") is not None:  # the side edit's fit (medvlp.tasks.side_edit), None without one
+        metrics["robustness"]["side_edit"] = run.side_edit()
     if metrics.get("grounding") is not None:  # a model that trained on the phrase boxes was told where they are
         # None: a bare model folder, whose training config is not known
         cfg = run.config

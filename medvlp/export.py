@@ -8,6 +8,11 @@ The export folder is the one owner of this layout (read by :class:`medvlp.hospit
     OUT/prompts.npy     [F, 2, E] positive/negative prompt embeddings of the model's findings
     OUT/scorer.json     findings, logit scale, grid, input size, the training preprocessing, calibration, versions
 
+A model with a side edit (:mod:`medvlp.models.side_edit`) has it in ``prompts.npy``; ``text.onnx`` is the text tower
+without it (the edit embeds a text's mirror too, which a token graph cannot), so a new text that names a side scored
+through it differs from the model's answer; ``scorer.json`` says so (``side_edit``: the strength and the texts it
+acts on, or null).
+
 Batch (and the text length) are dynamic axes. The preprocessing is the training one, written down for the caller
 (:func:`medvlp.data.preprocess.preprocess_image` applies it).
 """
@@ -137,6 +142,12 @@ def export_onnx(service: DiagnosisService, out: Path) -> Path:
         "preprocess": service.spec.model_dump(mode="json"),
         "calibration": service.context.calibration,  # fitted on val after training (None: the zero-shot softmax)
         "opset": OPSET,
+        "side_edit": None
+        if model.side_edit is None
+        else {  # not in text.onnx
+            "strength": float(model.side_edit.strength),
+            "texts": model.side_edit.texts,
+        },
     }
     (out / SCORER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     logger.info("exported %s to ONNX: %d findings", algo.name, len(findings))

@@ -239,3 +239,33 @@ def test_a_model_trained_on_the_phrase_boxes_says_its_grounding_is_supervised(
     shutil.copytree(boxed / "stage2-align" / "model", tmp_path / "bare-model")
     bare = evaluate(tmp_path / "bare-model", yaml_path, tmp_path / "bare")
     assert bare["grounding"]["supervised"] is None
+
+
+def test_the_side_edit_is_a_switch_fitted_after_training_before_the_calibration(
+    tiny_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`side_edit`: off by default; on, a finished run resumed with it fits the edit into its model folder (the
+    record beside it, the calibration fitted again afterwards on the edited model)."""
+    from medvlp.artifacts import RunDir
+    from medvlp.tasks.side_edit import SIDE_EDIT_RECORD, STRENGTHS
+
+    assert load_config(None).stages.stage2_align.side_edit is False
+    yaml_path, run = tiny_run
+    edited = tmp_path / "run"
+    shutil.copytree(run, edited)
+    model_dir = RunDir.open(edited).model_dir
+    calibrated = (model_dir / "calibration.json").stat().st_mtime_ns
+    forms = "stages.stage2-align.prompt_forms=[sentence,report,report_section,mined,mined_report_section,mined_reports]"
+    cfg = load_config(ROOT / "configs" / "tiny-2d.yaml", [forms, "stages.stage2-align.side_edit=true"])
+    train(cfg, yaml_path, edited, resume=True)
+    record = json.loads((model_dir / SIDE_EDIT_RECORD).read_text())
+    assert record["strength"] in STRENGTHS and set(record["val_accuracy"]) == {str(k) for k in STRENGTHS}
+    model = RunDir.open(edited).load_model()
+    assert model.config.side_edit == "sentences"
+    assert float(model.side_edit.strength) == pytest.approx(record["strength"])
+    assert (model_dir / "calibration.json").stat().st_mtime_ns > calibrated
+    from medvlp.evaluate import evaluate
+
+    metrics = evaluate(edited, yaml_path, tmp_path / "card")  # the card says the suite measured the edited model
+    assert metrics["robustness"]["side_edit"] == record
+    assert "*Side edit*" in (tmp_path / "card" / "model_card.md").read_text()

@@ -33,6 +33,9 @@ class ModelConfig(BaseModel):
         init_logit_scale: initial log logit scale; None: ``log(1/0.07)`` for clip, ``log(10)`` for siglip.
         init_logit_bias: initial logit bias; None: -10 for siglip, no bias for clip.
         image_checkpoint: optional local checkpoint for the image encoder, loaded at construction.
+        side_edit: the texts the model's side edit acts on (:mod:`medvlp.models.side_edit`), ``"sentences"`` or
+            ``"all"``; None: no edit. Set by the fit after training (``stages.stage2-align.side_edit``), not in a
+            training config.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -51,6 +54,7 @@ class ModelConfig(BaseModel):
     init_logit_scale: float | None = None
     init_logit_bias: float | None = None
     image_checkpoint: str | None = None
+    side_edit: Literal["sentences", "all"] | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from medvlp.models.config import ModelConfig
 from medvlp.models.registry import create_image_encoder
+from medvlp.models.side_edit import SideEdit
 from medvlp.models.text import TextEncoder
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class MedVLP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init))
         bias = config.logit_bias_init
         self.logit_bias = nn.Parameter(torch.tensor(bias)) if bias is not None else None
+        self.side_edit = SideEdit(e, config.side_edit) if config.side_edit else None  # fitted after training
         self.source_info: dict[str, Any] | None = None  # informational "source" of a loaded model folder
 
     @property
@@ -165,8 +167,12 @@ class MedVLP(nn.Module):
         return TextEmbeddings(embedding=embedding, tokens=tokens, attention_mask=out.attention_mask)
 
     def encode_text(self, texts: Sequence[str] | dict[str, Tensor], normalize: bool = True) -> Tensor:
-        """Global text features ``[B, E]``."""
-        return self.forward_text(texts, normalize).embedding
+        """Global text features ``[B, E]``; strings get the model's side edit when it has one
+        (:mod:`medvlp.models.side_edit`), token batches are the tower alone."""
+        embedding = self.forward_text(texts, normalize).embedding
+        if self.side_edit is None or isinstance(texts, dict):
+            return embedding
+        return self.side_edit(list(texts), embedding, lambda more: self.forward_text(more, True).embedding)
 
     # ---------------------------------------------------------------------------------------------------- joint
     def forward(

@@ -173,11 +173,32 @@ def _assign_topics(
     if not candidates or not templated:  # nothing to assign: every margin fails
         n = len(candidates)
         return np.zeros(n, dtype=int), np.zeros(n), np.full(n, -np.inf)
-    reads = [_nearest_topics(model if r == "model" else general_reader(), candidates, templated) for r in topic_readers]
+    readers = {"model": _without_side_edit(model)}
+    reads = [_nearest_topics(readers.get(r) or general_reader(), candidates, templated) for r in topic_readers]
     best, top, margin = reads[0]
     for other_best, _, other_margin in reads[1:]:
         margin = np.where(other_best == best, np.minimum(margin, other_margin), -np.inf)
     return best, top, margin
+
+
+class _TowersReader:
+    """A model's towers without its side edit (:mod:`medvlp.models.side_edit`), as a topic reader: which finding a
+    sentence is about does not depend on the side it names, and the edit moves one-sided sentences along the image's
+    side direction, which would move their topics too."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def eval(self) -> None:
+        self.model.eval()
+
+    def encode_text(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
+        return self.model.forward_text(list(texts), normalize).embedding
+
+
+def _without_side_edit(model: Any) -> Any:
+    """``model`` as a topic reader: itself, or its towers alone when it carries a side edit."""
+    return _TowersReader(model) if getattr(model, "side_edit", None) is not None else model
 
 
 def _nearest_topics(

@@ -198,6 +198,10 @@ def train(
 
             align = cfg.stages.stage2_align
             model_dir, sections = run / "stage2-align" / "model", list(cfg.data.report_sections)
+            if align.side_edit:  # before the calibration, which then reads the edited text embeddings
+                from medvlp.tasks.side_edit import fit_side_edit
+
+                fit_side_edit(model_dir, cache, sections, align.side_edit_texts)
             calibrate_model_dir(
                 model_dir,
                 cache,
