@@ -220,6 +220,9 @@ with_mined_reports("blobs_nearest")
 #: The 3D demo with all 6 layers of the bundled text tower (`model.text_num_layers: 6`), as `twin_attn_box_text6`.
 ARMS["blobs_text6"] = [*ARMS["blobs"], "model.text_num_layers=6"]
 with_mined_reports("blobs_text6")
+#: The 3D demo's finished run with the side edit (as `twin_attn_box_side` in 2D): left and right kidneys.
+ARMS["blobs_mined_reports_side"] = [*ARMS["blobs_mined_reports"], "stages.stage2-align.side_edit=true"]
+DERIVED["blobs_mined_reports_side"] = "blobs_mined_reports"
 #: Arms that train the `report` arm's config on a cache of their own, built with these preprocess settings over the
 #: cohort YAML's: `auto_resolution` lets `cohort build` choose spacing and size from the cohort (the smallest box,
 #: within the same voxel budget) after cropping to the body (issue 12 point 1); compared with `report`.

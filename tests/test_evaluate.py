@@ -244,12 +244,14 @@ def test_a_model_trained_on_the_phrase_boxes_says_its_grounding_is_supervised(
 def test_the_side_edit_is_a_switch_fitted_after_training_before_the_calibration(
     tiny_run: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    """`side_edit`: off by default; on, a finished run resumed with it fits the edit into its model folder (the
-    record beside it, the calibration fitted again afterwards on the edited model)."""
+    """`side_edit`: off by default and in 3D, on in the 2D demo; on, a finished run resumed with it fits the edit
+    into its model folder (the record beside it, the calibration fitted again afterwards on the edited model)."""
     from medvlp.artifacts import RunDir
     from medvlp.tasks.side_edit import SIDE_EDIT_RECORD, STRENGTHS
 
     assert load_config(None).stages.stage2_align.side_edit is False
+    assert load_config(ROOT / "configs" / "demo-2d.yaml").stages.stage2_align.side_edit is True
+    assert load_config(ROOT / "configs" / "demo-3d.yaml").stages.stage2_align.side_edit is False
     yaml_path, run = tiny_run
     edited = tmp_path / "run"
     shutil.copytree(run, edited)
