@@ -145,3 +145,25 @@ def test_grounding_compares_the_tokens_with_the_phrase_without_the_edit(model_di
     phrases = ["Small left pleural effusion.", "Small right pleural effusion."]
     np.testing.assert_array_equal(similarity_maps(edited, images, phrases), similarity_maps(plain, images, phrases))
     assert not torch.allclose(edited.encode_text(phrases), plain.encode_text(phrases))
+
+
+def test_a_fit_killed_between_the_config_and_the_weights_loads_without_the_edit_and_fits_again(model_dir: Path) -> None:
+    """The weights are written before config.json: a folder caught between the two (or the reverse) loads without the
+    edit, the towers intact, and the resumed fit writes it again."""
+    cache = _side_cohort(24, seed=0)
+    config = (model_dir / "config.json").read_text()
+    weights = (model_dir / "model.safetensors").read_bytes()
+    record = fit_side_edit(model_dir, cache, ["findings"])
+    edited = MedVLP.from_pretrained(model_dir)
+    (model_dir / "config.json").write_text(config)  # new weights, old config
+    assert MedVLP.from_pretrained(model_dir).side_edit is None
+    assert fit_side_edit(model_dir, cache, ["findings"]) == record
+    (model_dir / "model.safetensors").write_bytes(weights)  # old weights, new config
+    half = MedVLP.from_pretrained(model_dir)
+    assert half.side_edit is None
+    plain = ["No pleural effusion."]
+    torch.testing.assert_close(half.encode_text(plain), edited.encode_text(plain), rtol=0, atol=0)
+    assert fit_side_edit(model_dir, cache, ["findings"]) == record
+    with pytest.raises(RuntimeError, match="does not match"):  # any other mismatch still fails
+        (model_dir / "config.json").write_text(config.replace('"projection": "mlp"', '"projection": "linear"'))
+        MedVLP.from_pretrained(model_dir)
