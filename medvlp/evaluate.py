@@ -206,8 +206,11 @@ def evaluate(
         "findings": cache.findings,
     }
     metrics["protocol"] = dict(PROTOCOL)
-    if metrics.get("robustness") is not None:  # the side edit's fit (medvlp.tasks.side_edit), None without one
-        metrics["robustness"]["side_edit"] = run.side_edit()
+    if metrics.get("robustness") is not None:  # the model's side edit and its fit record; None without one
+        edit, record = model.side_edit, run.side_edit() or {}
+        metrics["robustness"]["side_edit"] = (
+            None if edit is None else {**record, "texts": edit.texts, "strength": round(float(edit.strength), 6)}
+        )
     if metrics.get("grounding") is not None:  # a model that trained on the phrase boxes was told where they are
         # None: a bare model folder, whose training config is not known
         cfg = run.config

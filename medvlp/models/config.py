@@ -100,6 +100,10 @@ class ModelConfig(BaseModel):
         return -10.0 if self.loss == "siglip" else None
 
 
+#: ModelConfig fields written by a fit after training, never by a training config's ``model:`` section (and why).
+FITTED_FIELDS: dict[str, str] = {
+    "side_edit": "set by the side edit's fit after training; turn it on with stages.stage2-align.side_edit: true",
+}
 #: Keys of a training config's ``model:`` section that shape training but are not part of the saved model.
 TRAINING_ONLY_FIELDS: dict[str, Any] = {"text_dropout": (Optional[float], Field(default=None, ge=0, lt=1))}  # noqa: UP045
 
@@ -133,9 +137,11 @@ def check_model_section(section: Mapping[str, Any]) -> dict[str, Any]:
     """
     from monai.utils import look_up_option
 
-    known = [*ModelConfig.model_fields, *TRAINING_ONLY_FIELDS]
-    problems = []
+    known = [k for k in (*ModelConfig.model_fields, *TRAINING_ONLY_FIELDS) if k not in FITTED_FIELDS]
+    problems = [f"{key}: {why}" for key, why in FITTED_FIELDS.items() if section.get(key) is not None]
     for key in section:
+        if key in FITTED_FIELDS:
+            continue
         try:
             look_up_option(key, known, print_all_options=False)
         except ValueError as exc:

@@ -167,3 +167,11 @@ def test_a_fit_killed_between_the_config_and_the_weights_loads_without_the_edit_
     with pytest.raises(RuntimeError, match="does not match"):  # any other mismatch still fails
         (model_dir / "config.json").write_text(config.replace('"projection": "mlp"', '"projection": "linear"'))
         MedVLP.from_pretrained(model_dir)
+
+
+def test_a_training_config_cannot_set_the_fitted_edit() -> None:
+    from medvlp.config import load_config
+
+    with pytest.raises(ValueError, match=r"stages\.stage2-align\.side_edit: true"):
+        load_config(None, ["model.side_edit=sentences"])
+    assert load_config(None, ["stages.stage2-align.side_edit=true"]).stages.stage2_align.side_edit is True
