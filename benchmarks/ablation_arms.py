@@ -31,6 +31,7 @@ PIN = [
     "data.augment_interpolation=bilinear",
     "stages.stage2-align.side_edit=false",
     "stages.stage2-align.side_edit_texts=sentences",
+    "stages.stage2-align.side_check=false",
 ]
 
 #: Per kind, what the demo config turns on beyond :data:`PIN`'s methods, pinned off as well (a kind's own switch: only
@@ -204,6 +205,11 @@ ARMS["twin_attn_box_text6_sides_box03"] = [*ARMS["twin_attn_box_text6_sides"], "
 ARMS["twin_attn_box_side"] = [*ARMS["twin_attn_box"], "stages.stage2-align.side_edit=true"]
 ARMS["twin_attn_box_side_all"] = [*ARMS["twin_attn_box_side"], "stages.stage2-align.side_edit_texts=all"]
 DERIVED |= {"twin_attn_box_side": "twin_attn_box", "twin_attn_box_side_all": "twin_attn_box"}
+#: ... with the side check after the edit (`side_check: true`, medvlp.models.side_check): a one-sided sentence's pair
+#: score reads on which half of the image tokens its finding lights up; `_check` is the check without the edit.
+ARMS["twin_attn_box_side_check"] = [*ARMS["twin_attn_box_side"], "stages.stage2-align.side_check=true"]
+ARMS["twin_attn_box_check"] = [*ARMS["twin_attn_box"], "stages.stage2-align.side_check=true"]
+DERIVED |= {"twin_attn_box_side_check": "twin_attn_box", "twin_attn_box_check": "twin_attn_box"}
 #: The phrase-box terms on finer tokens (3D ResNet): a feature pyramid to stage 3 or 2 (`token_stage`), tokens of 48
 #: or 24 mm at the demo's 6 mm voxels instead of 96, so that a lesion can have a token of its own (issue 12 point 4).
 FPN = {f"{box}_fpn{s}": (box, s) for box in ("box", "box_light", "box_light_image") for s in (3, 2)}
@@ -223,6 +229,8 @@ with_mined_reports("blobs_text6")
 #: The 3D demo's finished run with the side edit (as `twin_attn_box_side` in 2D): left and right kidneys.
 ARMS["blobs_mined_reports_side"] = [*ARMS["blobs_mined_reports"], "stages.stage2-align.side_edit=true"]
 DERIVED["blobs_mined_reports_side"] = "blobs_mined_reports"
+ARMS["blobs_mined_reports_check"] = [*ARMS["blobs_mined_reports"], "stages.stage2-align.side_check=true"]
+DERIVED["blobs_mined_reports_check"] = "blobs_mined_reports"
 #: Arms that train the `report` arm's config on a cache of their own, built with these preprocess settings over the
 #: cohort YAML's: `auto_resolution` lets `cohort build` choose spacing and size from the cohort (the smallest box,
 #: within the same voxel budget) after cropping to the body (issue 12 point 1); compared with `report`.

@@ -54,6 +54,14 @@ COLUMNS = {
     "robustness": ("robustness", "mean_accuracy"),
     "robustness_negation": ("robustness", "per_perturbation", "negation", "accuracy"),
     "robustness_laterality": ("robustness", "per_perturbation", "laterality", "accuracy"),
+    "robustness_without_side_check": ("robustness", "without_side_check", "mean_accuracy"),
+    "robustness_laterality_without_side_check": (
+        "robustness",
+        "without_side_check",
+        "per_perturbation",
+        "laterality",
+        "accuracy",
+    ),
 }
 GOALS = {"gap_to_probe": 0.05, "worst_finding_auroc": 0.85, "zero_shot_ece": 0.05, "robustness": 0.95}
 

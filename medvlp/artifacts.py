@@ -10,7 +10,8 @@ Four layouts, each written by one owner and opened here (the README has one tabl
   ``train.log`` and one folder per stage, the aligned model in ``stage2-align/model``.
 - **model folder** (written by :meth:`medvlp.models.MedVLP.save_pretrained` and stage 2): ``config.json``,
   ``model.safetensors``, ``text/``, ``cohort.json``, ``calibration.json`` (fitted on ``val`` after training),
-  ``side_edit.json`` (with the side edit, :mod:`medvlp.tasks.side_edit`).
+  ``side_edit.json`` (with the side edit, :mod:`medvlp.tasks.side_edit`), ``side_check.json`` (with the side
+  check, :mod:`medvlp.tasks.side_check`).
 - **card folder** (written by ``medvlp evaluate``): ``metrics.json``, ``model_card.md``, ``*.png`` and, with the
   align-only baseline, ``baselines/align-only/`` (a run folder).
 
@@ -250,6 +251,12 @@ class RunDir:
         from medvlp.tasks.side_edit import SIDE_EDIT_RECORD
 
         return _read_json(self.model_dir / SIDE_EDIT_RECORD)
+
+    def side_check(self) -> dict[str, Any] | None:
+        """The side check's fit record (``side_check.json``: axis, orientation, strength, val accuracies), or None."""
+        from medvlp.tasks.side_check import SIDE_CHECK_RECORD
+
+        return _read_json(self.model_dir / SIDE_CHECK_RECORD)
 
     def card(self, card: Path | None = None) -> Path | None:
         """The evaluation card's ``metrics.json`` (see :func:`find_card`)."""

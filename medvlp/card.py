@@ -133,6 +133,16 @@ def write_model_card(out: Path, metrics: dict[str, Any], model_path: Path) -> Pa
                 f"training (directions on train, strength {edit['strength']:g} chosen on val), so the laterality "
                 "column measures the model with it.",
             ]
+        check = rob.get("side_check")
+        if check:
+            plain = rob.get("without_side_check") or {}
+            lines += [
+                "",
+                "*Side check*: a one-sided sentence is scored with a term that reads on which half of the image its "
+                f"finding lights up (the image tokens; strength {check['strength']:g} chosen on val), so the table "
+                "measures the model's pair score; by the embeddings alone the suite scores "
+                f"{_fmt(plain.get('mean_accuracy'))}.",
+            ]
     op = (metrics.get("zero_shot") or {}).get("operating_point")
     if op:
         lines += [

@@ -190,6 +190,14 @@ class AlignStageConfig(OptimConfig):
         "images (no labels), its strength chosen on val by how often each image prefers its reports' one-sided "
         "sentences over their side-swapped twins (medvlp.tasks.side_edit)",
     )
+    side_check: bool = Field(
+        default=False,
+        description="after training (after the side edit): a check of one-sided sentences against the image tokens "
+        "(medvlp.models.side_check), a term of the pair score that reads on which half of the image the sentence's "
+        "finding lights up; its orientation fitted on the training reports' one-sided sentences (no labels), its "
+        "strength chosen on val by how often each image prefers those sentences over their side-swapped and negated "
+        "twins (medvlp.tasks.side_check)",
+    )
     side_edit_texts: Literal["sentences", "all"] = Field(
         default="sentences",
         description="the texts the side edit acts on: 'sentences', a text of one sentence (the zero-shot report "

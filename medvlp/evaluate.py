@@ -211,6 +211,17 @@ def evaluate(
         metrics["robustness"]["side_edit"] = (
             None if edit is None else {**record, "texts": edit.texts, "strength": round(float(edit.strength), 6)}
         )
+        check, record = model.side_check, run.side_check() or {}
+        metrics["robustness"]["side_check"] = (
+            None
+            if check is None
+            else {
+                **record,
+                "axis": check.axis,
+                "orientation": float(check.orientation),
+                "strength": round(float(check.strength), 6),
+            }
+        )
     if metrics.get("grounding") is not None:  # a model that trained on the phrase boxes was told where they are
         # None: a bare model folder, whose training config is not known
         cfg = run.config

@@ -11,7 +11,9 @@ The export folder is the one owner of this layout (read by :class:`medvlp.hospit
 A model with a side edit (:mod:`medvlp.models.side_edit`) has it in ``prompts.npy``; ``text.onnx`` is the text tower
 without it (the edit embeds a text's mirror too, which a token graph cannot), so a new text that names a side scored
 through it differs from the model's answer; ``scorer.json`` says so (``side_edit``: the strength and the texts it
-acts on, or null).
+acts on, or null). A side check (:mod:`medvlp.models.side_check`) is a term of the model's pair score of a
+one-sided sentence, not of an embedding nor of the zero-shot probabilities: the export leaves it out and
+``scorer.json`` says so (``side_check``: its axis, orientation and strength, or null).
 
 Batch (and the text length) are dynamic axes. The preprocessing is the training one, written down for the caller
 (:func:`medvlp.data.preprocess.preprocess_image` applies it).
@@ -147,6 +149,13 @@ def export_onnx(service: DiagnosisService, out: Path) -> Path:
         else {  # not in text.onnx
             "strength": float(model.side_edit.strength),
             "texts": model.side_edit.texts,
+        },
+        "side_check": None
+        if model.side_check is None
+        else {  # a term of the pair score, not in the graphs
+            "axis": model.side_check.axis,
+            "orientation": float(model.side_check.orientation),
+            "strength": float(model.side_check.strength),
         },
     }
     (out / SCORER_FILE).write_text(json.dumps(meta, indent=2) + "\n")

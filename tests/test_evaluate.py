@@ -271,3 +271,35 @@ def test_the_side_edit_is_a_switch_fitted_after_training_before_the_calibration(
     metrics = evaluate(edited, yaml_path, tmp_path / "card")  # the card says the suite measured the edited model
     assert metrics["robustness"]["side_edit"] == record
     assert "*Side edit*" in (tmp_path / "card" / "model_card.md").read_text()
+
+
+def test_the_side_check_is_a_switch_fitted_after_training_and_the_suite_says_what_it_scored(
+    tiny_run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`side_check`: off by default; on, a finished run resumed with it fits the check into its model folder, the
+    robustness suite ranks by the model's pair score and reports the embeddings' ranking beside it."""
+    from medvlp.artifacts import RunDir
+    from medvlp.evaluate import evaluate
+    from medvlp.tasks.side_check import SIDE_CHECK_RECORD, STRENGTHS
+
+    assert load_config(None).stages.stage2_align.side_check is False
+    monkeypatch.setattr("medvlp.tasks.side_check.MIN_PER_SIDE", 2)  # the 60-study cohort's val has few of a side
+    yaml_path, run = tiny_run
+    checked = tmp_path / "run"
+    shutil.copytree(run, checked)
+    plain = evaluate(checked, yaml_path, tmp_path / "plain")
+    cfg = load_config(ROOT / "configs" / "tiny-2d.yaml", ["stages.stage2-align.side_check=true"])
+    train(cfg, yaml_path, checked, resume=True)
+    model_dir = RunDir.open(checked).model_dir
+    record = json.loads((model_dir / SIDE_CHECK_RECORD).read_text())
+    assert record["strength"] in STRENGTHS and record["axis"] == 0
+    assert RunDir.open(checked).load_model().config.side_check_axis == 0
+    metrics = evaluate(checked, yaml_path, tmp_path / "card")
+    rob = metrics["robustness"]
+    assert rob["side_check"] == record and rob["side_edit"] is None
+    without = rob["without_side_check"]  # the embeddings alone: the suite of the model before the check
+    assert without["mean_accuracy"] == plain["robustness"]["mean_accuracy"]
+    assert without["per_perturbation"] == plain["robustness"]["per_perturbation"]
+    assert plain["robustness"]["side_check"] is None and "without_side_check" not in plain["robustness"]
+    assert metrics["zero_shot"]["mean_auroc"] == plain["zero_shot"]["mean_auroc"]  # not a term of the zero-shot
+    assert "*Side check*" in (tmp_path / "card" / "model_card.md").read_text()

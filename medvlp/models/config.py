@@ -36,6 +36,9 @@ class ModelConfig(BaseModel):
         side_edit: the texts the model's side edit acts on (:mod:`medvlp.models.side_edit`), ``"sentences"`` or
             ``"all"``; None: no edit. Set by the fit after training (``stages.stage2-align.side_edit``), not in a
             training config.
+        side_check_axis: the spatial axis across the patient that the model's side check reads
+            (:mod:`medvlp.models.side_check`); None: no check. Set by its fit after training
+            (``stages.stage2-align.side_check``), not in a training config.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -55,6 +58,7 @@ class ModelConfig(BaseModel):
     init_logit_bias: float | None = None
     image_checkpoint: str | None = None
     side_edit: Literal["sentences", "all"] | None = None
+    side_check_axis: int | None = Field(default=None, ge=0, le=2)
 
     @model_validator(mode="before")
     @classmethod
@@ -103,6 +107,8 @@ class ModelConfig(BaseModel):
 #: ModelConfig fields written by a fit after training, never by a training config's ``model:`` section (and why).
 FITTED_FIELDS: dict[str, str] = {
     "side_edit": "set by the side edit's fit after training; turn it on with stages.stage2-align.side_edit: true",
+    "side_check_axis": "set by the side check's fit after training; turn it on with "
+    "stages.stage2-align.side_check: true",
 }
 #: Keys of a training config's ``model:`` section that shape training but are not part of the saved model.
 TRAINING_ONLY_FIELDS: dict[str, Any] = {"text_dropout": (Optional[float], Field(default=None, ge=0, lt=1))}  # noqa: UP045

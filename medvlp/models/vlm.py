@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from medvlp.models.config import ModelConfig
 from medvlp.models.registry import create_image_encoder
+from medvlp.models.side_check import SideCheck
 from medvlp.models.side_edit import SideEdit
 from medvlp.models.text import TextEncoder
 
@@ -127,6 +128,8 @@ class MedVLP(nn.Module):
         bias = config.logit_bias_init
         self.logit_bias = nn.Parameter(torch.tensor(bias)) if bias is not None else None
         self.side_edit = SideEdit(e, config.side_edit) if config.side_edit else None  # fitted after training
+        axis = config.side_check_axis
+        self.side_check = SideCheck(axis) if axis is not None else None  # fitted after training
         self.source_info: dict[str, Any] | None = None  # informational "source" of a loaded model folder
 
     @property
@@ -175,6 +178,17 @@ class MedVLP(nn.Module):
         return self.side_edit(list(texts), embedding, lambda more: self.forward_text(more, True).embedding)
 
     # ---------------------------------------------------------------------------------------------------- joint
+    def score_pairs(self, images: Tensor, texts: Sequence[str]) -> Tensor:
+        """``[B]``: the score of each image ``[B, C, *size]`` with its text: the cosine of the global embeddings (the
+        text with the side edit, :meth:`encode_text`) plus the side check's term when the model has one
+        (:mod:`medvlp.models.side_check`: a one-sided sentence read against where its finding is on the tokens)."""
+        out = self.forward_image(images.to(self.device))
+        score = (out.embedding * F.normalize(self.encode_text(list(texts)), dim=-1)).sum(-1).float()
+        if self.side_check is None:
+            return score
+        encode = lambda more: self.forward_text(more).embedding  # noqa: E731
+        return score + self.side_check(list(texts), out.tokens, out.grid, encode)
+
     def forward(
         self, images: Tensor, text_inputs: Sequence[str] | dict[str, Tensor], normalize: bool = True
     ) -> VLMOutput:
@@ -255,13 +269,15 @@ class MedVLP(nn.Module):
         config = ModelConfig.model_validate({**meta["config"], "text_encoder": str(folder / TEXT_DIR)})
         model = cls(config, text_path=folder / TEXT_DIR, load_pretrained=False)
         missing, unexpected = load_safetensors(model, str(folder / WEIGHTS_FILE), strict=False)
-        # the side edit is rewritten after training (config.json and the weights, one after the other): a folder
-        # caught between the two loads without it, and the resumed fit writes it again (medvlp.tasks.side_edit)
-        wrong = [k for k in [*missing, *unexpected] if not k.startswith("side_edit.")]
+        # the side edit and check are rewritten after training (config.json and the weights, one after the other): a
+        # folder caught between the two loads without them, and the resumed fit writes them again
+        fitted = ("side_edit.", "side_check.")
+        wrong = [k for k in [*missing, *unexpected] if not k.startswith(fitted)]
         if wrong:
             raise RuntimeError(f"{folder / WEIGHTS_FILE} does not match {CONFIG_FILE}: keys {sorted(wrong)[:8]}")
-        if missing:
-            model.side_edit = None
+        for prefix in fitted:
+            if any(k.startswith(prefix) for k in missing):
+                setattr(model, prefix[:-1], None)
         model.source_info = meta.get("source")
         return model.to(map_location).eval()
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from medvlp.data.cache import CachedCohort
 
-__all__ = ["SplitEmbeddings", "embed_split", "encode_texts", "load_images"]
+__all__ = ["SplitEmbeddings", "embed_split", "encode_texts", "load_images", "score_pairs"]
 
 
 @dataclass
@@ -87,3 +87,23 @@ def encode_texts(model: Any, texts: Sequence[str], batch_size: int = 64) -> torc
         if was_training:
             model.train()
     return F.normalize(torch.cat(chunks), dim=-1)
+
+
+@torch.no_grad()
+def score_pairs(
+    model: Any, cache: CachedCohort, studies: Sequence[str], texts: Sequence[str], batch_size: int = 32
+) -> torch.Tensor:
+    """``[N]`` float32 CPU scores of each study's cached image with its text (:meth:`medvlp.models.MedVLP.score_pairs`:
+    the cosine, plus the side check's term when the model has one), in batches, the model in eval mode."""
+    if len(studies) != len(texts):
+        raise ValueError(f"{len(studies)} studies for {len(texts)} texts")
+    was_training = model.training
+    model.eval()
+    try:
+        chunks = [
+            model.score_pairs(load_images(cache, studies[i : i + batch_size]), texts[i : i + batch_size]).float().cpu()
+            for i in range(0, len(texts), batch_size)
+        ]
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks) if chunks else torch.zeros(0)

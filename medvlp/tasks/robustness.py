@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from medvlp.data.perturb import PERTURBATIONS
+from medvlp.tasks.embed import score_pairs
 from medvlp.tasks.grounding import grounding_pairs
 
 __all__ = ["SUITE", "robustness_cases", "robustness_suite"]
@@ -41,16 +42,21 @@ def robustness_cases(cache: Any, split: str = "test") -> pd.DataFrame:
 def robustness_suite(model: Any, cache: Any, image_emb: np.ndarray, studies: list[str], split: str = "test") -> dict:
     """Accuracy of ranking each true finding sentence above its perturbed twins.
 
+    A model with a side check (:mod:`medvlp.models.side_check`) ranks by its pair score (the check reads the image
+    tokens, :func:`medvlp.tasks.embed.score_pairs`); the ranking by the embeddings alone is then reported beside it as
+    ``without_side_check``.
+
     Args:
         model: a :class:`~medvlp.models.MedVLP` (its text tower embeds the sentences).
-        cache: the cohort cache (its grounding phrases are the true sentences).
+        cache: the cohort cache (its grounding phrases are the true sentences; its images, for a side check).
         image_emb: ``[N, E]`` image embeddings of the split (:func:`medvlp.tasks.embed.embed_split`).
         studies: the ``N`` study pseudonyms of ``image_emb``'s rows.
         split: the split.
 
     Returns:
         ``{"n", "mean_accuracy", "per_perturbation": {name: {"accuracy", "n"}}, "per_finding": {finding: {name:
-        accuracy}}}``; ``mean_accuracy`` None when the split has no annotated phrase with a twin.
+        accuracy}}}`` (and ``without_side_check``: ``{"mean_accuracy", "per_perturbation"}`` with a side check);
+        ``mean_accuracy`` None when the split has no annotated phrase with a twin.
     """
     cases = robustness_cases(cache, split)
     if cases.empty:
@@ -68,7 +74,19 @@ def robustness_suite(model: Any, cache: Any, image_emb: np.ndarray, studies: lis
     index = {t: i for i, t in enumerate(texts)}
     true = (img * emb[[index[t] for t in cases["phrase"]]]).sum(-1)
     twin = (img * emb[[index[t] for t in cases["twin"]]]).sum(-1)
-    cases = cases.assign(correct=(true > twin).numpy())  # a tie is a miss
+    if getattr(model, "side_check", None) is None:
+        return _accuracies(cases, true > twin)
+    plain = _accuracies(cases, true > twin)
+    both = score_pairs(model, cache, [*cases["study"], *cases["study"]], [*cases["phrase"], *cases["twin"]])
+    out = _accuracies(cases, both[: len(cases)] > both[len(cases) :])
+    out["without_side_check"] = {k: plain[k] for k in ("mean_accuracy", "per_perturbation")}
+    return out
+
+
+def _accuracies(cases: pd.DataFrame, correct: torch.Tensor) -> dict[str, Any]:
+    """The suite's summary of one ranking: ``correct[i]`` is True where case ``i``'s true sentence won (a tie is a
+    miss)."""
+    cases = cases.assign(correct=correct.numpy())
     per_pert = {str(k): {"accuracy": float(g["correct"].mean()), "n": len(g)} for k, g in cases.groupby("perturbation")}
     per_finding = {
         str(f): {str(k): float(g2["correct"].mean()) for k, g2 in g.groupby("perturbation")}

@@ -202,6 +202,10 @@ def train(
                 from medvlp.tasks.side_edit import fit_side_edit
 
                 fit_side_edit(model_dir, cache, sections, align.side_edit_texts)
+            if align.side_check:  # a term of the pair score: the calibrated zero-shot probabilities do not read it
+                from medvlp.tasks.side_check import fit_side_check
+
+                fit_side_check(model_dir, cache, sections)
             calibrate_model_dir(
                 model_dir,
                 cache,
