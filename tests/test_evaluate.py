@@ -284,6 +284,7 @@ def test_the_side_check_is_a_switch_fitted_after_training_and_the_suite_says_wha
 
     assert load_config(None).stages.stage2_align.side_check is False
     assert load_config(ROOT / "configs" / "demo-2d.yaml").stages.stage2_align.side_check is True
+    assert load_config(ROOT / "configs" / "demo-3d.yaml").stages.stage2_align.side_check is False
     monkeypatch.setattr("medvlp.tasks.side_check.MIN_PER_SIDE", 2)  # the 60-study cohort's val has few of a side
     yaml_path, run = tiny_run
     checked = tmp_path / "run"
