@@ -74,9 +74,9 @@ def robustness_suite(model: Any, cache: Any, image_emb: np.ndarray, studies: lis
     index = {t: i for i, t in enumerate(texts)}
     true = (img * emb[[index[t] for t in cases["phrase"]]]).sum(-1)
     twin = (img * emb[[index[t] for t in cases["twin"]]]).sum(-1)
-    if getattr(model, "side_check", None) is None:
-        return _accuracies(cases, true > twin)
     plain = _accuracies(cases, true > twin)
+    if getattr(model, "side_check", None) is None:
+        return plain
     both = score_pairs(model, cache, [*cases["study"], *cases["study"]], [*cases["phrase"], *cases["twin"]])
     out = _accuracies(cases, both[: len(cases)] > both[len(cases) :])
     out["without_side_check"] = {k: plain[k] for k in ("mean_accuracy", "per_perturbation")}
