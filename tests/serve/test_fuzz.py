@@ -13,6 +13,10 @@ import pytest
 from .helpers import API_KEY, Server, require_module
 
 EXAMPLES = 50
+#: uvicorn's own plain-text answer to bytes that are not an HTTP request (a negative case's header with a value no
+#: HTTP parser accepts, such as a malformed Content-Length): the request never reaches the app, which answers every
+#: request it receives with a JSON error
+INVALID_HTTP = "Invalid HTTP request received."
 
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])
@@ -52,6 +56,8 @@ def _fuzz(hypothesis: Any, op: Any, generation: Any, headers: dict[str, str], st
         resp = case.call(headers=headers, timeout=60)
         statuses[resp.status_code] += 1
         case.validate_response(resp, checks=[not_a_server_error])
+        if resp.status_code == 400 and resp.text == INVALID_HTTP:  # refused by the HTTP server, not the app
+            return
         if resp.status_code >= 400:
             body = resp.json()
             assert set(body) == {"error"} and {"code", "message"} <= set(body["error"]), body
