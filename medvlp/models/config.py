@@ -87,6 +87,8 @@ class ModelConfig(BaseModel):
                 f"image_encoder {self.image_encoder!r} does not support spatial_dims={self.spatial_dims} "
                 f"(supports {list(spec.spatial_dims)})"
             )
+        if self.side_check_axis is not None and self.side_check_axis >= self.spatial_dims:
+            raise ValueError(f"side_check_axis {self.side_check_axis} is not an axis of a {self.spatial_dims}D image")
         return self
 
     @property

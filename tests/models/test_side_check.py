@@ -6,19 +6,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 
-from medvlp.models import MedVLP, ModelConfig
+from medvlp.models import MedVLP
 from medvlp.models.side_check import SideCheck, checked_sides, half_difference
 from medvlp.tasks.embed import score_pairs
 from medvlp.tasks.side_check import SIDE_CHECK_RECORD, STRENGTHS, checked_sentences, fit_side_check
 
-SIZE = (32, 32)
+from .side_cohort import side_cohort, tiny_model_dir
 
 
 def test_checked_sides_are_one_affirmative_sentence_naming_one_side() -> None:
@@ -63,39 +60,13 @@ def test_the_term_acts_on_checked_texts_only_and_flips_with_the_side() -> None:
     assert check(texts, tokens, (4, 1), encode).tolist() == pytest.approx([-0.5, 0.5, 0.0])
 
 
-def _side_cohort(n: int, seed: int, spatial_dims: int = 2) -> SimpleNamespace:
-    """Radiographs with a bright patch at one end of axis 0 (the left-right axis of a cached radiograph), and reports
-    that say which side."""
-    rng = np.random.default_rng(seed)
-    images, rows = {}, []
-    for split in ("train", "val"):
-        for i in range(n):
-            left = bool(i % 2)
-            image = rng.normal(0, 0.1, (1, *SIZE)).astype(np.float32)
-            image[0, (16 if left else 0) : (32 if left else 16), 8:24] += 1.0
-            study = f"{split}-{i}"
-            images[study] = image
-            side = "left" if left else "right"
-            rows.append((study, split, f"FINDINGS: Small {side} pleural effusion. The heart is normal."))
-    records = pd.DataFrame(rows, columns=["study", "split", "report"])
-    return SimpleNamespace(
-        findings=["pleural_effusion"],
-        spatial_dims=spatial_dims,
-        summary={"preprocess": {"orientation": None}},
-        split=lambda s: records[records["split"] == s].reset_index(drop=True),
-        load_image=lambda study: images[study],
-    )
-
-
 @pytest.fixture()
 def model_dir(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    config = ModelConfig(image_encoder="tiny_vit", spatial_dims=2, image_size=SIZE, text_num_layers=1, embed_dim=16)
-    return MedVLP(config).save_pretrained(tmp_path / "model")
+    return tiny_model_dir(tmp_path / "model")
 
 
 def test_fit_writes_a_check_with_which_each_image_prefers_its_own_side(model_dir: Path) -> None:
-    cache = _side_cohort(24, seed=0)
+    cache = side_cohort(24, seed=0)
     before = MedVLP.from_pretrained(model_dir)
     record = fit_side_check(model_dir, cache, ["findings"])
     assert record is not None and record["train_sentences"] == 24 and record["val_sentences"] == 24
@@ -122,13 +93,13 @@ def test_fit_writes_a_check_with_which_each_image_prefers_its_own_side(model_dir
 
 def test_no_check_without_enough_sentences_or_a_known_left_right_axis(model_dir: Path) -> None:
     config = (model_dir / "config.json").read_text()
-    assert fit_side_check(model_dir, _side_cohort(6, seed=1), ["findings"]) is None  # 3 of each side per split
-    assert fit_side_check(model_dir, _side_cohort(24, seed=1, spatial_dims=3), ["findings"]) is None  # no orientation
+    assert fit_side_check(model_dir, side_cohort(6, seed=1), ["findings"]) is None  # 3 of each side per split
+    assert fit_side_check(model_dir, side_cohort(24, seed=1, spatial_dims=3), ["findings"]) is None  # no orientation
     assert (model_dir / "config.json").read_text() == config and not (model_dir / SIDE_CHECK_RECORD).exists()
 
 
 def test_a_folder_with_the_check_in_its_config_but_not_its_weights_loads_without_it(model_dir: Path) -> None:
-    cache = _side_cohort(24, seed=0)
+    cache = side_cohort(24, seed=0)
     weights = (model_dir / "model.safetensors").read_bytes()
     fit_side_check(model_dir, cache, ["findings"])
     (model_dir / "model.safetensors").write_bytes(weights)  # old weights, new config
@@ -141,3 +112,10 @@ def test_a_training_config_cannot_set_the_fitted_check() -> None:
     with pytest.raises(ValueError, match=r"stages\.stage2-align\.side_check: true"):
         load_config(None, ["model.side_check_axis=0"])
     assert load_config(None, ["stages.stage2-align.side_check=true"]).stages.stage2_align.side_check is True
+
+
+def test_a_side_check_axis_outside_the_image_is_a_clear_error() -> None:
+    from medvlp.models import ModelConfig
+
+    with pytest.raises(ValueError, match="side_check_axis 2 is not an axis of a 2D image"):
+        ModelConfig(image_encoder="tiny_vit", spatial_dims=2, image_size=(32, 32), side_check_axis=2)

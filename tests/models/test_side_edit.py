@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
-from medvlp.models import MedVLP, ModelConfig
+from medvlp.models import MedVLP
 from medvlp.models.side_edit import SideEdit
 from medvlp.tasks.side_edit import SIDE_EDIT_RECORD, fit_side_edit, one_sided_sentences
 
-SIZE = (32, 32)
+from .side_cohort import side_cohort, tiny_model_dir
 
 
 def _encode(texts: list[str]) -> torch.Tensor:
@@ -45,36 +43,13 @@ def test_only_texts_that_name_a_side_move_and_norms_are_kept() -> None:
         SideEdit(4, "reports")
 
 
-def _side_cohort(n: int, seed: int) -> SimpleNamespace:
-    """Radiographs with a bright patch on the patient's left or right half, and reports that say which."""
-    rng = np.random.default_rng(seed)
-    images, rows = {}, []
-    for split in ("train", "val"):
-        for i in range(n):
-            left = bool(i % 2)
-            image = rng.normal(0, 0.1, (1, *SIZE)).astype(np.float32)
-            image[0, 8:24, (0 if left else 16) : (16 if left else 32)] += 1.0
-            study = f"{split}-{i}"
-            images[study] = image
-            side = "left" if left else "right"
-            rows.append((study, split, f"FINDINGS: Small {side} pleural effusion. The heart is normal."))
-    records = pd.DataFrame(rows, columns=["study", "split", "report"])
-    return SimpleNamespace(
-        findings=[],
-        split=lambda s: records[records["split"] == s].reset_index(drop=True),
-        load_image=lambda study: images[study],
-    )
-
-
 @pytest.fixture()
 def model_dir(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    config = ModelConfig(image_encoder="tiny_vit", spatial_dims=2, image_size=SIZE, text_num_layers=1, embed_dim=16)
-    return MedVLP(config).save_pretrained(tmp_path / "model")
+    return tiny_model_dir(tmp_path / "model")
 
 
 def test_fit_writes_an_edit_with_which_each_image_prefers_its_own_side(model_dir: Path) -> None:
-    cache = _side_cohort(24, seed=0)
+    cache = side_cohort(24, seed=0, axis=1)
     before = MedVLP.from_pretrained(model_dir)
     record = fit_side_edit(model_dir, cache, ["findings"])
     assert record is not None and record["train_sentences"] == 24 and record["val_sentences"] == 24
@@ -97,7 +72,7 @@ def test_fit_writes_an_edit_with_which_each_image_prefers_its_own_side(model_dir
 
 
 def test_too_few_one_sided_sentences_leave_the_folder_as_it_was(model_dir: Path) -> None:
-    cache = _side_cohort(6, seed=1)  # 3 of each side per split: below the minimum
+    cache = side_cohort(6, seed=1, axis=1)  # 3 of each side per split: below the minimum
     config = (model_dir / "config.json").read_text()
     assert fit_side_edit(model_dir, cache, ["findings"]) is None
     assert (model_dir / "config.json").read_text() == config and not (model_dir / SIDE_EDIT_RECORD).exists()
@@ -115,7 +90,7 @@ def test_topics_are_read_without_the_edit(model_dir: Path) -> None:
     """Which finding a sentence is about does not depend on its side: the mining reads topics with the towers alone."""
     from medvlp.tasks.mined_prompts import _assign_topics
 
-    fit_side_edit(model_dir, _side_cohort(24, seed=0), ["findings"])
+    fit_side_edit(model_dir, side_cohort(24, seed=0, axis=1), ["findings"])
     edited = MedVLP.from_pretrained(model_dir)
     edited.side_edit.strength.fill_(50.0)  # strong enough to move any topic it touched
     plain = MedVLP.from_pretrained(model_dir)
@@ -136,12 +111,12 @@ def test_grounding_compares_the_tokens_with_the_phrase_without_the_edit(model_di
     """The edit's directions were fitted on the global image embedding: the token maps read the towers alone."""
     from medvlp.tasks.grounding import similarity_maps
 
-    fit_side_edit(model_dir, _side_cohort(24, seed=0), ["findings"])
+    fit_side_edit(model_dir, side_cohort(24, seed=0, axis=1), ["findings"])
     edited = MedVLP.from_pretrained(model_dir)
     edited.side_edit.strength.fill_(50.0)
     plain = MedVLP.from_pretrained(model_dir)
     plain.side_edit = None
-    images = torch.as_tensor(np.stack([_side_cohort(2, seed=3).load_image(s) for s in ("train-0", "train-1")]))
+    images = torch.as_tensor(np.stack([side_cohort(2, seed=3, axis=1).load_image(s) for s in ("train-0", "train-1")]))
     phrases = ["Small left pleural effusion.", "Small right pleural effusion."]
     np.testing.assert_array_equal(similarity_maps(edited, images, phrases), similarity_maps(plain, images, phrases))
     assert not torch.allclose(edited.encode_text(phrases), plain.encode_text(phrases))
@@ -150,7 +125,7 @@ def test_grounding_compares_the_tokens_with_the_phrase_without_the_edit(model_di
 def test_a_fit_killed_between_the_config_and_the_weights_loads_without_the_edit_and_fits_again(model_dir: Path) -> None:
     """The weights are written before config.json: a folder caught between the two (or the reverse) loads without the
     edit, the towers intact, and the resumed fit writes it again."""
-    cache = _side_cohort(24, seed=0)
+    cache = side_cohort(24, seed=0, axis=1)
     config = (model_dir / "config.json").read_text()
     weights = (model_dir / "model.safetensors").read_bytes()
     record = fit_side_edit(model_dir, cache, ["findings"])
