@@ -182,12 +182,17 @@ class MedVLP(nn.Module):
         """``[B]``: the score of each image ``[B, C, *size]`` with its text: the cosine of the global embeddings (the
         text with the side edit, :meth:`encode_text`) plus the side check's term when the model has one
         (:mod:`medvlp.models.side_check`: a one-sided sentence read against where its finding is on the tokens)."""
-        out = self.forward_image(images.to(self.device))
-        score = (out.embedding * F.normalize(self.encode_text(list(texts)), dim=-1)).sum(-1).float()
+        cosine, term = self.pair_score_parts(self.forward_image(images.to(self.device)), texts)
+        return cosine + term
+
+    def pair_score_parts(self, image: ImageEmbeddings, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """The two parts of :meth:`score_pairs` for an image pass's output (``[B]`` rows, unit embeddings) and one
+        text per row: ``(cosine [B], side check term [B])``, the term zero without a check or where it does not act."""
+        cosine = (image.embedding * F.normalize(self.encode_text(list(texts)), dim=-1)).sum(-1).float()
         if self.side_check is None:
-            return score
+            return cosine, torch.zeros_like(cosine)
         encode = lambda more: self.forward_text(more).embedding  # noqa: E731
-        return score + self.side_check(list(texts), out.tokens, out.grid, encode)
+        return cosine, self.side_check(list(texts), image.tokens, image.grid, encode)
 
     def forward(
         self, images: Tensor, text_inputs: Sequence[str] | dict[str, Tensor], normalize: bool = True

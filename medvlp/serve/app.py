@@ -41,6 +41,9 @@ from medvlp.serve.schemas import (
     ModelResponse,
     RetrieveRequest,
     RetrieveResponse,
+    ScoreJSON,
+    ScoreOptions,
+    ScoreResponse,
 )
 from medvlp.serve.service import DiagnosisService, ImageJob, PreparedImage, TextJob
 from medvlp.serve.uploads import UploadLimits, cleanup, save_upload
@@ -52,7 +55,7 @@ __all__ = ["ServeSettings", "create_app"]
 STATIC = Path(__file__).resolve().parent / "static"
 FORM_SLACK = 1 << 20  # room for the form's other fields and multipart framing beyond the file itself
 # JSON bodies are small: what the largest valid request of each endpoint needs, with room for escapes
-JSON_LIMITS = {"retrieve": 16 << 10, "diagnose": 16 << 10, "embed": 1 << 20}
+JSON_LIMITS = {"retrieve": 16 << 10, "diagnose": 16 << 10, "embed": 1 << 20, "score": 64 << 10}
 
 
 @dataclass(frozen=True)
@@ -69,15 +72,21 @@ class ServeSettings:
     max_decoding: int = 2  # uploads decoded at once (each may cost up to limits.max_decoded bytes)
 
 
-def _multipart_schema(options: bool) -> dict[str, Any]:
+_FORM_FIELDS: dict[str, dict[str, Any]] = {
+    "diagnose": {
+        "findings": {"type": "string", "description": "comma-separated; omitted: the model's own findings"},
+        "heatmaps": {"type": "boolean", "default": False},
+        "top_k": {"type": "integer", "minimum": 0, "maximum": 50, "default": 0},
+    },
+    "embed": {},
+    "score": {"texts": {"type": "string", "description": "a JSON array of the sentences to score"}},
+}
+
+
+def _multipart_schema(route: str) -> dict[str, Any]:
     props: dict[str, Any] = {"file": {"type": "string", "format": "binary", "description": "DICOM, zip, NIfTI, PNG"}}
-    if options:
-        props |= {
-            "findings": {"type": "string", "description": "comma-separated; omitted: the model's own findings"},
-            "heatmaps": {"type": "boolean", "default": False},
-            "top_k": {"type": "integer", "minimum": 0, "maximum": 50, "default": 0},
-        }
-    return {"type": "object", "required": ["file"], "properties": props}
+    required = ["file", *(["texts"] if route == "score" else [])]
+    return {"type": "object", "required": required, "properties": props | _FORM_FIELDS[route]}
 
 
 def _body(multipart: dict[str, Any], json_model: type[BaseModel]) -> dict[str, Any]:
@@ -174,6 +183,31 @@ def create_app(service: DiagnosisService, settings: ServeSettings) -> FastAPI:
                 logger.warning("upload could not be decoded: %s", type(exc).__name__)
                 raise ApiError(422, "unreadable_image", f"the image cannot be decoded ({type(exc).__name__})") from exc
 
+    async def read_image_request(
+        request: Request, options: type[BaseModel], json_model: type[BaseModel], limit: int
+    ) -> tuple[Any, Path, Path, bool]:
+        """An image request's options, the image's path in a new work folder (removed again on any error), and
+        whether the image was pulled over DICOMweb (a JSON body) rather than uploaded (multipart ``file``)."""
+        workdir = Path(tempfile.mkdtemp(prefix="medvlp-serve-"))
+        try:
+            ctype = request.headers.get("content-type", "").lower()
+            if ctype.startswith("multipart/form-data"):
+                upload, fields = await _read_form(request)
+                try:
+                    opts = options.model_validate(fields)
+                except ValidationError as exc:
+                    raise _invalid(exc, "") from exc
+                return opts, await run_in_threadpool(save_upload, upload.file, workdir, limits), workdir, False
+            if ctype.startswith("application/json"):
+                opts = await _read_json(request, json_model, limit)
+                src = opts.dicomweb
+                path = await fetch_series(src.url, src.study, src.series, workdir / "series", settings.dicomweb, limits)
+                return opts, path, workdir, True
+            raise ApiError(415, "unsupported_media_type", "send multipart/form-data (file) or application/json")
+        except BaseException:
+            await run_in_threadpool(cleanup, workdir)
+            raise
+
     async def run_image(job: ImageJob) -> tuple[dict[str, Any], int]:
         try:
             # decoded and brought to the model's size before joining the queue: no full-size image waits there
@@ -215,43 +249,48 @@ def create_app(service: DiagnosisService, settings: ServeSettings) -> FastAPI:
         response_model_exclude_none=True,
         dependencies=auth,
         responses=ERROR_RESPONSES,
-        openapi_extra=_body(_multipart_schema(options=True), DiagnoseJSON),
+        openapi_extra=_body(_multipart_schema("diagnose"), DiagnoseJSON),
         tags=["diagnosis"],
     )
     async def diagnose(request: Request) -> Any:
         """Zero-shot finding probabilities for one image: an upload (multipart ``file``) or a DICOMweb series
         (JSON ``{"dicomweb": {"url", "study", "series"}}``); optional heatmaps and similar training reports."""
         fmt, sources = hospital.answer_format(request), None
-        workdir = Path(tempfile.mkdtemp(prefix="medvlp-serve-"))
-        try:
-            ctype = request.headers.get("content-type", "").lower()
-            if ctype.startswith("multipart/form-data"):
-                upload, fields = await _read_form(request)
-                try:
-                    opts = DiagnoseOptions.model_validate(fields)
-                except ValidationError as exc:
-                    raise _invalid(exc, "") from exc
-                path = await run_in_threadpool(save_upload, upload.file, workdir, limits)
-            elif ctype.startswith("application/json"):
-                opts = await _read_json(request, DiagnoseJSON, JSON_LIMITS["diagnose"])
-                src = opts.dicomweb
-                path = await fetch_series(src.url, src.study, src.series, workdir / "series", settings.dicomweb, limits)
+        opts, path, workdir, pulled = await read_image_request(
+            request, DiagnoseOptions, DiagnoseJSON, JSON_LIMITS["diagnose"]
+        )
+        if pulled:
+            try:
                 sources = await hospital.sources_for_store(opts, path)
-            else:
-                raise ApiError(415, "unsupported_media_type", "send multipart/form-data (file) or application/json")
-        except BaseException:
-            await run_in_threadpool(cleanup, workdir)
-            raise
+            except BaseException:
+                await run_in_threadpool(cleanup, workdir)
+                raise
         job = ImageJob(path, workdir, opts.findings, opts.heatmaps, opts.top_k, peaks=sources is not None)
         answer, size = await run_image(job)
         return await hospital.finish({**answer, "batch_size": size}, opts, sources, fmt, service, settings.dicomweb)
+
+    @app.post(
+        "/v1/score",
+        response_model=ScoreResponse,
+        dependencies=auth,
+        responses=ERROR_RESPONSES,
+        openapi_extra=_body(_multipart_schema("score"), ScoreJSON),
+        tags=["diagnosis"],
+    )
+    async def score(request: Request) -> dict[str, Any]:
+        """Sentences scored against one image (an upload, or a DICOMweb series as in ``/v1/diagnose``): the pair
+        score the robustness suite ranks by, with the model's side check where it has one ("left" read against
+        where the finding is on the image), so a sentence can be compared with its negated or side-swapped twin."""
+        opts, path, workdir, _ = await read_image_request(request, ScoreOptions, ScoreJSON, JSON_LIMITS["score"])
+        answer, size = await run_image(ImageJob(path, workdir, texts=opts.texts))
+        return {**answer, "side_check": service.side_check, "batch_size": size}
 
     @app.post(
         "/v1/embed",
         response_model=EmbedResponse,
         dependencies=auth,
         responses=ERROR_RESPONSES,
-        openapi_extra=_body(_multipart_schema(options=False), EmbedText),
+        openapi_extra=_body(_multipart_schema("embed"), EmbedText),
         tags=["embedding"],
     )
     async def embed(request: Request) -> dict[str, Any]:
@@ -304,7 +343,7 @@ def create_app(service: DiagnosisService, settings: ServeSettings) -> FastAPI:
         if app.openapi_schema is None:
             spec = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
             schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-            for model in (DiagnoseJSON, EmbedText, RetrieveRequest):
+            for model in (DiagnoseJSON, EmbedText, RetrieveRequest, ScoreJSON):
                 js = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 schemas.update(js.pop("$defs", {}))
                 schemas[model.__name__] = js

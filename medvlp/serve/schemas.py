@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -20,6 +21,9 @@ __all__ = [
     "ModelResponse",
     "RetrieveRequest",
     "RetrieveResponse",
+    "ScoreJSON",
+    "ScoreOptions",
+    "ScoreResponse",
     "StoredReport",
     "parse_findings",
 ]
@@ -29,6 +33,8 @@ MAX_FINDING_LENGTH = 120
 MAX_TOP_K = 50
 MAX_TEXTS = 64
 MAX_TEXT_LENGTH = 2000
+MAX_SCORE_TEXTS = 32  # sentences scored against one image per request
+MAX_SCORE_TEXT_LENGTH = 500
 
 
 def parse_findings(value: str | list[str] | None) -> list[str] | None:
@@ -111,6 +117,47 @@ class EmbedText(_Strict):
         return v
 
 
+class ScoreOptions(_Strict):
+    """The sentences to score against an image."""
+
+    texts: list[str] = Field(
+        min_length=1,
+        max_length=MAX_SCORE_TEXTS,
+        description="sentences such as 'Small left pleural effusion.' and its alternatives ('Small right pleural "
+        "effusion.', 'No pleural effusion.'); a multipart form sends them as one JSON array",
+    )
+
+    @field_validator("texts", mode="before")
+    @classmethod
+    def _from_form(cls, v: Any) -> Any:
+        if isinstance(v, str):  # a multipart field: a JSON array of strings
+            try:
+                v = json.loads(v)
+            except ValueError as exc:
+                raise ValueError("texts must be a JSON array of strings") from exc
+        if not isinstance(v, list) or not all(isinstance(t, str) for t in v):
+            raise ValueError("texts must be a JSON array of strings")
+        return v
+
+    @field_validator("texts")
+    @classmethod
+    def _texts(cls, v: list[str]) -> list[str]:
+        for t in v:
+            if not t.strip():
+                raise ValueError("texts must not be blank")
+            if len(t) > MAX_SCORE_TEXT_LENGTH:
+                raise ValueError(f"a text is at most {MAX_SCORE_TEXT_LENGTH} characters")
+            if any(ord(c) < 32 or ord(c) == 127 for c in t):
+                raise ValueError("texts must not hold control characters")
+        return v
+
+
+class ScoreJSON(ScoreOptions):
+    """``/v1/score`` with a JSON body: the image is pulled from a DICOMweb server."""
+
+    dicomweb: DicomWebSource
+
+
 class RetrieveRequest(_Strict):
     """Find the training studies closest to a text."""
 
@@ -176,6 +223,22 @@ class EmbedResponse(BaseModel):
     batch_size: int
 
 
+class PairScore(BaseModel):
+    text: str
+    score: float = Field(description="cosine + side_check: what the robustness suite ranks by; higher matches better")
+    cosine: float = Field(description="cosine of the image and text embeddings")
+    side_check: float = Field(description="the side check's term (0 where it does not read the text)")
+    checked: bool = Field(description="the side check read this text (one affirmative sentence naming one side)")
+
+
+class ScoreResponse(BaseModel):
+    scores: list[PairScore] = Field(description="one per text, in the order sent")
+    side_check: bool = Field(description="the model has a fitted side check")
+    image: ImageInfo
+    warnings: list[str] = Field(default_factory=list)
+    batch_size: int = Field(description="how many requests shared this forward pass")
+
+
 class RetrieveResponse(BaseModel):
     against: Literal["images", "reports"]
     results: list[SimilarStudy]
@@ -195,4 +258,7 @@ class ModelResponse(BaseModel):
     serving: dict[str, Any]
     calibration: dict[str, Any] | None = Field(
         default=None, description="which findings' probabilities are calibrated, and on which split it was fitted"
+    )
+    side_check: bool = Field(
+        default=False, description="/v1/score's pair scores carry a fitted side check (/v1/diagnose's do not)"
     )

@@ -20,7 +20,8 @@ from torch import Tensor
 from medvlp.data.image import MedicalImage
 from medvlp.data.preprocess import preprocess_image
 from medvlp.hospital.peaks import grounding_peaks
-from medvlp.models.vlm import FORMAT, MedVLP
+from medvlp.models.side_check import checked_sides
+from medvlp.models.vlm import FORMAT, ImageEmbeddings, MedVLP
 from medvlp.serve.context import ServingContext
 from medvlp.serve.errors import ApiError
 from medvlp.serve.uploads import UploadLimits, check_upload_size, probe_upload, read_upload
@@ -55,7 +56,8 @@ class PreparedImage:
 
 @dataclass
 class ImageJob:
-    """One image request. ``findings`` None means the model's own; ``embed_only`` answers the embedding alone.
+    """One image request. ``findings`` None means the model's own; ``embed_only`` answers the embedding alone;
+    ``texts`` answers their pair scores with the image instead of findings (:meth:`DiagnosisService.pair_scores`).
     ``prepared`` is filled by :meth:`DiagnosisService.prepare` before the job joins the batch queue."""
 
     path: Path
@@ -66,6 +68,7 @@ class ImageJob:
     embed_only: bool = False
     prepared: PreparedImage | None = None
     peaks: bool = False  # add each finding's grounding peak in stored-image voxels ("peak"; for a DICOM SR)
+    texts: list[str] | None = None
 
 
 @dataclass
@@ -129,6 +132,12 @@ class DiagnosisService:
     def findings(self) -> list[str]:
         return list(self.context.findings)
 
+    @property
+    def side_check(self) -> bool:
+        """Whether the model's pair scores carry a fitted side check (:mod:`medvlp.models.side_check`)."""
+        check = self.model.side_check
+        return check is not None and float(check.strength) > 0.0
+
     def prompt_cache_info(self) -> dict[str, int]:
         """Finding names held in the prompt cache and how many were ever embedded."""
         return {"size": len(self._prompts), "computed": self.prompt_computations}
@@ -161,6 +170,7 @@ class DiagnosisService:
                 "findings": sorted(self.context.calibration["findings"]),
                 "prompt_form": prompt_form(self.context.calibration),
             },
+            "side_check": self.side_check,
             "retrieval": {
                 "available": self.corpus is not None,
                 "studies": len(self.corpus.studies) if self.corpus else 0,
@@ -280,7 +290,7 @@ class DiagnosisService:
         Raises:
             ApiError: 422 no findings to score, 409 no corpus for ``top_k``.
         """
-        if not job.embed_only and job.findings is None and not self.findings:
+        if not job.embed_only and job.texts is None and job.findings is None and not self.findings:
             raise ApiError(422, "validation_error", "this model has no findings of its own: name some")
         if job.top_k and self.corpus is None:
             raise ApiError(409, "retrieval_unavailable", "this server has no report corpus for top_k")
@@ -309,9 +319,35 @@ class DiagnosisService:
                 if job.embed_only:
                     results[i] = {"embeddings": [emb[j].tolist()], "dim": int(emb.shape[1])}
                     continue
+                if job.texts is not None:
+                    scores = self.pair_scores(emb[j], tokens[j], out.grid, job.texts)
+                    results[i] = {"scores": scores, "image": dict(prep.info), "warnings": prep.warnings}
+                    continue
                 results[i] = self._answer(job, prep, emb[j], tokens[j], out.grid)
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def pair_scores(self, emb: Tensor, tokens: Tensor, grid: Any, texts: list[str]) -> list[dict[str, Any]]:
+        """Each text's score with one image (its unit embedding ``[E]`` and tokens ``[N, E]``): the score the
+        robustness suite ranks by (:meth:`MedVLP.score_pairs`), its cosine and its side check term, and whether the
+        check read the text (one affirmative sentence naming one side, with a fitted check)."""
+        n, device = len(texts), self.model.device
+        image = ImageEmbeddings(
+            emb.to(device).expand(n, -1), tokens.to(device).expand(n, *tokens.shape), tuple(int(g) for g in grid)
+        )
+        cosine, term = (t.float().cpu() for t in self.model.pair_score_parts(image, texts))
+        checked = (checked_sides(texts) != 0).tolist() if self.side_check else [False] * n
+        return [
+            {
+                "text": t,
+                "score": round(float(c + s), 6),
+                "cosine": round(float(c), 6),
+                "side_check": round(float(s), 6),
+                "checked": bool(k),
+            }
+            for t, c, s, k in zip(texts, cosine, term, checked, strict=True)
+        ]
 
     def _answer(self, job: ImageJob, prep: PreparedImage, emb: Tensor, tokens: Tensor, grid: Any) -> dict[str, Any]:
         findings = job.findings if job.findings is not None else self.findings

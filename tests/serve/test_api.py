@@ -47,7 +47,7 @@ def test_health_needs_no_key_and_openapi_documents_the_api(server: Server) -> No
         assert c.get("/v1/health").json() == {"status": "ok", "version": "0.1.0"}
         spec = c.get("/openapi.json").json()
         viewer = c.get("/")
-    assert {"/v1/health", "/v1/model", "/v1/diagnose", "/v1/embed", "/v1/retrieve"} <= set(spec["paths"])
+    assert {"/v1/health", "/v1/model", "/v1/diagnose", "/v1/score", "/v1/embed", "/v1/retrieve"} <= set(spec["paths"])
     body = spec["paths"]["/v1/diagnose"]["post"]["requestBody"]["content"]
     assert set(body) == {"multipart/form-data", "application/json"}
     assert "DiagnoseJSON" in spec["components"]["schemas"]

@@ -109,8 +109,15 @@ def test_diagnose_a_series_pulled_over_dicomweb(orthanc: Orthanc, server: Server
             "/v1/diagnose", json={"dicomweb": {"url": orthanc.dicomweb, "study": study}, "findings": "pneumothorax"}
         )
         uploaded = c.post("/v1/diagnose", files={"file": ("u", radiograph.read_bytes())})
+        texts = ["Small left pleural effusion.", "No pleural effusion."]
+        scored = c.post("/v1/score", json={"dicomweb": {"url": orthanc.dicomweb, "study": study}, "texts": texts})
+        scored_upload = c.post(
+            "/v1/score", files={"file": ("u", radiograph.read_bytes())}, data={"texts": json.dumps(texts)}
+        )
     assert pulled.status_code == 200, pulled.text
     assert pulled.json()["predictions"] == uploaded.json()["predictions"]  # the same pixels, the same answer
+    assert scored.status_code == 200, scored.text
+    assert scored.json()["scores"] == scored_upload.json()["scores"] and study not in scored.text
     assert whole_study.status_code == 200, whole_study.text
     assert [p["finding"] for p in whole_study.json()["predictions"]] == ["pneumothorax"]
     assert study not in pulled.text and series not in pulled.text  # UIDs are identifiers: never answered
