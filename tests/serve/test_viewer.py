@@ -76,3 +76,29 @@ def test_a_wrong_key_shows_the_error(browser: Any, server: Server, tiny_run: Tin
     assert "unauthorized" in page.inner_text("#error")
     assert page.locator("#predictions tbody tr").count() == 0
     page.close()
+
+
+def test_compare_sentences_about_the_study(browser: Any, server: Server, tiny_run: TinyRun) -> None:
+    """Sentences typed one per line are scored against the chosen study through /v1/score, best match first."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+    page.fill("#api-key", API_KEY)
+    page.click("#key-save")
+    page.click("#score")  # no study chosen yet: said, nothing sent
+    page.wait_for_selector("#error:not([hidden])")
+    assert "choose a study" in page.inner_text("#error")
+    page.set_input_files("#file", str(study_file(tiny_run.cohort, "S00007")))
+    sentences = ["Small left pleural effusion.", "Small right pleural effusion.", "No pleural effusion."]
+    page.fill("#sentences", "\n".join(sentences) + "\n\n")
+    page.click("#score")
+    page.wait_for_selector("#scores tbody tr")
+    rows = page.locator("#scores tbody tr")
+    assert rows.count() == 3 and page.locator("#error").is_hidden()
+    shown = [rows.nth(i).locator("td").nth(0).inner_text() for i in range(3)]
+    scores = [float(rows.nth(i).locator("td.score").inner_text()) for i in range(3)]
+    assert sorted(shown) == sorted(sentences) and scores == sorted(scores, reverse=True)
+    assert "no side check" in page.inner_text("#score-info")  # the tiny model has none
+    assert errors == []
+    page.close()

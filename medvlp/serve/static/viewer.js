@@ -1,4 +1,5 @@
-// medvlp viewer: upload a study, show finding probabilities and each finding's grounding heatmap over the image.
+// medvlp viewer: upload a study, show finding probabilities and each finding's grounding heatmap over the image,
+// and score sentences about it against each other (POST /v1/score: "left" set against "right", "no ...").
 // The API key stays in this tab's sessionStorage (gone when the tab closes) and is sent as a Bearer token.
 "use strict";
 
@@ -162,6 +163,53 @@ async function diagnose(event) {
   }
 }
 
+function renderScores(answer) {
+  const tbody = document.querySelector("#scores tbody");
+  tbody.replaceChildren();
+  const ranked = answer.scores.slice().sort((a, b) => b.score - a.score);
+  ranked.forEach((s) => {
+    const tr = document.createElement("tr");
+    const text = document.createElement("td");
+    text.textContent = s.text;
+    const value = document.createElement("td");
+    value.className = "score";
+    value.textContent = s.score.toFixed(3);
+    const check = document.createElement("td");
+    check.textContent = s.checked ? (s.side_check >= 0 ? "+" : "") + s.side_check.toFixed(3) : "-";
+    tr.append(text, value, check);
+    tbody.appendChild(tr);
+  });
+  $("scores").hidden = false;
+  $("score-info").textContent = answer.side_check
+    ? "Scores include the model's side check for one-sided sentences (the image's halves read for left and right)."
+    : "This model has no side check: scores are the cosines of the image and sentence embeddings.";
+}
+
+async function scoreSentences(event) {
+  event.preventDefault();
+  const file = $("file").files[0];
+  const texts = $("sentences").value.split("\n").map((t) => t.trim()).filter((t) => t);
+  if (!file || !texts.length) {
+    showError({ code: "validation_error", message: "choose a study and write at least one sentence" });
+    return;
+  }
+  const form = new FormData();
+  form.append("file", file, "upload");  // as for a diagnosis: the real file name is not sent
+  form.append("texts", JSON.stringify(texts));
+  $("score").disabled = true;
+  $("status").textContent = "Scoring the sentences...";
+  showError(null);
+  try {
+    renderScores(await call("/v1/score", { method: "POST", body: form }));
+    $("status").textContent = "";
+  } catch (err) {
+    $("status").textContent = "";
+    showError(err);
+  } finally {
+    $("score").disabled = false;
+  }
+}
+
 function init() {
   $("api-key").value = apiKey();
   $("key-form").addEventListener("submit", (e) => {
@@ -175,6 +223,7 @@ function init() {
     $("model-info").textContent = "Enter the API key to see the model.";
   });
   $("diagnose-form").addEventListener("submit", diagnose);
+  $("score-form").addEventListener("submit", scoreSentences);
   $("opacity").addEventListener("input", (e) => {
     $("overlay").style.opacity = String(Number(e.target.value) / 100);
   });
