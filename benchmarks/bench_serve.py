@@ -1,13 +1,15 @@
 """Latency and throughput of `medvlp serve` over real HTTP, with and without micro-batching.
 
-    python benchmarks/bench_serve.py [--kind cxr|ct] [--model RUN] [--requests 400] [--rounds 4]
-        [--concurrency 1,8,32] [--max-batch 16] [--batch-wait-ms 5] [--heatmaps] [--out JSON]
+    python benchmarks/bench_serve.py [--kind cxr|ct] [--route diagnose|score] [--model RUN] [--requests 400]
+        [--rounds 4] [--concurrency 1,8,32] [--max-batch 16] [--batch-wait-ms 5] [--heatmaps] [--out JSON]
 
 Two real `medvlp serve` processes (uvicorn, one model, one model thread each) on free loopback ports serve the same
 model: one with micro-batching (`--max-batch`, `--batch-wait-ms`), one with `--no-batching` (one request per
 forward pass, the same single model thread). The client is an asyncio loop of httpx requests in this process: `C`
 workers each send `POST /v1/diagnose` (`--kind cxr`: a synthetic radiograph DICOM upload; `--kind ct`: a synthetic
-abdominal CT series of 40 DICOM slices, zipped; the model's 4 findings) back to back.
+abdominal CT series of 40 DICOM slices, zipped; the model's 4 findings) back to back; with `--route score` they
+send `POST /v1/score` with the same upload and three sentences (:data:`SENTENCES`: a one-sided sentence, its
+side-swapped and its negated twin), and the untrained model gets a side check (strength 1), so the check's cost is in.
 Per concurrency level each mode answers `--requests` requests (a quarter of them, at least 40, at concurrency 1),
 split into `--rounds` rounds that alternate between the two servers (A B B A ...), so a change in the machine's
 load while the benchmark runs hits both modes alike. Latency is per request as the client sees it (upload, decode,
@@ -47,6 +49,7 @@ KEY = "bench-key-" + "5f1e2d3c4b5a6978"
 WARMUP = 8
 DEMO = {"cxr": "demo-2d.yaml", "ct": "demo-3d.yaml"}
 UPLOAD = {"cxr": "DICOM", "ct": "zip of a DICOM series"}
+SENTENCES = ["Small left pleural effusion.", "Small right pleural effusion.", "No pleural effusion."]
 
 
 def _free_port() -> int:
@@ -55,8 +58,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _demo_model(folder: Path, kind: str, cohort: CohortSpec) -> tuple[Path, dict[str, Any]]:
-    """The demo config's architecture, untrained, saved as a model folder with the cohort's record; and its fields."""
+def _demo_model(folder: Path, kind: str, cohort: CohortSpec, side_check: bool) -> tuple[Path, dict[str, Any]]:
+    """The demo config's architecture, untrained, saved as a model folder with the cohort's record; and its fields.
+    With ``side_check``, a side check along the first axis at strength 1, as a fitted one costs."""
     import torch
 
     from medvlp.config import load_config
@@ -68,7 +72,12 @@ def _demo_model(folder: Path, kind: str, cohort: CohortSpec) -> tuple[Path, dict
     spec = cohort.preprocess or default_preprocess(cohort.spatial_dims)
     fields = {k: v for k, v in load_config(ROOT / "configs" / DEMO[kind]).model.items() if k != "text_dropout"}
     fields |= {"spatial_dims": cohort.spatial_dims, "image_size": list(spec.size)}
-    out = MedVLP(ModelConfig(**fields)).save_pretrained(folder)
+    if side_check:
+        fields["side_check_axis"] = 0
+    model = MedVLP(ModelConfig(**fields))
+    if model.side_check is not None:
+        model.side_check.set(orientation=1.0, strength=1.0)
+    out = model.save_pretrained(folder)
     record = cohort.model_dump(mode="json", include={"modality", "spatial_dims", "findings"}) | {"cohort": cohort.name}
     (out / COHORT_RECORD).write_text(json.dumps(record | {"preprocess": spec.model_dump(mode="json")}))
     return out, fields
@@ -135,7 +144,9 @@ def _start(model: Path, log: Path, extra: list[str]) -> tuple[subprocess.Popen[b
     raise RuntimeError(f"server did not start:\n{log.read_text()}")
 
 
-async def _load(url: str, payloads: list[bytes], concurrency: int, n: int, heatmaps: bool) -> dict[str, Any]:
+async def _load(
+    url: str, payloads: list[bytes], concurrency: int, n: int, heatmaps: bool, route: str
+) -> dict[str, Any]:
     import httpx
 
     latencies: list[float] = []
@@ -144,7 +155,7 @@ async def _load(url: str, payloads: list[bytes], concurrency: int, n: int, heatm
     issued = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     headers = {"Authorization": f"Bearer {KEY}"}
-    data = {"heatmaps": "true" if heatmaps else "false"}
+    data = {"heatmaps": "true" if heatmaps else "false"} if route == "diagnose" else {"texts": json.dumps(SENTENCES)}
 
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300, limits=limits) as client:
 
@@ -155,7 +166,7 @@ async def _load(url: str, payloads: list[bytes], concurrency: int, n: int, heatm
                 issued += 1
                 t0 = time.perf_counter()
                 try:
-                    r = await client.post("/v1/diagnose", files={"file": ("u", payloads[k % len(payloads)])}, data=data)
+                    r = await client.post(f"/v1/{route}", files={"file": ("u", payloads[k % len(payloads)])}, data=data)
                 except httpx.HTTPError as exc:
                     errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
                     continue
@@ -209,16 +220,24 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--heatmaps", action="store_true", help="ask for a heatmap per finding as well")
-    parser.add_argument("--out", type=Path, help="default: benchmarks/results/serve.json (cxr), serve-ct.json (ct)")
+    parser.add_argument("--route", default="diagnose", choices=["diagnose", "score"], help="the endpoint requested")
+    parser.add_argument(
+        "--out", type=Path, help="default: benchmarks/results/serve.json (cxr), serve-ct.json (ct), -score before .json"
+    )
     args = parser.parse_args()
-    args.out = args.out or ROOT / "benchmarks" / "results" / ("serve.json" if args.kind == "cxr" else "serve-ct.json")
+    name = ("serve" if args.kind == "cxr" else "serve-ct") + ("-score" if args.route == "score" else "")
+    args.out = args.out or ROOT / "benchmarks" / "results" / f"{name}.json"
     levels = [int(c) for c in args.concurrency.split(",")]
     t_all = time.perf_counter()
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         tmp_path = Path(tmp)
         payloads, cohort = _payloads(args.kind, tmp_path / args.kind)
-        model, fields = (args.model, None) if args.model else _demo_model(tmp_path / "model", args.kind, cohort)
+        model, fields = (
+            (args.model, None)
+            if args.model
+            else _demo_model(tmp_path / "model", args.kind, cohort, side_check=args.route == "score")
+        )
         modes = {
             "batching": ["--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms)],
             "no_batching": ["--no-batching"],
@@ -230,14 +249,16 @@ def main() -> None:
         runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
         try:
             for _, url in servers.values():
-                asyncio.run(_load(url, payloads, 1, WARMUP, args.heatmaps))
+                asyncio.run(_load(url, payloads, 1, WARMUP, args.heatmaps, args.route))
             for c in levels:
                 n = max(40, args.requests // 4) if c == 1 else args.requests
                 # both servers are up; rounds alternate A B B A so a change in the machine's load hits both modes
                 for k in range(args.rounds):
                     order = list(modes) if k % 2 == 0 else list(modes)[::-1]
                     for mode in order:
-                        r = asyncio.run(_load(servers[mode][1], payloads, c, n // args.rounds, args.heatmaps))
+                        r = asyncio.run(
+                            _load(servers[mode][1], payloads, c, n // args.rounds, args.heatmaps, args.route)
+                        )
                         runs.setdefault((mode, c), []).append(r)
         finally:
             for proc, _ in servers.values():
@@ -263,7 +284,9 @@ def main() -> None:
         "model": str(args.model) if args.model else f"configs/{DEMO[args.kind]} architecture, untrained",
         "model_fields": fields,
         "endpoint": f"POST /v1/diagnose, multipart {UPLOAD[args.kind]} upload, {len(cohort.findings)} findings"
-        + (", heatmaps" if args.heatmaps else ""),
+        + (", heatmaps" if args.heatmaps else "")
+        if args.route == "diagnose"
+        else f"POST /v1/score, multipart {UPLOAD[args.kind]} upload, {len(SENTENCES)} sentences, side check",
         "image_forward_ms_per_batch": forward_ms,
         "upload_mib": round(float(np.mean([len(p) for p in payloads])) / 2**20, 3),
         "max_batch": args.max_batch,
