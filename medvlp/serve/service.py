@@ -7,6 +7,7 @@ once at start: its reports (for "similar reports") and its images (for text -> s
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -314,31 +315,37 @@ class DiagnosisService:
             x = torch.stack([torch.from_numpy(p.pre.array.astype(np.float32)) for _, p in ready])  # [B, 1, *S]
             out = self.model.forward_image(x.to(self.model.device))
             emb, tokens = out.embedding.float().cpu(), out.tokens.float().cpu()  # [B, E], [B, N, E]
+            scoring = [(j, i) for j, (i, _) in enumerate(ready) if jobs[i].texts is not None]
+            if scoring:  # every scoring job's sentences in one text pass
+                batch = [jobs[i].texts or [] for _, i in scoring]
+                scored = self.pair_scores(
+                    emb[[j for j, _ in scoring]], tokens[[j for j, _ in scoring]], out.grid, batch
+                )
+                for (j, i), scores in zip(scoring, scored, strict=True):
+                    prep = ready[j][1]
+                    results[i] = {"scores": scores, "image": dict(prep.info), "warnings": prep.warnings}
             for j, (i, prep) in enumerate(ready):
                 job = jobs[i]
                 if job.embed_only:
                     results[i] = {"embeddings": [emb[j].tolist()], "dim": int(emb.shape[1])}
-                    continue
-                if job.texts is not None:
-                    scores = self.pair_scores(emb[j], tokens[j], out.grid, job.texts)
-                    results[i] = {"scores": scores, "image": dict(prep.info), "warnings": prep.warnings}
-                    continue
-                results[i] = self._answer(job, prep, emb[j], tokens[j], out.grid)
+                elif job.texts is None:
+                    results[i] = self._answer(job, prep, emb[j], tokens[j], out.grid)
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def pair_scores(self, emb: Tensor, tokens: Tensor, grid: Any, texts: list[str]) -> list[dict[str, Any]]:
-        """Each text's score with one image (its unit embedding ``[E]`` and tokens ``[N, E]``): the score the
+    def pair_scores(self, emb: Tensor, tokens: Tensor, grid: Any, texts: list[list[str]]) -> list[list[dict[str, Any]]]:
+        """Per image (unit embeddings ``[M, E]``, tokens ``[M, N, E]``), each of its texts' score: the score the
         robustness suite ranks by (:meth:`MedVLP.score_pairs`), its cosine and its side check term, and whether the
-        check read the text (one affirmative sentence naming one side, with a fitted check)."""
-        n, device = len(texts), self.model.device
-        image = ImageEmbeddings(
-            emb.to(device).expand(n, -1), tokens.to(device).expand(n, *tokens.shape), tuple(int(g) for g in grid)
-        )
-        cosine, term = (t.float().cpu() for t in self.model.pair_score_parts(image, texts))
-        checked = (checked_sides(texts) != 0).tolist() if self.side_check else [False] * n
-        return [
+        check read the text (one affirmative sentence naming one side, with a fitted check). All the images' texts go
+        through the text tower together."""
+        rows = torch.tensor([m for m, group in enumerate(texts) for _ in group], dtype=torch.long)
+        flat = [t for group in texts for t in group]
+        device = self.model.device
+        image = ImageEmbeddings(emb[rows].to(device), tokens[rows].to(device), tuple(int(g) for g in grid))
+        cosine, term = (t.float().cpu() for t in self.model.pair_score_parts(image, flat))
+        checked = (checked_sides(flat) != 0).tolist() if self.side_check else [False] * len(flat)
+        answers = [
             {
                 "text": t,
                 "score": round(float(c + s), 6),
@@ -346,8 +353,10 @@ class DiagnosisService:
                 "side_check": round(float(s), 6),
                 "checked": bool(k),
             }
-            for t, c, s, k in zip(texts, cosine, term, checked, strict=True)
+            for t, c, s, k in zip(flat, cosine, term, checked, strict=True)
         ]
+        bounds = np.cumsum([0, *(len(group) for group in texts)])
+        return [answers[a:b] for a, b in itertools.pairwise(bounds)]
 
     def _answer(self, job: ImageJob, prep: PreparedImage, emb: Tensor, tokens: Tensor, grid: Any) -> dict[str, Any]:
         findings = job.findings if job.findings is not None else self.findings

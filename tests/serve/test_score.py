@@ -103,6 +103,15 @@ def test_the_side_check_in_served_scores(tiny_run: TinyRun, tmp_path: Path) -> N
         plain = model.pair_score_parts(model.forward_image(x), TEXTS)[0].numpy()
     np.testing.assert_allclose([s["score"] for s in scores], expected, atol=2e-5)
     np.testing.assert_allclose([s["cosine"] for s in scores], plain, atol=2e-5)
+    other = ImageJob(study_file(tiny_run.cohort, "S00005"), workdir, texts=TEXTS[2:0:-1])
+    other.prepared = service.prepare(other)
+    (alone,) = service.run_images([other])
+    together = service.run_images([job, other])  # one image pass, one text pass for both requests' sentences
+    assert [[s["text"] for s in a["scores"]] for a in together] == [TEXTS, TEXTS[2:0:-1]]  # type: ignore[index]
+    for got, want in zip(together, (answer, alone), strict=True):
+        assert isinstance(got, dict) and isinstance(want, dict)
+        np.testing.assert_allclose([s["score"] for s in got["scores"]], [s["score"] for s in want["scores"]], atol=2e-5)
+        assert [s["checked"] for s in got["scores"]] == [s["checked"] for s in want["scores"]]
     model.side_check.set(orientation=1.0, strength=0.0)  # a check fitted to strength 0 reads nothing
     (unfitted,) = service.run_images([ImageJob(job.path, workdir, texts=TEXTS, prepared=job.prepared)])
     assert isinstance(unfitted, dict) and service.side_check is False
