@@ -21,6 +21,7 @@ PIN = [
     "stages.stage2-align.twin_sentence_weight=0.0",
     "stages.stage2-align.twin_sentence_text_only=false",
     "stages.stage2-align.twin_sentence_kinds=null",
+    "stages.stage2-align.twin_absence=false",
     "stages.stage2-align.twin_sides=sentence",
     "stages.stage2-align.mirror=0.0",
     "stages.stage2-align.text_lr_scale=0.1",
@@ -174,6 +175,11 @@ ARMS["twin_attn_box_lat"] = [*ARMS["twin_attn_box"], "model.image_encoder_args.l
 #: against its twin alone, the robustness suite's own form (the report twin trains whole reports only).
 ARMS["twin_attn_box_sent"] = [*ARMS["twin_attn_box"], "stages.stage2-align.twin_sentence_weight=1.0"]
 ARMS["twin_attn_box_sent03"] = [*ARMS["twin_attn_box"], "stages.stage2-align.twin_sentence_weight=0.3"]
+#: ... with absence twins (`twin_absence: true`): a training phrase of a finding the study is labelled without, and
+#: its negation, enter the draw (the report with the phrase added must lose; with the sentence twin term the negated
+#: phrase alone must win): the negated sentences the suite's absence cases ask for, which the twins never make winners
+ARMS["twin_attn_box_absence"] = [*ARMS["twin_attn_box"], "stages.stage2-align.twin_absence=true"]
+ARMS["twin_attn_box_sent_absence"] = [*ARMS["twin_attn_box_sent"], "stages.stage2-align.twin_absence=true"]
 #: ... with that term moving the text side only (`twin_sentence_text_only`): the image embedding, which holds the side
 #: already (side probe 0.82 to 0.98), enters it detached, so the term cannot pull images toward single sentences.
 ARMS["twin_attn_box_sent_text"] = [*ARMS["twin_attn_box_sent"], "stages.stage2-align.twin_sentence_text_only=true"]

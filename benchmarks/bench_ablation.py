@@ -54,7 +54,18 @@ COLUMNS = {
     "robustness": ("robustness", "mean_accuracy"),
     "robustness_negation": ("robustness", "per_perturbation", "negation", "accuracy"),
     "robustness_laterality": ("robustness", "per_perturbation", "laterality", "accuracy"),
+    # the negation asked the other way round: the negated sentence on a study without the finding must win
+    "robustness_absence": ("robustness", "per_perturbation", "absence", "accuracy"),
+    "robustness_negation_balanced": ("robustness", "negation_balanced_accuracy"),
+    "robustness_with_absence": ("robustness", "mean_accuracy_with_absence"),
     "robustness_without_side_check": ("robustness", "without_side_check", "mean_accuracy"),
+    "robustness_absence_without_side_check": (
+        "robustness",
+        "without_side_check",
+        "per_perturbation",
+        "absence",
+        "accuracy",
+    ),
     "robustness_laterality_without_side_check": (
         "robustness",
         "without_side_check",

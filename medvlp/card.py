@@ -18,6 +18,7 @@ HEADLINE = (
     ("grounding mean IoU", ("grounding", "mean_iou")),
     ("grounding mean mIoU (cosine 0.1-0.5)", ("grounding", "mean_miou")),
     ("negation/laterality robustness accuracy", ("robustness", "mean_accuracy")),
+    ("negation read both ways (present / absent finding)", ("robustness", "negation_balanced_accuracy")),
     ("survival C-index (image + covariates)", ("survival", "c_index")),
     ("linear probe mean AUROC (100% labels)", ("linear_probe", "mean_auroc")),
 )
@@ -110,7 +111,8 @@ def write_model_card(out: Path, metrics: dict[str, Any], model_path: Path) -> Pa
         perts = sorted(rob["per_perturbation"])
         lines += [
             "",
-            "## Robustness: the true finding sentence ranked above its negated and side-swapped twins",
+            "## Robustness: the true finding sentence ranked above its negated and side-swapped twins (and, on "
+            "images without the finding, the negated sentence above the affirmative)",
             "",
             "| finding | " + " | ".join(perts) + " |",
             "|---|" + "---|" * len(perts),
@@ -124,6 +126,15 @@ def write_model_card(out: Path, metrics: dict[str, Any], model_path: Path) -> Pa
             )
             + " |"
         )
+        if rob.get("negation_balanced_accuracy") is not None:
+            lines += [
+                "",
+                "*Absence*: each negation case asked the other way round, on a test study without the finding, where "
+                "the negated sentence must win (a model that scores every negated sentence low passes the negation "
+                "column and fails this one); negation and absence together: "
+                f"{_fmt(rob['negation_balanced_accuracy'])}; the whole suite with absence: "
+                f"{_fmt(rob.get('mean_accuracy_with_absence'))}.",
+            ]
         edit = rob.get("side_edit")
         if edit:
             which = "one-sentence texts" if edit["texts"] == "sentences" else "texts"

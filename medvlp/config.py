@@ -139,6 +139,13 @@ class AlignStageConfig(OptimConfig):
         description="the sentence twin term moves the text side only (the image embedding enters it detached): the "
         "image keeps what the report-level terms taught it, the two sentences must part along the image's own axis",
     )
+    twin_absence: bool = Field(
+        default=False,
+        description="the twins' draw also holds, for each finding a training study is labelled without, a training "
+        "phrase of that finding (grounding.csv) and its negated twin: the negated phrase must win on that image (the "
+        "robustness suite's absence form, with the sentence twin term) and the report with the phrase added must lose "
+        "(the report twin term); uses the training labels and phrases; needs 'negation' in hard_negatives",
+    )
     box_weight: float = Field(
         default=0.0,
         ge=0,
@@ -246,6 +253,8 @@ class AlignStageConfig(OptimConfig):
                 f"twin_sentence_kinds {self.twin_sentence_kinds} choose among hard_negatives {self.hard_negatives} "
                 "for the sentence twin term: set twin_sentence_weight > 0 and name rules of hard_negatives"
             )
+        if self.twin_absence and "negation" not in self.hard_negatives:
+            raise ValueError("twin_absence draws negated phrases: it needs 'negation' in hard_negatives")
         if self.twin_sentence_text_only and not self.twin_sentence_weight:
             raise ValueError("twin_sentence_text_only acts on the sentence twin term: set twin_sentence_weight > 0")
         for name in ("twin_weight", "twin_sentence_weight"):

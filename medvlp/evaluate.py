@@ -40,7 +40,8 @@ PROTOCOL = {
     "grounding": "one score per (study, phrase) against the union of its boxes; mIoU at cosine 0.1-0.5; "
     "cnr_control: the same phrase and boxes on a test image without the finding",
     "survival": "Cox fitted on train; risk groups cut at the training median; bootstrap by subject",
-    "robustness": "true finding sentence vs its negated and laterality-swapped twins; ties count as misses",
+    "robustness": "true finding sentence vs its negated and laterality-swapped twins; absence: the negated sentence vs "
+    "the affirmative on a study without the finding; ties count as misses",
     "prompt_prototype": "prompts chosen from the train split's report sentences with its labels: not zero-shot",
     "zero_shot_prompts": "the prompt form chosen on val; the mined forms read the train split's report text, never "
     "its labels",

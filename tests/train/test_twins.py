@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from medvlp.config import AlignStageConfig
 from medvlp.data.cache import CachedCohort
-from medvlp.data.perturb import mirror_sides, twins
+from medvlp.data.perturb import mirror_sides, negate, twins
 from medvlp.data.reports import text_sentences
 from medvlp.losses import ContrastiveLoss, twin_loss
 from medvlp.train.loop import run_stage
@@ -241,4 +241,41 @@ def test_twin_sentence_kinds_keeps_the_pairs_of_those_rules_in_the_sentence_twin
             twin_sentence_weight=1.0,
             hard_negatives=["negation"],
             twin_sentence_kinds=["laterality"],
+        )
+
+
+def test_twin_absence_pairs_a_negated_training_phrase_with_it_on_an_image_labelled_without_the_finding(
+    cache: CachedCohort,  # noqa: F811
+) -> None:
+    """``twin_absence``: the draw also holds a training phrase of a finding the study is labelled without, paired as
+    (its negation, the phrase); the report's twin is then the report with the phrase added. Off, the draw is as it
+    was."""
+    kinds = ["negation", "laterality", "affirmation"]
+    stage = _stage(cache, twin_weight=1.0, twin_sentence_weight=1.0, hard_negatives=kinds, twin_absence=True)
+    pool = stage.absence_phrases
+    assert pool and all(negate(p) is not None for ps in pool.values() for p in ps)
+    train = set(cache.split("train")["study"])
+    known = set(cache.grounding.loc[cache.grounding["study"].isin(train), "label_text"])
+    assert {p for ps in pool.values() for p in ps} <= known, "training phrases only"
+    ds = stage.dataset()
+    items = [ds[(i, e)] for e in range(4) for i in range(8)]
+    batch = stage.collate(items)
+    absent = 0
+    for item, text, twin, (sentence, flipped) in zip(
+        items, batch["text"], batch["report_twins"], batch["twin_sentences"], strict=True
+    ):
+        phrases = {p: j for j, ps in pool.items() for p in ps}
+        if sentence not in text_sentences(text) and flipped in phrases:
+            absent += 1
+            assert item["labels"][phrases[flipped]] == 0, "only on an image labelled without the finding"
+            assert sentence == negate(flipped) and twin == f"{text.rstrip()} {flipped}"
+    assert absent >= 1
+    plain = _stage(cache, twin_weight=1.0, twin_sentence_weight=1.0, hard_negatives=kinds)
+    assert plain.absence_phrases == {}
+    off = plain.collate(items)
+    before = [p for p in off["twin_sentences"]]
+    assert all(s in text_sentences(t) or s == t for (s, _), t in zip(before, off["text"], strict=True))
+    with pytest.raises(ValidationError, match="twin_absence"):
+        AlignStageConfig(
+            steps=1, batch_size=2, lr=1e-3, twin_weight=1.0, hard_negatives=["laterality"], twin_absence=True
         )

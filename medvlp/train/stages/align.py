@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from medvlp.config import AlignStageConfig, Interpolation
 from medvlp.data.cache import COHORT_RECORD, CachedCohort, atomic_write_json, cohort_record
-from medvlp.data.perturb import mirror_sides, swap_laterality, twins
+from medvlp.data.perturb import mirror_sides, negate, swap_laterality, twins
 from medvlp.data.reports import normalize_report, text_sentences
 from medvlp.losses import ContrastiveLoss, box_grounding_loss
 from medvlp.models import MedVLP, ModelConfig
@@ -131,6 +131,23 @@ class AlignStage:
         # the val loss: the same terms on rank 0's whole val batches, never gathered across ranks
         self.val_loss = ContrastiveLoss(config=replace(self.loss.config, gather=False, local_loss=False))
         self.val_data = self._val_data() if cfg.val_every else None
+        self.absence_phrases = self._absence_phrases() if cfg.twin_absence else {}
+
+    def _absence_phrases(self) -> dict[int, list[str]]:
+        """``twin_absence``'s pool: per finding (its column in the labels), the training split's annotated phrases
+        that have a negated twin."""
+        findings = list(self.cache.findings)
+        g = self.cache.grounding
+        g = g[g["study"].isin(set(self.cache.split("train")["study"]))]
+        pool = {
+            findings.index(f): sorted({str(t) for t in part["label_text"] if negate(str(t)) is not None})
+            for f, part in g.groupby("category_name")
+            if f in findings
+        }
+        pool = {j: phrases for j, phrases in pool.items() if phrases}
+        if not pool:
+            logger.warning("%s: twin_absence, but the train split has no annotated phrase of a finding", self.name)
+        return pool
 
     def _val_data(self) -> CachedImages | None:
         if self.cache.split("val").empty:
@@ -238,11 +255,14 @@ class AlignStage:
 
         The flipped sentence is drawn (seeded by seed, epoch and study) among the report's sentences that have a twin
         the report does not itself state; a report without one keeps its own text (and pairs it with itself), masked
-        out of the twin terms. With ``twin_sides: report`` a laterality twin swaps every side the report names, not
-        the drawn sentence's alone (the pair stays the drawn sentence and its twin).
+        out of the twin terms. With ``twin_absence`` the draw also holds, per finding the study is labelled without, a
+        training phrase of it (drawn from :attr:`absence_phrases`) paired as (its negation, the phrase): the report's
+        twin is then the report with the phrase added. With ``twin_sides: report`` a laterality twin swaps every side
+        the report names, not the drawn sentence's alone (the pair stays the drawn sentence and its twin).
         """
         out, pairs, mask = [], [], []
-        for text, index, epoch in zip(batch["text"], batch["index"].tolist(), batch["epoch"].tolist(), strict=True):
+        rows = zip(batch["text"], batch["index"].tolist(), batch["epoch"].tolist(), batch["labels"], strict=True)
+        for text, index, epoch, labels in rows:
             sentences = list(dict.fromkeys(text_sentences(text)))
             own = {normalize_report(x) for x in sentences}
             options = [
@@ -252,10 +272,15 @@ class AlignStage:
                 if normalize_report(t) not in own
             ]
             rng = np.random.default_rng(sample_seed(self.seed, epoch, index, TWIN_STREAM))
+            absent = [ps[int(rng.integers(len(ps)))] for j, ps in self.absence_phrases.items() if labels[j] == 0]
+            options += [(str(negate(p)), p) for p in absent]  # the negated phrase is true of this image
             if options:
                 sentence, twin = options[int(rng.integers(len(options)))]
                 whole = self.config.twin_sides == "report" and twin == swap_laterality(sentence)
-                out.append(mirror_sides(text) if whole else text.replace(sentence, twin, 1))
+                if normalize_report(sentence) not in own and twin in absent:  # the report with a false phrase added
+                    out.append(f"{text.rstrip()} {twin}")
+                else:
+                    out.append(mirror_sides(text) if whole else text.replace(sentence, twin, 1))
                 pairs.append((sentence, twin))
             else:
                 out.append(text)
