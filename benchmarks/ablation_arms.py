@@ -180,6 +180,7 @@ ARMS["twin_attn_box_sent03"] = [*ARMS["twin_attn_box"], "stages.stage2-align.twi
 #: phrase alone must win): the negated sentences the suite's absence cases ask for, which the twins never make winners
 ARMS["twin_attn_box_absence"] = [*ARMS["twin_attn_box"], "stages.stage2-align.twin_absence=true"]
 ARMS["twin_attn_box_sent_absence"] = [*ARMS["twin_attn_box_sent"], "stages.stage2-align.twin_absence=true"]
+ARMS["twin_attn_box_sent03_absence"] = [*ARMS["twin_attn_box_sent03"], "stages.stage2-align.twin_absence=true"]
 #: ... with that term moving the text side only (`twin_sentence_text_only`): the image embedding, which holds the side
 #: already (side probe 0.82 to 0.98), enters it detached, so the term cannot pull images toward single sentences.
 ARMS["twin_attn_box_sent_text"] = [*ARMS["twin_attn_box_sent"], "stages.stage2-align.twin_sentence_text_only=true"]
