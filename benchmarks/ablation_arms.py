@@ -217,6 +217,14 @@ DERIVED |= {"twin_attn_box_side": "twin_attn_box", "twin_attn_box_side_all": "tw
 ARMS["twin_attn_box_side_check"] = [*ARMS["twin_attn_box_side"], "stages.stage2-align.side_check=true"]
 ARMS["twin_attn_box_check"] = [*ARMS["twin_attn_box"], "stages.stage2-align.side_check=true"]
 DERIVED |= {"twin_attn_box_side_check": "twin_attn_box", "twin_attn_box_check": "twin_attn_box"}
+#: ... the absence twins with the sentence twin term at 0.3 (`twin_attn_box_sent03_absence`), the side edit and check
+#: fitted on its finished run as on the demo's
+ARMS["twin_attn_box_sent03_absence_side_check"] = [
+    *ARMS["twin_attn_box_sent03_absence"],
+    "stages.stage2-align.side_edit=true",
+    "stages.stage2-align.side_check=true",
+]
+DERIVED |= {"twin_attn_box_sent03_absence_side_check": "twin_attn_box_sent03_absence"}
 #: The phrase-box terms on finer tokens (3D ResNet): a feature pyramid to stage 3 or 2 (`token_stage`), tokens of 48
 #: or 24 mm at the demo's 6 mm voxels instead of 96, so that a lesion can have a token of its own (issue 12 point 4).
 FPN = {f"{box}_fpn{s}": (box, s) for box in ("box", "box_light", "box_light_image") for s in (3, 2)}
