@@ -272,12 +272,14 @@ class AlignStage:
                 if normalize_report(t) not in own
             ]
             rng = np.random.default_rng(sample_seed(self.seed, epoch, index, TWIN_STREAM))
+            flips = len(options)  # the options past these are absence pairs
             absent = [ps[int(rng.integers(len(ps)))] for j, ps in self.absence_phrases.items() if labels[j] == 0]
             options += [(str(negate(p)), p) for p in absent]  # the negated phrase is true of this image
             if options:
-                sentence, twin = options[int(rng.integers(len(options)))]
+                k = int(rng.integers(len(options)))
+                sentence, twin = options[k]
                 whole = self.config.twin_sides == "report" and twin == swap_laterality(sentence)
-                if normalize_report(sentence) not in own and twin in absent:  # the report with a false phrase added
+                if k >= flips:  # the report with a false phrase added
                     out.append(f"{text.rstrip()} {twin}")
                 else:
                     out.append(mirror_sides(text) if whole else text.replace(sentence, twin, 1))
