@@ -144,8 +144,8 @@ class AlignStageConfig(OptimConfig):
         description="the twins' draw also holds, for each finding a training study is labelled without, a training "
         "phrase of that finding (grounding.csv) and its negated twin: the negated phrase must win on that image (the "
         "robustness suite's absence form, with the sentence twin term) and the report with the phrase added must lose "
-        "(the report twin term; with twin_sentence_kinds set, the absence pairs stay out of the sentence twin term); uses "
-        "the training labels and phrases; needs 'negation' in hard_negatives",
+        "(the report twin term; with twin_sentence_kinds set, the absence pairs stay out of the sentence twin "
+        "term); uses the training labels and phrases; needs 'negation' in hard_negatives",
     )
     box_weight: float = Field(
         default=0.0,
