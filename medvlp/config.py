@@ -147,6 +147,13 @@ class AlignStageConfig(OptimConfig):
         "(the report twin term; with twin_sentence_kinds set, the absence pairs stay out of the sentence twin "
         "term); uses the training labels and phrases; needs 'negation' in hard_negatives",
     )
+    twin_sentence_balance: bool = Field(
+        default=False,
+        description="the sentence twin term weighs the batch's pairs whose statement must win (a negated twin) and "
+        "those whose denial must win (an affirmed twin, twin_absence's pairs) to equal shares (side and severity pairs "
+        "keep weight 1): the draw holds several times more denials, which teaches the term that 'no' wins; needs "
+        "twin_sentence_weight > 0",
+    )
     box_weight: float = Field(
         default=0.0,
         ge=0,
@@ -256,6 +263,8 @@ class AlignStageConfig(OptimConfig):
             )
         if self.twin_absence and "negation" not in self.hard_negatives:
             raise ValueError("twin_absence draws negated phrases: it needs 'negation' in hard_negatives")
+        if self.twin_sentence_balance and not self.twin_sentence_weight:
+            raise ValueError("twin_sentence_balance weighs the sentence twin term: set twin_sentence_weight > 0")
         if self.twin_sentence_text_only and not self.twin_sentence_weight:
             raise ValueError("twin_sentence_text_only acts on the sentence twin term: set twin_sentence_weight > 0")
         for name in ("twin_weight", "twin_sentence_weight"):

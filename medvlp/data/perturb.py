@@ -34,6 +34,7 @@ __all__ = [
     "mirror_sides",
     "named_sides",
     "negate",
+    "polarity",
     "swap_laterality",
     "twins",
 ]
@@ -183,6 +184,17 @@ def change_severity(sentence: str) -> str | None:
 
 #: The perturbations by name, as configs and reports name them.
 PERTURBATIONS = {"negation": negate, "laterality": swap_laterality, "affirmation": affirm, "severity": change_severity}
+
+
+def polarity(sentence: str, twin: str) -> int:
+    """Which way a (winner, twin) pair reads "no": 1 when the twin is the winner negated (the statement must win), -1
+    when the winner is the twin negated or the twin the winner affirmed (the denial must win), 0 otherwise (a side or
+    severity change, or no pair of these rules)."""
+    if negate(sentence) == twin:
+        return 1
+    if negate(twin) == sentence or affirm(sentence) == twin:
+        return -1
+    return 0
 
 
 def twins(sentence: str, kinds: list[str] | tuple[str, ...] = tuple(PERTURBATIONS)) -> list[str]:

@@ -195,7 +195,8 @@ class ContrastiveLoss(nn.Module):
             twin_features: [b, D] each report with one sentence flipped, with `twin_mask` [b] (twin term).
             twin_sentences: ([b, D], [b, D]) the flipped sentence of each report alone and its twin alone, with
                 `twin_mask` (sentence twin term).
-            twin_sentence_mask: [b] bool, the rows the sentence twin term scores; None: `twin_mask`.
+            twin_sentence_mask: [b] bool, the rows the sentence twin term scores, or [b] float weights of them; None:
+                `twin_mask`.
 
         Returns:
             Dict of scalar tensors: "loss" (weighted total), "contrastive", and each enabled term.

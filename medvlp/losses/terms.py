@@ -163,10 +163,11 @@ def twin_loss(
         text_features: [b, D] L2-normalized, the images' own reports.
         twin_features: [b, D] L2-normalized, row i the twin of report i.
         logit_scale: scalar multiplier (already exponentiated).
-        twin_mask: [b] bool, row i has a twin (rows without one do not count); None: all rows.
+        twin_mask: [b] bool, row i has a twin (rows without one do not count), or [b] float weights of the rows (0:
+            not counted); None: all rows.
 
     Returns:
-        The mean over rows with a twin; 0 (still attached to the graph) when no row has one.
+        The (weighted) mean over rows with a twin; 0 (still attached to the graph) when no row has one.
     """
     if text_features.shape != image_features.shape or twin_features.shape != image_features.shape:
         raise ValueError(
@@ -177,8 +178,9 @@ def twin_loss(
     per = F.softplus(margin)  # [b]
     if twin_mask is None:
         return per.mean()
-    keep = twin_mask.to(per.device).bool()
-    return (per * keep).sum() / keep.sum().clamp_min(1)
+    keep = twin_mask.to(device=per.device, dtype=per.dtype)
+    total = keep.sum()
+    return (per * keep).sum() / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def box_cells(box_masks: Tensor, grid: tuple[int, ...]) -> Tensor:

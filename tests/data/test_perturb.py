@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from medvlp.data.perturb import named_sides, negate, swap_laterality
+from medvlp.data.perturb import affirm, named_sides, negate, polarity, swap_laterality
 
 
 @pytest.mark.parametrize(
@@ -166,3 +166,20 @@ def test_named_sides_reads_whole_words_in_any_case() -> None:
     assert named_sides("Small LEFT effusion. Right nodule.") == {"left", "right"}
     assert named_sides("Left pleural effusion.") == {"left"}
     assert named_sides("Leftover contrast; righteous bright lungs.") == set()
+
+
+@pytest.mark.parametrize(
+    ("sentence", "twin", "way"),
+    [
+        ("Small left pleural effusion.", negate("Small left pleural effusion."), 1),  # a negated twin: the statement
+        ("There is a 2 cm renal mass.", "There is no renal mass.", 1),
+        ("No pneumothorax.", affirm("No pneumothorax."), -1),  # an affirmed twin: the denial must win
+        ("The heart is not enlarged.", "The heart is enlarged.", -1),
+        (negate("Hepatic lesion is seen."), "Hepatic lesion is seen.", -1),  # an absence pair (negated phrase, phrase)
+        ("Small left pleural effusion.", "Small right pleural effusion.", 0),  # sides, severity: neither way
+        ("Small left pleural effusion.", "Large left pleural effusion.", 0),
+        ("Small left pleural effusion.", "There is no renal mass.", 0),  # not a pair of these rules
+    ],
+)
+def test_polarity_reads_which_way_a_pair_says_no(sentence: str, twin: str, way: int) -> None:
+    assert polarity(sentence, twin) == way

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from medvlp.config import AlignStageConfig, Interpolation
 from medvlp.data.cache import COHORT_RECORD, CachedCohort, atomic_write_json, cohort_record
-from medvlp.data.perturb import mirror_sides, negate, swap_laterality, twins
+from medvlp.data.perturb import mirror_sides, negate, polarity, swap_laterality, twins
 from medvlp.data.reports import normalize_report, text_sentences
 from medvlp.losses import ContrastiveLoss, box_grounding_loss
 from medvlp.models import MedVLP, ModelConfig
@@ -46,6 +46,20 @@ def set_dropout(module: nn.Module, p: float) -> None:
     for m in module.modules():
         if isinstance(m, nn.Dropout):
             m.p = p
+
+
+def balanced_weights(pairs: list[tuple[str, str]], rows: torch.Tensor) -> torch.Tensor:
+    """``[b]`` float weights of the sentence twin term (``twin_sentence_balance``): among the ``rows`` kept, the pairs
+    whose statement must win and those whose denial must win (:func:`medvlp.data.perturb.polarity`) share their total
+    weight equally (each side half of it); other pairs weigh 1, and a batch with pairs of one way only keeps 1 for
+    all. Rows left out weigh 0."""
+    ways = torch.tensor([polarity(s, t) for s, t in pairs]) * rows.bool()
+    weights = rows.bool().float()
+    yes, no = int((ways == 1).sum()), int((ways == -1).sum())
+    if yes and no:
+        weights[ways == 1] = (yes + no) / (2 * yes)
+        weights[ways == -1] = (yes + no) / (2 * no)
+    return weights
 
 
 class AlignNet(nn.Module):
@@ -221,6 +235,9 @@ class AlignStage:
                     drawn = zip(pairs, batch["twin_mask"].tolist(), strict=True)
                     chosen = [has and twin in twins(s, kinds) for (s, twin), has in drawn]
                     batch["twin_sentence_mask"] = torch.tensor(chosen, dtype=torch.bool)
+                if self.config.twin_sentence_balance:
+                    rows = batch.get("twin_sentence_mask", batch["twin_mask"])
+                    batch["twin_sentence_mask"] = balanced_weights(pairs, rows)
                 extra += [p[0] for p in pairs] + [p[1] for p in pairs]
         extra += batch.get("box_phrases") or []  # last, so the box term takes the tail of the extra features
         if extra:
