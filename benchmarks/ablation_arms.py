@@ -239,6 +239,19 @@ ARMS["twin_attn_box_sent03_absence_bal_side_check"] = [
     "stages.stage2-align.side_check=true",
 ]
 DERIVED |= {"twin_attn_box_sent03_absence_bal_side_check": "twin_attn_box_sent03_absence_bal"}
+#: ... with the side-swapped pairs out of the sentence twin term (`twin_sentence_kinds: [negation, affirmation,
+#: absence]`): the side check reads laterality off the image tokens, and every sentence twin term with side pairs cost
+#: R@10 on style 2 (0.709 -> 0.58 to 0.65).
+ARMS["twin_attn_box_sent03_absence_bal_polar"] = [
+    *ARMS["twin_attn_box_sent03_absence_bal"],
+    "stages.stage2-align.twin_sentence_kinds=[negation,affirmation,absence]",
+]
+ARMS["twin_attn_box_sent03_absence_bal_polar_side_check"] = [
+    *ARMS["twin_attn_box_sent03_absence_bal_polar"],
+    "stages.stage2-align.side_edit=true",
+    "stages.stage2-align.side_check=true",
+]
+DERIVED |= {"twin_attn_box_sent03_absence_bal_polar_side_check": "twin_attn_box_sent03_absence_bal_polar"}
 #: The phrase-box terms on finer tokens (3D ResNet): a feature pyramid to stage 3 or 2 (`token_stage`), tokens of 48
 #: or 24 mm at the demo's 6 mm voxels instead of 96, so that a lesion can have a token of its own (issue 12 point 4).
 FPN = {f"{box}_fpn{s}": (box, s) for box in ("box", "box_light", "box_light_image") for s in (3, 2)}

@@ -129,10 +129,11 @@ class AlignStageConfig(OptimConfig):
         description="weight of the sentence twin term: each image must prefer the sentence drawn for its report's twin "
         "over that sentence's twin, the two sentences alone (the robustness suite's form); 0: off",
     )
-    twin_sentence_kinds: list[Literal["negation", "laterality", "affirmation", "severity"]] | None = Field(
+    twin_sentence_kinds: list[Literal["negation", "laterality", "affirmation", "severity", "absence"]] | None = Field(
         default=None,
         description="the hard_negatives rules whose twins the sentence twin term scores (the drawn pair of a report "
-        "made by another rule leaves that term, not the report twin term); None: all of hard_negatives",
+        "made by another rule leaves that term, not the report twin term), and 'absence' for twin_absence's pairs; "
+        "None: all of them",
     )
     twin_sentence_text_only: bool = Field(
         default=False,
@@ -144,8 +145,8 @@ class AlignStageConfig(OptimConfig):
         description="the twins' draw also holds, for each finding a training study is labelled without, a training "
         "phrase of that finding (grounding.csv) and its negated twin: the negated phrase must win on that image (the "
         "robustness suite's absence form, with the sentence twin term) and the report with the phrase added must lose "
-        "(the report twin term; with twin_sentence_kinds set, the absence pairs stay out of the sentence twin "
-        "term); uses the training labels and phrases; needs 'negation' in hard_negatives",
+        "(the report twin term; with twin_sentence_kinds set, the absence pairs enter the sentence twin term only "
+        "when it names 'absence'); uses the training labels and phrases; needs 'negation' in hard_negatives",
     )
     twin_sentence_balance: bool = Field(
         default=False,
@@ -254,12 +255,14 @@ class AlignStageConfig(OptimConfig):
                 f"hard_negatives {self.hard_negatives} enter the sentence or a twin term: set sentence_weight, "
                 "twin_weight or twin_sentence_weight > 0"
             )
+        drawn = set(self.hard_negatives) | ({"absence"} if self.twin_absence else set())
         if self.twin_sentence_kinds is not None and not (
-            self.twin_sentence_weight and set(self.twin_sentence_kinds) <= set(self.hard_negatives)
+            self.twin_sentence_weight and set(self.twin_sentence_kinds) <= drawn
         ):
             raise ValueError(
                 f"twin_sentence_kinds {self.twin_sentence_kinds} choose among hard_negatives {self.hard_negatives} "
-                "for the sentence twin term: set twin_sentence_weight > 0 and name rules of hard_negatives"
+                "for the sentence twin term: set twin_sentence_weight > 0 and name rules of hard_negatives ('absence' "
+                "with twin_absence)"
             )
         if self.twin_absence and "negation" not in self.hard_negatives:
             raise ValueError("twin_absence draws negated phrases: it needs 'negation' in hard_negatives")

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from medvlp.config import AlignStageConfig
 from medvlp.data.cache import CachedCohort
-from medvlp.data.perturb import polarity
+from medvlp.data.perturb import polarity, twins
 from medvlp.losses import twin_loss
 from medvlp.train.stages.align import balanced_weights
 from tests.train.test_align import _stage, cache  # noqa: F401  (the module-scoped cohort fixture)
@@ -66,4 +66,30 @@ def test_the_stage_weighs_its_drawn_pairs_by_their_way(cache: CachedCohort) -> N
     with pytest.raises(ValidationError, match="twin_sentence_balance"):
         AlignStageConfig(
             steps=1, batch_size=2, lr=1e-3, twin_weight=1.0, hard_negatives=kinds, twin_sentence_balance=True
+        )
+
+
+def test_twin_sentence_kinds_names_the_absence_pairs_apart_from_the_rules(cache: CachedCohort) -> None:  # noqa: F811
+    """``twin_sentence_kinds`` with ``absence``: twin_absence's pairs enter the sentence twin term (and the balance)
+    beside the named rules' pairs; without it they stay out, whatever rule might also have made them."""
+    kinds = ["negation", "laterality", "affirmation"]
+    cfg = {"twin_weight": 1.0, "twin_sentence_weight": 1.0, "hard_negatives": kinds, "twin_absence": True}
+    polar = ["negation", "affirmation"]
+    with_absence = _stage(cache, twin_sentence_kinds=[*polar, "absence"], **cfg)
+    without = _stage(cache, twin_sentence_kinds=polar, **cfg)
+    items = [with_absence.dataset()[(i, e)] for e in range(2) for i in range(8)]
+    on, off = with_absence.collate(items), without.collate(items)
+    assert on["twin_sentences"] == off["twin_sentences"], "the same draw"
+    absent = with_absence._report_twins(on)[3]
+    assert any(absent) and not all(absent)
+    for (sentence, twin), away, has, keep, kept in zip(
+        on["twin_sentences"], absent, on["twin_mask"], on["twin_sentence_mask"], off["twin_sentence_mask"], strict=True
+    ):
+        if away:
+            assert has and keep and not kept and polarity(sentence, twin) == -1
+        else:
+            assert keep == kept == (bool(has) and twin in [t for k in polar for t in twins(sentence, [k])])
+    with pytest.raises(ValidationError, match="twin_sentence_kinds"):
+        AlignStageConfig(
+            steps=1, **(cfg | {"twin_absence": False}), batch_size=2, lr=1e-3, twin_sentence_kinds=["absence"]
         )

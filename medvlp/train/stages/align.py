@@ -225,15 +225,19 @@ class AlignStage:
             batch.update(self._sentences(batch))
             extra += batch["sentences"] + (batch["hard_texts"] if self.config.hard_negatives else [])
         if self.config.twin_weight or self.config.twin_sentence_weight:
-            report_twins, pairs, batch["twin_mask"] = self._report_twins(batch)
+            report_twins, pairs, batch["twin_mask"], absent = self._report_twins(batch)
             if self.config.twin_weight:
                 batch["report_twins"] = report_twins
                 extra += report_twins
             if self.config.twin_sentence_weight:
                 batch["twin_sentences"] = pairs
                 if (kinds := self.config.twin_sentence_kinds) is not None:  # the pairs those rules made
-                    drawn = zip(pairs, batch["twin_mask"].tolist(), strict=True)
-                    chosen = [has and twin in twins(s, kinds) for (s, twin), has in drawn]
+                    rules = [k for k in kinds if k != "absence"]
+                    drawn = zip(pairs, batch["twin_mask"].tolist(), absent, strict=True)
+                    chosen = [
+                        has and ("absence" in kinds if away else twin in twins(s, rules))
+                        for (s, twin), has, away in drawn
+                    ]
                     batch["twin_sentence_mask"] = torch.tensor(chosen, dtype=torch.bool)
                 if self.config.twin_sentence_balance:
                     rows = batch.get("twin_sentence_mask", batch["twin_mask"])
@@ -266,18 +270,19 @@ class AlignStage:
             "hard_mask": torch.tensor(has_hard) if self.config.hard_negatives else None,
         }
 
-    def _report_twins(self, batch: dict[str, Any]) -> tuple[list[str], list[tuple[str, str]], torch.Tensor]:
-        """Each report with one of its sentences flipped by a ``hard_negatives`` rule, that (sentence, twin) pair, and
-        which reports have one.
+    def _report_twins(self, batch: dict[str, Any]) -> tuple[list[str], list[tuple[str, str]], torch.Tensor, list[bool]]:
+        """Each report with one of its sentences flipped by a ``hard_negatives`` rule, that (sentence, twin) pair,
+        which reports have one, and which drew an absence pair.
 
         The flipped sentence is drawn (seeded by seed, epoch and study) among the report's sentences that have a twin
         the report does not itself state; a report without one keeps its own text (and pairs it with itself), masked
         out of the twin terms. With ``twin_absence`` the draw also holds, per finding the study is labelled without, a
         training phrase of it (drawn from :attr:`absence_phrases`) paired as (its negation, the phrase): the report's
-        twin is then the report with the phrase added. With ``twin_sides: report`` a laterality twin swaps every side
-        the report names, not the drawn sentence's alone (the pair stays the drawn sentence and its twin).
+        twin is then the report with the phrase added (an absence row). With ``twin_sides: report`` a laterality twin
+        swaps every side the report names, not the drawn sentence's alone (the pair stays the drawn sentence and its
+        twin).
         """
-        out, pairs, mask = [], [], []
+        out, pairs, mask, absent_rows = [], [], [], []
         rows = zip(batch["text"], batch["index"].tolist(), batch["epoch"].tolist(), batch["labels"], strict=True)
         for text, index, epoch, labels in rows:
             sentences = list(dict.fromkeys(text_sentences(text)))
@@ -301,11 +306,13 @@ class AlignStage:
                 else:
                     out.append(mirror_sides(text) if whole else text.replace(sentence, twin, 1))
                 pairs.append((sentence, twin))
+                absent_rows.append(k >= flips)
             else:
                 out.append(text)
                 pairs.append((text, text))
+                absent_rows.append(False)
             mask.append(bool(options))
-        return out, pairs, torch.tensor(mask)
+        return out, pairs, torch.tensor(mask), absent_rows
 
     def _keys(self, batch: dict[str, Any]) -> Any:
         mode = self.config.false_negatives
