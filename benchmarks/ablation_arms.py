@@ -218,14 +218,18 @@ DERIVED |= {"twin_attn_box_side": "twin_attn_box", "twin_attn_box_side_all": "tw
 ARMS["twin_attn_box_side_check"] = [*ARMS["twin_attn_box_side"], "stages.stage2-align.side_check=true"]
 ARMS["twin_attn_box_check"] = [*ARMS["twin_attn_box"], "stages.stage2-align.side_check=true"]
 DERIVED |= {"twin_attn_box_side_check": "twin_attn_box", "twin_attn_box_check": "twin_attn_box"}
-#: ... the absence twins with the sentence twin term at 0.3 (`twin_attn_box_sent03_absence`), the side edit and check
-#: fitted on its finished run as on the demo's
-ARMS["twin_attn_box_sent03_absence_side_check"] = [
-    *ARMS["twin_attn_box_sent03_absence"],
-    "stages.stage2-align.side_edit=true",
-    "stages.stage2-align.side_check=true",
-]
-DERIVED |= {"twin_attn_box_sent03_absence_side_check": "twin_attn_box_sent03_absence"}
+
+
+def with_side_check(base: str) -> str:
+    """Adds ``<base>_side_check``: the finished ``base`` run with the side edit and check fitted as on the demo's."""
+    arm = f"{base}_side_check"
+    DERIVED[arm] = base
+    ARMS[arm] = [*ARMS[base], "stages.stage2-align.side_edit=true", "stages.stage2-align.side_check=true"]
+    return arm
+
+
+#: ... the absence twins with the sentence twin term at 0.3 (`twin_attn_box_sent03_absence`), with the side check
+with_side_check("twin_attn_box_sent03_absence")
 #: ... with the sentence twin term's two ways of "no" weighed equally (`twin_sentence_balance`): in the draw the pairs
 #: whose denial must win (affirmed twins of the reports' denials, the absence pairs) outnumber the negated twins about
 #: 4 to 1, and without the check the suite's negation fell where its absence rose (style 2: 0.958 -> 0.750).
@@ -233,12 +237,7 @@ ARMS["twin_attn_box_sent03_absence_bal"] = [
     *ARMS["twin_attn_box_sent03_absence"],
     "stages.stage2-align.twin_sentence_balance=true",
 ]
-ARMS["twin_attn_box_sent03_absence_bal_side_check"] = [
-    *ARMS["twin_attn_box_sent03_absence_bal"],
-    "stages.stage2-align.side_edit=true",
-    "stages.stage2-align.side_check=true",
-]
-DERIVED |= {"twin_attn_box_sent03_absence_bal_side_check": "twin_attn_box_sent03_absence_bal"}
+with_side_check("twin_attn_box_sent03_absence_bal")
 #: ... with the side-swapped pairs out of the sentence twin term (`twin_sentence_kinds: [negation, affirmation,
 #: absence]`): the side check reads laterality off the image tokens, and every sentence twin term with side pairs cost
 #: R@10 on style 2 (0.709 -> 0.58 to 0.65).
@@ -246,12 +245,7 @@ ARMS["twin_attn_box_sent03_absence_bal_polar"] = [
     *ARMS["twin_attn_box_sent03_absence_bal"],
     "stages.stage2-align.twin_sentence_kinds=[negation,affirmation,absence]",
 ]
-ARMS["twin_attn_box_sent03_absence_bal_polar_side_check"] = [
-    *ARMS["twin_attn_box_sent03_absence_bal_polar"],
-    "stages.stage2-align.side_edit=true",
-    "stages.stage2-align.side_check=true",
-]
-DERIVED |= {"twin_attn_box_sent03_absence_bal_polar_side_check": "twin_attn_box_sent03_absence_bal_polar"}
+with_side_check("twin_attn_box_sent03_absence_bal_polar")
 #: The phrase-box terms on finer tokens (3D ResNet): a feature pyramid to stage 3 or 2 (`token_stage`), tokens of 48
 #: or 24 mm at the demo's 6 mm voxels instead of 96, so that a lesion can have a token of its own (issue 12 point 4).
 FPN = {f"{box}_fpn{s}": (box, s) for box in ("box", "box_light", "box_light_image") for s in (3, 2)}

@@ -300,13 +300,14 @@ class AlignStage:
             if options:
                 k = int(rng.integers(len(options)))
                 sentence, twin = options[k]
+                away = k >= flips  # an absence pair
                 whole = self.config.twin_sides == "report" and twin == swap_laterality(sentence)
-                if k >= flips:  # the report with a false phrase added
+                if away:  # the report with a false phrase added
                     out.append(f"{text.rstrip()} {twin}")
                 else:
                     out.append(mirror_sides(text) if whole else text.replace(sentence, twin, 1))
                 pairs.append((sentence, twin))
-                absent_rows.append(k >= flips)
+                absent_rows.append(away)
             else:
                 out.append(text)
                 pairs.append((text, text))
