@@ -246,6 +246,21 @@ ARMS["twin_attn_box_sent03_absence_bal_polar"] = [
     "stages.stage2-align.twin_sentence_kinds=[negation,affirmation,absence]",
 ]
 with_side_check("twin_attn_box_sent03_absence_bal_polar")
+#: ... with that term moving the text side only (`twin_sentence_text_only`): the polar term raised zero-shot and
+#: negation both ways on three styles but lowered grounding on three and R@10 on two; is the cost its pull on the
+#: image side?
+ARMS["twin_attn_box_sent03_absence_bal_polar_text"] = [
+    *ARMS["twin_attn_box_sent03_absence_bal_polar"],
+    "stages.stage2-align.twin_sentence_text_only=true",
+]
+with_side_check("twin_attn_box_sent03_absence_bal_polar_text")
+#: ... at a third of the weight (0.1): the text-side term kept its gains in zero-shot and the worst finding but cost
+#: R@10 and grounding on three styles; does a lighter term keep the gains without the cost?
+ARMS["twin_attn_box_sent01_absence_bal_polar_text"] = [
+    *ARMS["twin_attn_box_sent03_absence_bal_polar_text"],
+    "stages.stage2-align.twin_sentence_weight=0.1",
+]
+with_side_check("twin_attn_box_sent01_absence_bal_polar_text")
 #: The phrase-box terms on finer tokens (3D ResNet): a feature pyramid to stage 3 or 2 (`token_stage`), tokens of 48
 #: or 24 mm at the demo's 6 mm voxels instead of 96, so that a lesion can have a token of its own (issue 12 point 4).
 FPN = {f"{box}_fpn{s}": (box, s) for box in ("box", "box_light", "box_light_image") for s in (3, 2)}
