@@ -228,39 +228,43 @@ def with_side_check(base: str) -> str:
     return arm
 
 
+def arm_with_side_check(arm: str, base: str, *overrides: str) -> str:
+    """Adds ``arm`` (``base`` with ``overrides``) and its ``<arm>_side_check`` (:func:`with_side_check`)."""
+    ARMS[arm] = [*ARMS[base], *overrides]
+    return with_side_check(arm)
+
+
 #: ... the absence twins with the sentence twin term at 0.3 (`twin_attn_box_sent03_absence`), with the side check
 with_side_check("twin_attn_box_sent03_absence")
 #: ... with the sentence twin term's two ways of "no" weighed equally (`twin_sentence_balance`): in the draw the pairs
 #: whose denial must win (affirmed twins of the reports' denials, the absence pairs) outnumber the negated twins about
 #: 4 to 1, and without the check the suite's negation fell where its absence rose (style 2: 0.958 -> 0.750).
-ARMS["twin_attn_box_sent03_absence_bal"] = [
-    *ARMS["twin_attn_box_sent03_absence"],
-    "stages.stage2-align.twin_sentence_balance=true",
-]
-with_side_check("twin_attn_box_sent03_absence_bal")
+arm_with_side_check(
+    "twin_attn_box_sent03_absence_bal", "twin_attn_box_sent03_absence", "stages.stage2-align.twin_sentence_balance=true"
+)
 #: ... with the side-swapped pairs out of the sentence twin term (`twin_sentence_kinds: [negation, affirmation,
 #: absence]`): the side check reads laterality off the image tokens, and every sentence twin term with side pairs cost
 #: R@10 on style 2 (0.709 -> 0.58 to 0.65).
-ARMS["twin_attn_box_sent03_absence_bal_polar"] = [
-    *ARMS["twin_attn_box_sent03_absence_bal"],
+arm_with_side_check(
+    "twin_attn_box_sent03_absence_bal_polar",
+    "twin_attn_box_sent03_absence_bal",
     "stages.stage2-align.twin_sentence_kinds=[negation,affirmation,absence]",
-]
-with_side_check("twin_attn_box_sent03_absence_bal_polar")
+)
 #: ... with that term moving the text side only (`twin_sentence_text_only`): the polar term raised zero-shot and
 #: negation both ways on three styles but lowered grounding on three and R@10 on two; is the cost its pull on the
 #: image side?
-ARMS["twin_attn_box_sent03_absence_bal_polar_text"] = [
-    *ARMS["twin_attn_box_sent03_absence_bal_polar"],
+arm_with_side_check(
+    "twin_attn_box_sent03_absence_bal_polar_text",
+    "twin_attn_box_sent03_absence_bal_polar",
     "stages.stage2-align.twin_sentence_text_only=true",
-]
-with_side_check("twin_attn_box_sent03_absence_bal_polar_text")
+)
 #: ... at a third of the weight (0.1): the text-side term kept its gains in zero-shot and the worst finding but cost
 #: R@10 and grounding on three styles; does a lighter term keep the gains without the cost?
-ARMS["twin_attn_box_sent01_absence_bal_polar_text"] = [
-    *ARMS["twin_attn_box_sent03_absence_bal_polar_text"],
+arm_with_side_check(
+    "twin_attn_box_sent01_absence_bal_polar_text",
+    "twin_attn_box_sent03_absence_bal_polar_text",
     "stages.stage2-align.twin_sentence_weight=0.1",
-]
-with_side_check("twin_attn_box_sent01_absence_bal_polar_text")
+)
 #: The phrase-box terms on finer tokens (3D ResNet): a feature pyramid to stage 3 or 2 (`token_stage`), tokens of 48
 #: or 24 mm at the demo's 6 mm voxels instead of 96, so that a lesion can have a token of its own (issue 12 point 4).
 FPN = {f"{box}_fpn{s}": (box, s) for box in ("box", "box_light", "box_light_image") for s in (3, 2)}
