@@ -281,6 +281,10 @@ with_mined_reports("blobs_nearest")
 #: The 3D demo with all 6 layers of the bundled text tower (`model.text_num_layers: 6`), as `twin_attn_box_text6`.
 ARMS["blobs_text6"] = [*ARMS["blobs"], "model.text_num_layers=6"]
 with_mined_reports("blobs_text6")
+#: The 3D demo with the spot margins also as maps into the ResNet's stem (`spot_maps: true`,
+#: medvlp.models.blobs.SpotMaps), so the tower can learn where a spot is a finding.
+ARMS["blobs_spots"] = [*ARMS["blobs"], "model.image_encoder_args.spot_maps=true"]
+with_mined_reports("blobs_spots")
 #: The 3D demo's finished run with the side edit (as `twin_attn_box_side` in 2D): left and right kidneys.
 ARMS["blobs_mined_reports_side"] = [*ARMS["blobs_mined_reports"], "stages.stage2-align.side_edit=true"]
 DERIVED["blobs_mined_reports_side"] = "blobs_mined_reports"

@@ -10,6 +10,9 @@ the mean of its largest few values. Nothing in it is fitted and nothing reads a 
 that starts at zero carry the statistics into the embedding as a residual, so an encoder built with them starts as
 the one without.
 
+:class:`SpotMaps` (opt-in) gives the same margins to a tower's stem as maps, so that its layers can learn where a
+spot is a finding.
+
 ``levels`` (opt-in, :func:`ceiling_free_levels`) add the spot's own mean where neither it nor its ring touches the
 image's maximum (the window's top, where a windowed CT clips bone): soft tissue brighter than the organs.
 
@@ -29,8 +32,11 @@ __all__ = [
     "BLOB_KINDS",
     "BLOB_SCALES",
     "BlobStatistics",
+    "SpotMaps",
     "blob_kinds",
+    "blob_scales",
     "ceiling_free_levels",
+    "margin_maps",
     "ring_max",
     "spot_margins",
 ]
@@ -157,9 +163,7 @@ class BlobStatistics(nn.Module):
             raise ValueError(f"blob_axis must be a spatial axis of a {spatial_dims}D image, not {axis}")
         self.kinds = blob_kinds(kinds)
         self.spatial_dims, self.axis = int(spatial_dims), int(axis)
-        self.scales = [(inner[:spatial_dims], width[:spatial_dims]) for inner, width in BLOB_SCALES]
-        if spatial_dims == 2:  # the 3D list's in-plane sizes, each kept once
-            self.scales = list(dict.fromkeys(self.scales))
+        self.scales = blob_scales(spatial_dims)
         per_scale = {"margins": 8, "levels": 4}
         self.num_statistics = len(self.scales) * sum(per_scale[k] for k in self.kinds)
         self.norm = nn.BatchNorm1d(self.num_statistics)
@@ -179,8 +183,9 @@ class BlobStatistics(nn.Module):
         return out
 
     @torch.no_grad()
-    def statistics(self, x: Tensor) -> Tensor:
-        """``x`` ``[B, 1, *grid]`` -> ``[B, num_statistics]`` in float32: the margins of all scales, then the levels."""
+    def statistics(self, x: Tensor, margins: Sequence[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+        """``x`` ``[B, 1, *grid]`` -> ``[B, num_statistics]`` in float32: the margins of all scales, then the levels
+        (``margins``: :func:`margin_maps` of ``x`` when already computed)."""
         if x.shape[2 + self.axis] < 2:
             raise ValueError(
                 f"blob statistics read two halves along axis {self.axis}, and this image has "
@@ -189,15 +194,61 @@ class BlobStatistics(nn.Module):
         x = x.float()
         out: list[Tensor] = []
         if "margins" in self.kinds:
-            for inner, width in self.scales:
-                out += self._summaries(spot_margins(x, inner, width))
+            for pair in margins if margins is not None else margin_maps(x, self.scales):
+                out += self._summaries(pair)
         if "levels" in self.kinds:
             for inner, width in self.scales:
                 out += self._summaries([ceiling_free_levels(x, inner, width)])
         return torch.stack(out, dim=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(self.norm(self.statistics(x)))
+    def forward(self, x: Tensor, margins: Sequence[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+        return self.proj(self.norm(self.statistics(x, margins)))
+
+
+class SpotMaps(nn.Module):
+    """The input's spot margins as two maps into a tower's stem: where the spots are, not only how strong.
+
+    Per voxel the largest bright margin over :data:`BLOB_SCALES` and the largest dark one, each at least 0 (``[B, 2,
+    *grid]``, no gradient, nothing fitted), pass a batch norm and a 3-voxel convolution at the stem's stride, whose
+    output is added to the stem's (a spot is found already: a small kernel places it, at a tenth of a 7-voxel stem's
+    cost). The tower's layers can then learn which place makes a spot a finding (a dark spot inside the liver, a
+    bright one in a kidney), which the statistics' per-half maxima cannot tell from the spots anatomy makes
+    everywhere (fat between organs, gas, vessels). The convolution starts at zero, so a tower built with the maps
+    starts as the one without, and a plain backbone checkpoint loads.
+    """
+
+    def __init__(self, stem: nn.Module, spatial_dims: int = 3) -> None:
+        super().__init__()
+        if not isinstance(stem, nn.Conv2d | nn.Conv3d) or stem.weight.ndim != spatial_dims + 2:
+            raise ValueError(f"spot maps feed a {spatial_dims}D convolutional stem, not {type(stem).__name__}")
+        self.scales = blob_scales(spatial_dims)
+        self.norm = (nn.BatchNorm3d if spatial_dims == 3 else nn.BatchNorm2d)(2)
+        conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+        self.conv = conv(2, stem.out_channels, 3, stride=stem.stride, padding=1, bias=False)  # type: ignore[arg-type]
+        nn.init.zeros_(self.conv.weight)
+
+    @torch.no_grad()
+    def maps(self, x: Tensor, margins: Sequence[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+        """``x`` ``[B, 1, *grid]`` -> the largest bright and dark margins per voxel, ``[B, 2, *grid]``, at least 0."""
+        pairs = margins if margins is not None else margin_maps(x.float(), self.scales)
+        bright = torch.stack([b for b, _ in pairs]).amax(dim=0)
+        dark = torch.stack([d for _, d in pairs]).amax(dim=0)
+        return torch.cat([bright, dark], dim=1).clamp_min(0.0)
+
+    def forward(self, x: Tensor, margins: Sequence[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+        return self.conv(self.norm(self.maps(x, margins)))
+
+
+def blob_scales(spatial_dims: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """:data:`BLOB_SCALES` for a ``spatial_dims`` image: all of them in 3D, their in-plane sizes (each once) in 2D."""
+    scales = [(inner[:spatial_dims], width[:spatial_dims]) for inner, width in BLOB_SCALES]
+    return list(dict.fromkeys(scales))
+
+
+def margin_maps(x: Tensor, scales: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[Tensor, Tensor]]:
+    """:func:`spot_margins` (bright, dark) of ``x`` at each of ``scales``, without gradient."""
+    with torch.no_grad():
+        return [spot_margins(x, inner, width) for inner, width in scales]
 
 
 def blob_kinds(kinds: bool | str | Sequence[str]) -> tuple[str, ...]:

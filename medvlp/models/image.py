@@ -16,13 +16,11 @@ from typing import Any
 import timm
 import torch
 from monai.networks.nets import ViT
-from monai.networks.nets.resnet import ResNet, ResNetBlock, ResNetBottleneck
 from monai.networks.nets.swin_unetr import SwinTransformer
 from monai.utils import look_up_option
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from medvlp.models.blobs import BlobStatistics
 from medvlp.models.pooling import GLOBAL_POOLS, LateralityMoment, PositionalAttentionPool, global_pool
 
 logger = logging.getLogger(__name__)
@@ -31,12 +29,13 @@ __all__ = [
     "GLOBAL_POOLS",
     "ImageEncoder",
     "ImageEncoderOutput",
-    "MonaiResNetEncoder",
     "MonaiSwinEncoder",
     "MonaiViTEncoder",
     "PositionalAttentionPool",
     "TimmImageEncoder",
+    "flatten_map",
     "global_pool",
+    "maybe_checkpoint",
 ]
 
 
@@ -134,13 +133,14 @@ class ImageEncoder(nn.Module):
                 params[name].requires_grad_(trainable and name not in self.unused_parameters)
 
 
-def _maybe_checkpoint(enabled: bool, fn: nn.Module, x: Tensor) -> Tensor:
+def maybe_checkpoint(enabled: bool, fn: nn.Module, x: Tensor) -> Tensor:
+    """``fn(x)``, recomputed in the backward pass (activation checkpointing) when ``enabled`` and training."""
     if enabled and torch.is_grad_enabled():
         return checkpoint(fn, x, use_reentrant=False)
     return fn(x)
 
 
-def _flatten_map(feats: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+def flatten_map(feats: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     """``[B, C, *grid]`` -> tokens ``[B, prod(grid), C]`` and the grid."""
     return feats.flatten(2).transpose(1, 2), tuple(int(s) for s in feats.shape[2:])
 
@@ -241,7 +241,7 @@ class TimmImageEncoder(ImageEncoder):
         else:  # a feature map [B, C, H, W] or [B, H, W, C]
             if self.output_fmt == "NHWC":
                 feats = feats.permute(0, 3, 1, 2)
-            tokens, grid = _flatten_map(feats)
+            tokens, grid = flatten_map(feats)
         if embedding.ndim > 2:
             embedding = embedding.flatten(1)
         return ImageEncoderOutput(embedding=embedding, tokens=tokens, grid=grid)
@@ -319,7 +319,7 @@ class MonaiViTEncoder(ImageEncoder):
     def _forward(self, x: Tensor) -> ImageEncoderOutput:
         h = self.backbone.patch_embedding(x)  # [B, N, C], row-major over the patch grid
         for blk in self.backbone.blocks:
-            h = _maybe_checkpoint(self.grad_checkpointing, blk, h)
+            h = maybe_checkpoint(self.grad_checkpointing, blk, h)
         tokens = self.backbone.norm(h)  # [B, N, C]
         embedding = self.head_norm(tokens.mean(dim=1))  # [B, C]
         return ImageEncoderOutput(embedding=embedding, tokens=tokens, grid=self.static_grid)
@@ -327,126 +327,6 @@ class MonaiViTEncoder(ImageEncoder):
     def _group_prefixes(self) -> list[tuple[str, ...]]:
         blocks = [(f"backbone.blocks.{i}.",) for i in range(len(self.backbone.blocks))]
         return [("backbone.patch_embedding.",), *blocks, ("backbone.norm.", "head_norm.")]
-
-
-_RESNET_LAYOUTS: dict[int, tuple[type[nn.Module], list[int]]] = {
-    10: (ResNetBlock, [1, 1, 1, 1]),
-    18: (ResNetBlock, [2, 2, 2, 2]),
-    34: (ResNetBlock, [3, 4, 6, 3]),
-    50: (ResNetBottleneck, [3, 4, 6, 3]),
-    101: (ResNetBottleneck, [3, 4, 23, 3]),
-    152: (ResNetBottleneck, [3, 8, 36, 3]),
-}
-
-
-class MonaiResNetEncoder(ImageEncoder):
-    """MONAI's ResNet (2D or 3D, MedicalNet layout); tokens from the last stage (or ``token_stage``), embedding the
-    last stage's pool.
-
-    ``global_pool`` (``avg`` by default, ``max``, ``avgmax``) makes the embedding: a small lesion fills one token of
-    the last stage, so its signal survives a maximum over the tokens, where a mean over them dilutes it.
-
-    ``token_stage`` (4 by default, 3 or 2) takes the tokens from a finer stage merged top-down with the deeper ones
-    (FPN: the deeper map upsampled, plus a 1 x 1 lateral of the finer stage), each step halving the token size so that
-    a lesion can have a token of its own. The laterals start at zero (the tokens are then the last stage's, repeated);
-    the embedding stays the last stage's pool, so only what reads tokens trains them (the phrase-box and local terms,
-    SimMIM). They are heads (``head_prefixes``): never locked, not expected in a backbone checkpoint.
-
-    ``laterality=True`` adds a :class:`LateralityMoment` of the last stage along ``laterality_axis`` (0: the L/R
-    axis of an RAS cache) to the embedding, a head as the laterals are; ``blobs=True`` adds the input's
-    :class:`~medvlp.models.blobs.BlobStatistics` (fixed spot margins per half along that axis; a list of kinds adds
-    spot levels), a head too.
-    """
-
-    def __init__(
-        self,
-        spatial_dims: int,
-        image_size: Sequence[int],
-        depth: int = 18,
-        block_inplanes: Sequence[int] = (64, 128, 256, 512),
-        conv1_t_size: int = 7,
-        conv1_t_stride: int = 2,
-        no_max_pool: bool = False,
-        shortcut_type: str = "B",
-        bias_downsample: bool = False,
-        widen_factor: float = 1.0,
-        global_pool: str = "avg",
-        token_stage: int = 4,
-        laterality: bool = False,
-        laterality_axis: int = 0,
-        blobs: bool | str | Sequence[str] = False,
-    ) -> None:
-        super().__init__(spatial_dims, image_size)
-        if token_stage not in (2, 3, 4):
-            raise ValueError(f"token_stage must be 2, 3 or 4 (the last stage), got {token_stage!r}")
-        if global_pool not in GLOBAL_POOLS:
-            raise ValueError(f"unknown global_pool {global_pool!r}; choose one of {', '.join(GLOBAL_POOLS)}")
-        self.global_pool = global_pool
-        if depth not in _RESNET_LAYOUTS:
-            raise ValueError(f"unsupported ResNet depth {depth}; choose one of {sorted(_RESNET_LAYOUTS)}")
-        block, layers = _RESNET_LAYOUTS[depth]
-        self.backbone = ResNet(
-            block=block,
-            layers=layers,
-            block_inplanes=list(block_inplanes),
-            spatial_dims=spatial_dims,
-            n_input_channels=1,
-            conv1_t_size=conv1_t_size,
-            conv1_t_stride=conv1_t_stride,
-            no_max_pool=no_max_pool,
-            shortcut_type=shortcut_type,
-            bias_downsample=bias_downsample,
-            widen_factor=widen_factor,
-            feed_forward=False,
-        )
-        self.embed_dim = self.token_dim = int(int(block_inplanes[3] * widen_factor) * block.expansion)
-        self.token_stage = token_stage
-        conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
-        widths = [int(int(w * widen_factor) * block.expansion) for w in block_inplanes]
-        self.laterals = nn.ModuleDict(
-            {str(s): conv(widths[s - 1], self.token_dim, kernel_size=1) for s in range(token_stage, 4)}
-        )
-        for lateral in self.laterals.values():
-            nn.init.zeros_(lateral.weight)
-            nn.init.zeros_(lateral.bias)
-        self.head_prefixes = ("laterals.",) if len(self.laterals) else ()
-        self.laterality: LateralityMoment | None = None
-        if laterality:
-            self.laterality = LateralityMoment(self.embed_dim, laterality_axis, spatial_dims)
-            self.head_prefixes = (*self.head_prefixes, "laterality.")
-        self.blobs: BlobStatistics | None = None
-        if blobs:
-            self.blobs = BlobStatistics(self.embed_dim, spatial_dims, laterality_axis, kinds=blobs)
-            self.head_prefixes = (*self.head_prefixes, "blobs.")
-
-    def _forward(self, x: Tensor) -> ImageEncoderOutput:
-        net = self.backbone
-        h = net.act(net.bn1(net.conv1(x)))
-        if not net.no_max_pool:
-            h = net.maxpool(h)
-        stages = []
-        for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
-            h = _maybe_checkpoint(self.grad_checkpointing, stage, h)
-            stages.append(h)
-        last, _ = _flatten_map(h)  # [B, N, C]
-        embedding = global_pool(last, self.global_pool)
-        if self.laterality is not None:
-            embedding = embedding + self.laterality(h)
-        if self.blobs is not None:
-            embedding = embedding + self.blobs(x)
-        for s in range(3, self.token_stage - 1, -1):  # top-down: upsample, add the finer stage's lateral
-            finer = stages[s - 1]
-            h = nn.functional.interpolate(h, size=finer.shape[2:], mode="nearest") + self.laterals[str(s)](finer)
-        tokens, grid = _flatten_map(h)  # [B, N, C] on the token stage's grid
-        return ImageEncoderOutput(embedding=embedding, tokens=tokens, grid=grid)
-
-    def _group_prefixes(self) -> list[tuple[str, ...]]:
-        stages = [(f"backbone.layer{i}.",) for i in range(1, 4)]
-        return [
-            ("backbone.conv1.", "backbone.bn1."),
-            *stages,
-            ("backbone.layer4.", "laterals.", "laterality.", "blobs."),
-        ]
 
 
 class MonaiSwinEncoder(ImageEncoder):
@@ -484,7 +364,7 @@ class MonaiSwinEncoder(ImageEncoder):
 
     def _forward(self, x: Tensor) -> ImageEncoderOutput:
         last = self.backbone(x, normalize=False)[-1]  # [B, C, *grid]
-        tokens, grid = _flatten_map(last)
+        tokens, grid = flatten_map(last)
         tokens = self.norm(tokens)  # [B, N, C]
         return ImageEncoderOutput(embedding=self.head_norm(tokens.mean(dim=1)), tokens=tokens, grid=grid)
 

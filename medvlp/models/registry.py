@@ -20,11 +20,11 @@ from torch import Tensor
 
 from medvlp.models.image import (
     ImageEncoder,
-    MonaiResNetEncoder,
     MonaiSwinEncoder,
     MonaiViTEncoder,
     TimmImageEncoder,
 )
+from medvlp.models.resnet import MonaiResNetEncoder
 from medvlp.models.slices import SliceImageEncoder
 
 logger = logging.getLogger(__name__)

@@ -130,13 +130,17 @@ def test_onnx_export_of_the_demo_tower_with_its_attention_pool(
 
 
 def test_onnx_export_of_a_3d_tower_with_blob_statistics(model_3d: TinyModel, tmp_path: Path) -> None:
-    """A 3D ResNet with the fixed spot statistics (`blobs: [margins, levels]`) exports with its trained map and norm:
-    onnxruntime gives PyTorch's embeddings and the server's answer."""
-    model = _tiny_model(model_3d, "tiny_resnet", {"blobs": ["margins", "levels"]}, seed=6)
-    blobs = model.image_encoder.blobs
-    assert blobs is not None
-    with torch.no_grad():  # as training leaves them: a map that is not zero, statistics of the training images
+    """A 3D ResNet with the fixed spot statistics (`blobs: [margins, levels]`) and the spot maps into its stem
+    (`spot_maps`) exports with its trained maps and norms: onnxruntime gives PyTorch's embeddings and the server's
+    answer."""
+    args = {"blobs": ["margins", "levels"], "spot_maps": True}
+    model = _tiny_model(model_3d, "tiny_resnet", args, seed=6)
+    blobs, spots = model.image_encoder.blobs, model.image_encoder.spot_maps
+    assert blobs is not None and spots is not None
+    with torch.no_grad():  # as training leaves them: maps that are not zero, statistics of the training images
         blobs.proj.weight.normal_(0, 0.05)
-        blobs.norm.running_mean.uniform_(0.0, 0.2)
-        blobs.norm.running_var.uniform_(0.01, 0.05)
+        spots.conv.weight.normal_(0, 0.05)
+        for norm in (blobs.norm, spots.norm):
+            norm.running_mean.uniform_(0.0, 0.2)
+            norm.running_var.uniform_(0.01, 0.05)
     _export_and_check(model, model_3d, "S00002", tmp_path)

@@ -1,4 +1,5 @@
-"""Fixed spot statistics beside the 3D ResNet's embedding (`image_encoder_args.blobs`)."""
+"""Fixed spot statistics beside the 3D ResNet's embedding (`image_encoder_args.blobs`) and as maps into its stem
+(`spot_maps`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ import torch
 from safetensors.torch import save_file
 
 from medvlp.models import create_image_encoder, load_image_checkpoint
-from medvlp.models.blobs import BlobStatistics, blob_kinds, ceiling_free_levels, ring_max, spot_margins
+from medvlp.models.blobs import (
+    BlobStatistics,
+    SpotMaps,
+    blob_kinds,
+    ceiling_free_levels,
+    margin_maps,
+    ring_max,
+    spot_margins,
+)
 
 
 def _brute_ring_max(x: torch.Tensor, inner: tuple, width: tuple) -> torch.Tensor:
@@ -133,3 +142,50 @@ def test_the_3d_demo_config_builds_its_resnet_with_the_statistics() -> None:
     assert "mined_reports" in cfg.stages.stage2_align.prompt_forms
     enc = create_image_encoder(cfg.model["image_encoder"], 3, (64, 64, 32), **args)
     assert isinstance(enc.blobs, BlobStatistics) and enc.blobs.num_statistics == 32
+
+
+def test_spot_maps_mark_where_a_dot_is_bright_or_dark_and_leave_a_bar_and_an_edge_out() -> None:
+    stem = torch.nn.Conv3d(1, 4, 7, stride=2, padding=3)
+    spots = SpotMaps(stem, 3)
+    flat = torch.full((1, 1, 16, 16, 8), 0.4)
+    dot, hole, bar, edge = flat.clone(), flat.clone(), flat.clone(), flat.clone()
+    dot[0, 0, 3, 4, 4] = 0.9
+    hole[0, 0, 10:13, 9:12, 3:6] = 0.1  # a dark 3 x 3 x 3 block
+    bar[0, 0, :, 9, 4] = 0.9  # a rib-like bar across the image
+    edge[0, 0, 8:] = 0.9  # half the image brighter: an organ's border
+    maps = spots.maps(torch.cat([dot, hole, bar, edge]))
+    assert maps.shape == (4, 2, 16, 16, 8) and maps.min().item() >= 0.0
+    assert maps[0, 0].flatten().argmax().item() == (3 * 16 + 4) * 8 + 4  # the dot, where it is
+    assert maps[0, 0, 3, 4, 4].item() == pytest.approx(0.5) and maps[0, 1].max().item() <= 1e-6
+    assert maps[1, 1, 11, 10, 4].item() == pytest.approx(0.3) and maps[1, 0].max().item() <= 1e-6
+    assert maps[2:].max().item() <= 1e-6  # neither the bar nor the edge is a spot, bright or dark
+    margins = margin_maps(dot, spots.scales)  # computed once, shared with the statistics: the same numbers
+    torch.testing.assert_close(spots.maps(dot, margins), maps[:1])
+    stats = BlobStatistics(8)
+    torch.testing.assert_close(stats.statistics(dot, margins), stats.statistics(dot))
+    x = torch.rand(2, 1, 16, 16, 8)
+    assert spots(x).shape == stem(x).shape  # the stem's output grid, added to it
+    with pytest.raises(ValueError, match="3D convolutional stem"):
+        SpotMaps(torch.nn.Conv2d(1, 4, 3), 3)
+
+
+def test_resnet_with_spot_maps_starts_as_without_trains_the_maps_conv_and_loads_a_plain_checkpoint(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    size = (32, 32, 16)
+    enc = create_image_encoder("tiny_resnet", 3, size, blobs=True, spot_maps=True)
+    plain = create_image_encoder("tiny_resnet", 3, size)
+    save_file(plain.state_dict(), tmp_path / "plain.safetensors")
+    report = load_image_checkpoint(enc, tmp_path / "plain.safetensors", strict=True)
+    assert {"spot_maps.conv.weight", "spot_maps.norm.weight", "blobs.proj.weight"} <= set(report["missing"])
+    x = torch.rand(4, 1, *size)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.eval()(x).embedding, plain.eval()(x).embedding)  # a zero residual at first
+    enc.train()
+    enc(x).embedding.sum().backward()
+    assert enc.spot_maps is not None and enc.spot_maps.conv.weight.grad.abs().sum() > 0
+    enc.lock(0)  # a head: trainable on a locked tower
+    assert "spot_maps.conv.weight" in {n for n, p in enc.named_parameters() if p.requires_grad}
+    enc2d = create_image_encoder("monai_resnet", 2, (32, 32), depth=10, block_inplanes=[8, 8, 8, 8], spot_maps=True)
+    assert enc2d(torch.rand(2, 1, 32, 32)).embedding.shape == (2, 8)  # 2D: the in-plane sizes
