@@ -37,6 +37,8 @@ NO_BLOBS = "model.image_encoder_args.blobs=false"
 TOWERS: dict[str, list[str]] = {
     "resnet3d": [NO_BLOBS],  # the demo's narrow MONAI ResNet-10
     "resnet3d_blobs": ["model.image_encoder_args.blobs=true"],
+    # ... and the spot margins also as maps into its stem (`spot_maps`): can the tower learn where a spot counts?
+    "resnet3d_spots": ["model.image_encoder_args.blobs=true", "model.image_encoder_args.spot_maps=true"],
     "resnet3d_bf16": [NO_BLOBS, "stages.stage2-align.precision=bf16"],
     "resnet3d_cl": [
         NO_BLOBS,
