@@ -285,6 +285,10 @@ with_mined_reports("blobs_text6")
 #: medvlp.models.blobs.SpotMaps), so the tower can learn where a spot is a finding.
 ARMS["blobs_spots"] = [*ARMS["blobs"], "model.image_encoder_args.spot_maps=true"]
 with_mined_reports("blobs_spots")
+#: The 3D demo with drop path on the tower's pooled embedding (`tower_drop: 0.5`): half the training samples are
+#: aligned through the spot statistics alone, which a tower that memorises the series otherwise drowns.
+ARMS["blobs_drop"] = [*ARMS["blobs"], "model.image_encoder_args.tower_drop=0.5"]
+with_mined_reports("blobs_drop")
 #: The 3D demo's finished run with the side edit (as `twin_attn_box_side` in 2D): left and right kidneys.
 ARMS["blobs_mined_reports_side"] = [*ARMS["blobs_mined_reports"], "stages.stage2-align.side_edit=true"]
 DERIVED["blobs_mined_reports_side"] = "blobs_mined_reports"

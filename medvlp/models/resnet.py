@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from monai.networks.nets.resnet import ResNet, ResNetBlock, ResNetBottleneck
 from torch import Tensor, nn
 
@@ -47,7 +48,10 @@ class MonaiResNetEncoder(ImageEncoder):
     axis of an RAS cache) to the embedding, a head as the laterals are; ``blobs=True`` adds the input's
     :class:`~medvlp.models.blobs.BlobStatistics` (fixed spot margins per half along that axis; a list of kinds adds
     spot levels), a head too; ``spot_maps=True`` adds the input's :class:`~medvlp.models.blobs.SpotMaps` (the spot
-    margins as maps) to the stem's output, a head as well.
+    margins as maps) to the stem's output, a head as well. ``tower_drop`` (0 by default) drops the tower's pooled
+    embedding for that fraction of the training samples (drop path on a branch, the kept ones scaled up), so that the
+    heads beside it (the spot statistics) must carry those samples alone and are not drowned by a tower that
+    memorises a few hundred series; evaluation always uses both.
     """
 
     def __init__(
@@ -68,10 +72,14 @@ class MonaiResNetEncoder(ImageEncoder):
         laterality_axis: int = 0,
         blobs: bool | str | Sequence[str] = False,
         spot_maps: bool = False,
+        tower_drop: float = 0.0,
     ) -> None:
         super().__init__(spatial_dims, image_size)
         if token_stage not in (2, 3, 4):
             raise ValueError(f"token_stage must be 2, 3 or 4 (the last stage), got {token_stage!r}")
+        if not 0.0 <= tower_drop < 1.0:
+            raise ValueError(f"tower_drop is a probability below 1, got {tower_drop!r}")
+        self.tower_drop = float(tower_drop)
         if global_pool not in GLOBAL_POOLS:
             raise ValueError(f"unknown global_pool {global_pool!r}; choose one of {', '.join(GLOBAL_POOLS)}")
         self.global_pool = global_pool
@@ -131,6 +139,9 @@ class MonaiResNetEncoder(ImageEncoder):
             stages.append(h)
         last, _ = flatten_map(h)  # [B, N, C]
         embedding = global_pool(last, self.global_pool)
+        if self.training and self.tower_drop > 0:  # drop path on the tower's branch, one draw per sample
+            keep = torch.rand(embedding.shape[0], 1, device=embedding.device) >= self.tower_drop
+            embedding = embedding * keep.to(embedding.dtype) / (1.0 - self.tower_drop)
         if self.laterality is not None:
             embedding = embedding + self.laterality(h)
         if self.blobs is not None:

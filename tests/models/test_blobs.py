@@ -189,3 +189,28 @@ def test_resnet_with_spot_maps_starts_as_without_trains_the_maps_conv_and_loads_
     assert "spot_maps.conv.weight" in {n for n, p in enc.named_parameters() if p.requires_grad}
     enc2d = create_image_encoder("monai_resnet", 2, (32, 32), depth=10, block_inplanes=[8, 8, 8, 8], spot_maps=True)
     assert enc2d(torch.rand(2, 1, 32, 32)).embedding.shape == (2, 8)  # 2D: the in-plane sizes
+
+
+def test_tower_drop_leaves_some_training_samples_to_the_statistics_alone_and_never_drops_at_evaluation() -> None:
+    torch.manual_seed(0)
+    size = (32, 32, 16)
+    enc = create_image_encoder("tiny_resnet", 3, size, blobs=True, tower_drop=0.5)
+    ref = create_image_encoder("tiny_resnet", 3, size, blobs=True)
+    ref.load_state_dict(enc.state_dict())
+    x = torch.rand(16, 1, *size)
+    with torch.no_grad():
+        for p in enc.blobs.parameters() if enc.blobs is not None else []:
+            p.normal_(0, 0.1)  # as training leaves the statistics' map: not zero
+        ref.load_state_dict(enc.state_dict())
+        dropped = enc.train()(x).embedding
+        full = ref.train()(x).embedding
+        stats = enc.blobs(x) if enc.blobs is not None else None
+    assert stats is not None
+    alone = [i for i in range(16) if torch.allclose(dropped[i], stats[i], atol=1e-5)]
+    kept = [i for i in range(16) if torch.allclose(dropped[i], 2 * (full[i] - stats[i]) + stats[i], atol=1e-4)]
+    assert 0 < len(alone) < 16 and sorted(alone + kept) == list(range(16))  # each sample one way or the other
+    ref.load_state_dict(enc.state_dict())  # the same running statistics (the extra call above moved enc's)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.eval()(x).embedding, ref.eval()(x).embedding)  # evaluation: both, always
+    with pytest.raises(ValueError, match="tower_drop is a probability below 1"):
+        create_image_encoder("tiny_resnet", 3, size, tower_drop=1.0)
