@@ -300,7 +300,7 @@ DERIVED["blobs_mined_reports_check"] = "blobs_mined_reports"
 PREPROCESS: dict[str, dict[str, Any]] = {"auto_resolution": {"size": "auto", "spacing": None, "crop_foreground": True}}
 ARMS |= {arm: ARMS["report"] for arm in PREPROCESS}
 #: The 2D demo's arms on radiographs cached at 160 x 160 instead of 128 x 128 (a pneumothorax's rim is 4 to 6 pixels
-#: wide at 128, and it is the worst finding in 8 of 9 runs of the demo over seeds and styles).
+#: wide at 128, and it is the worst finding in all 9 runs of the demo over three seeds and three styles).
 for _arm, _base in (
     ("twin_attn_box_160", "twin_attn_box"),
     ("twin_attn_box_160_side_check", "twin_attn_box_side_check"),
