@@ -178,7 +178,8 @@ class AlignStageConfig(OptimConfig):
         default=None,
         ge=0,
         description="the share of lr of the image tower's new heads (its head_prefixes: the spot statistics' map, "
-        "the token pyramid's laterals, the laterality head), which start at zero or anew; None: image_lr_scale",
+        "the spot maps' stem, the token pyramid's laterals, the laterality head), which start at zero or anew; "
+        "None: image_lr_scale",
     )
     val_every: int | None = Field(
         default=None,

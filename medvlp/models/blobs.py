@@ -201,8 +201,12 @@ class BlobStatistics(nn.Module):
                 out += self._summaries([ceiling_free_levels(x, inner, width)])
         return torch.stack(out, dim=1)
 
+    def head(self, stats: Tensor) -> Tensor:
+        """The embedding residual of :meth:`statistics`' output: ``proj(norm(stats))``, ``[B, channels]``."""
+        return self.proj(self.norm(stats))
+
     def forward(self, x: Tensor, margins: Sequence[tuple[Tensor, Tensor]] | None = None) -> Tensor:
-        return self.proj(self.norm(self.statistics(x, margins)))
+        return self.head(self.statistics(x, margins))
 
 
 class SpotMaps(nn.Module):
@@ -210,9 +214,9 @@ class SpotMaps(nn.Module):
 
     Per voxel the largest bright margin over :data:`BLOB_SCALES` and the largest dark one, each at least 0 (``[B, 2,
     *grid]``, no gradient, nothing fitted), pass a batch norm and a 3-voxel convolution at the stem's stride, whose
-    output is added to the stem's (a spot is found already: a small kernel places it, at a tenth of a 7-voxel stem's
-    cost). The tower's layers can then learn which place makes a spot a finding (a dark spot inside the liver, a
-    bright one in a kidney), which the statistics' per-half maxima cannot tell from the spots anatomy makes
+    output is added to the stem's (a spot is found already: a small kernel places it, at about a sixth of a 7-voxel
+    stem's cost in 3D). The tower's layers can then learn which place makes a spot a finding (a dark spot inside the
+    liver, a bright one in a kidney), which the statistics' per-half maxima cannot tell from the spots anatomy makes
     everywhere (fat between organs, gas, vessels). The convolution starts at zero, so a tower built with the maps
     starts as the one without, and a plain backbone checkpoint loads.
     """
@@ -221,6 +225,12 @@ class SpotMaps(nn.Module):
         super().__init__()
         if not isinstance(stem, nn.Conv2d | nn.Conv3d) or stem.weight.ndim != spatial_dims + 2:
             raise ValueError(f"spot maps feed a {spatial_dims}D convolutional stem, not {type(stem).__name__}")
+        kernel, padding = tuple(stem.kernel_size), tuple(stem.padding)  # type: ignore[arg-type]
+        if any(k % 2 == 0 or p != k // 2 for k, p in zip(kernel, padding, strict=True)):
+            raise ValueError(
+                f"spot maps need a stem with an odd kernel padded by half of it (its output grid is the maps' at the "
+                f"stem's stride), not kernel {kernel} with padding {padding}: set conv1_t_size to an odd number"
+            )
         self.scales = blob_scales(spatial_dims)
         self.norm = (nn.BatchNorm3d if spatial_dims == 3 else nn.BatchNorm2d)(2)
         conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d

@@ -50,8 +50,9 @@ class MonaiResNetEncoder(ImageEncoder):
     spot levels), a head too; ``spot_maps=True`` adds the input's :class:`~medvlp.models.blobs.SpotMaps` (the spot
     margins as maps) to the stem's output, a head as well. ``tower_drop`` (0 by default) drops the tower's pooled
     embedding for that fraction of the training samples (drop path on a branch, the kept ones scaled up), so that the
-    heads beside it (the spot statistics) must carry those samples alone and are not drowned by a tower that
-    memorises a few hundred series; evaluation always uses both.
+    heads beside it (the spot statistics; the laterality head still reads the tower's map, and the tokens are never
+    dropped) must carry those samples and are not drowned by a tower that memorises a few hundred series;
+    evaluation always uses both.
     """
 
     def __init__(
@@ -126,10 +127,13 @@ class MonaiResNetEncoder(ImageEncoder):
 
     def _forward(self, x: Tensor) -> ImageEncoderOutput:
         net = self.backbone
+        # the full-resolution margins, computed once and freed before the tower runs (only summaries are kept)
         margins = margin_maps(x.float(), self.spot_maps.scales) if self.spot_maps is not None else None
+        stats = self.blobs.statistics(x, margins) if self.blobs is not None else None
         h = net.conv1(x)
         if self.spot_maps is not None:
             h = h + self.spot_maps(x, margins)
+        del margins
         h = net.act(net.bn1(h))
         if not net.no_max_pool:
             h = net.maxpool(h)
@@ -144,8 +148,8 @@ class MonaiResNetEncoder(ImageEncoder):
             embedding = embedding * keep.to(embedding.dtype) / (1.0 - self.tower_drop)
         if self.laterality is not None:
             embedding = embedding + self.laterality(h)
-        if self.blobs is not None:
-            embedding = embedding + self.blobs(x, margins)
+        if self.blobs is not None and stats is not None:
+            embedding = embedding + self.blobs.head(stats)
         for s in range(3, self.token_stage - 1, -1):  # top-down: upsample, add the finer stage's lateral
             finer = stages[s - 1]
             h = nn.functional.interpolate(h, size=finer.shape[2:], mode="nearest") + self.laterals[str(s)](finer)

@@ -129,18 +129,22 @@ def test_onnx_export_of_the_demo_tower_with_its_attention_pool(
     _export_and_check(model, model_2d, "S00001.dcm", tmp_path)
 
 
-def test_onnx_export_of_a_3d_tower_with_blob_statistics(model_3d: TinyModel, tmp_path: Path) -> None:
-    """A 3D ResNet with the fixed spot statistics (`blobs: [margins, levels]`) and the spot maps into its stem
-    (`spot_maps`) exports with its trained maps and norms: onnxruntime gives PyTorch's embeddings and the server's
-    answer."""
-    args = {"blobs": ["margins", "levels"], "spot_maps": True}
+@pytest.mark.parametrize("spot_maps", [False, True])
+def test_onnx_export_of_a_3d_tower_with_blob_statistics(model_3d: TinyModel, tmp_path: Path, spot_maps: bool) -> None:
+    """A 3D ResNet with the fixed spot statistics (`blobs: [margins, levels]`), alone and with the spot maps into its
+    stem (`spot_maps`), exports with its trained maps and norms: onnxruntime gives PyTorch's embeddings and the
+    server's answer."""
+    args = {"blobs": ["margins", "levels"], "spot_maps": spot_maps}
     model = _tiny_model(model_3d, "tiny_resnet", args, seed=6)
     blobs, spots = model.image_encoder.blobs, model.image_encoder.spot_maps
-    assert blobs is not None and spots is not None
+    assert blobs is not None and (spots is not None) == spot_maps
     with torch.no_grad():  # as training leaves them: maps that are not zero, statistics of the training images
         blobs.proj.weight.normal_(0, 0.05)
-        spots.conv.weight.normal_(0, 0.05)
-        for norm in (blobs.norm, spots.norm):
+        norms = [blobs.norm]
+        if spots is not None:
+            spots.conv.weight.normal_(0, 0.05)
+            norms.append(spots.norm)
+        for norm in norms:
             norm.running_mean.uniform_(0.0, 0.2)
             norm.running_var.uniform_(0.01, 0.05)
     _export_and_check(model, model_3d, "S00002", tmp_path)

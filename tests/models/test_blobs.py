@@ -160,13 +160,15 @@ def test_spot_maps_mark_where_a_dot_is_bright_or_dark_and_leave_a_bar_and_an_edg
     assert maps[1, 1, 11, 10, 4].item() == pytest.approx(0.3) and maps[1, 0].max().item() <= 1e-6
     assert maps[2:].max().item() <= 1e-6  # neither the bar nor the edge is a spot, bright or dark
     margins = margin_maps(dot, spots.scales)  # computed once, shared with the statistics: the same numbers
-    torch.testing.assert_close(spots.maps(dot, margins), maps[:1])
+    assert torch.equal(spots.maps(dot, margins), maps[:1])
     stats = BlobStatistics(8)
-    torch.testing.assert_close(stats.statistics(dot, margins), stats.statistics(dot))
+    assert torch.equal(stats.statistics(dot, margins), stats.statistics(dot))  # bit for bit: `blobs` alone as before
     x = torch.rand(2, 1, 16, 16, 8)
     assert spots(x).shape == stem(x).shape  # the stem's output grid, added to it
     with pytest.raises(ValueError, match="3D convolutional stem"):
         SpotMaps(torch.nn.Conv2d(1, 4, 3), 3)
+    with pytest.raises(ValueError, match="odd kernel padded by half of it"):  # its output grid would not be the stem's
+        SpotMaps(torch.nn.Conv3d(1, 4, (4, 7, 7), stride=2, padding=(2, 3, 3)), 3)
 
 
 def test_resnet_with_spot_maps_starts_as_without_trains_the_maps_conv_and_loads_a_plain_checkpoint(
@@ -186,7 +188,8 @@ def test_resnet_with_spot_maps_starts_as_without_trains_the_maps_conv_and_loads_
     enc(x).embedding.sum().backward()
     assert enc.spot_maps is not None and enc.spot_maps.conv.weight.grad.abs().sum() > 0
     enc.lock(0)  # a head: trainable on a locked tower
-    assert "spot_maps.conv.weight" in {n for n, p in enc.named_parameters() if p.requires_grad}
+    trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
+    assert "spot_maps.conv.weight" in trainable and "backbone.conv1.weight" not in trainable
     enc2d = create_image_encoder("monai_resnet", 2, (32, 32), depth=10, block_inplanes=[8, 8, 8, 8], spot_maps=True)
     assert enc2d(torch.rand(2, 1, 32, 32)).embedding.shape == (2, 8)  # 2D: the in-plane sizes
 
