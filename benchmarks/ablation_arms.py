@@ -301,12 +301,16 @@ PREPROCESS: dict[str, dict[str, Any]] = {"auto_resolution": {"size": "auto", "sp
 ARMS |= {arm: ARMS["report"] for arm in PREPROCESS}
 #: The 2D demo's arms on radiographs cached at 160 x 160 instead of 128 x 128 (a pneumothorax's rim is 4 to 6 pixels
 #: wide at 128, and it is the worst finding in all 9 runs of the demo over three seeds and three styles).
-for _arm, _base in (
-    ("twin_attn_box_160", "twin_attn_box"),
-    ("twin_attn_box_160_side_check", "twin_attn_box_side_check"),
-):
-    PREPROCESS[_arm], ARMS[_arm] = {"size": [160, 160]}, ARMS[_base]
+PREPROCESS["twin_attn_box_160"], ARMS["twin_attn_box_160"] = {"size": [160, 160]}, list(ARMS["twin_attn_box"])
+ARMS["twin_attn_box_160_side_check"] = list(ARMS["twin_attn_box_side_check"])
 DERIVED["twin_attn_box_160_side_check"] = "twin_attn_box_160"
+
+
+def cache_arm(arm: str) -> str | None:
+    """The :data:`PREPROCESS` arm whose cache ``arm`` reads: its own, or a derived arm's base's (it evaluates the
+    base's run, so it must read the images that run was trained on); None: the style's own cache."""
+    source = DERIVED.get(arm, arm) if arm not in PREPROCESS else arm
+    return source if source in PREPROCESS else None
 
 
 def arm_overrides(kind: str, arm: str) -> list[str]:

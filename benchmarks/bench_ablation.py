@@ -32,7 +32,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ablation_arms import ARMS, DERIVED, PREPROCESS, SYNONYMS, WITH_SYNONYMS, arm_overrides  # noqa: E402
+from ablation_arms import (  # noqa: E402
+    ARMS,
+    DERIVED,
+    PREPROCESS,
+    SYNONYMS,
+    WITH_SYNONYMS,
+    arm_overrides,
+    cache_arm,
+)
 from bench_styles import worst_finding  # noqa: E402
 from machine import machine  # noqa: E402
 
@@ -461,8 +469,8 @@ def main() -> None:
                     derive(base / f"style{style}" / DERIVED[arm], where)
                 synonyms = synonyms_by_column(args.kind) if arm in WITH_SYNONYMS else None
                 arm_yaml, arm_cache = yaml_path, cache
-                if arm in PREPROCESS:
-                    arm_yaml, arm_cache = prepare_preprocess(yaml_path, base / f"style{style}", arm)
+                if (source := cache_arm(arm)) is not None:
+                    arm_yaml, arm_cache = prepare_preprocess(yaml_path, base / f"style{style}", source)
                 overrides = [*args.overrides, *arm_overrides(args.kind, arm)]
                 row = run_arm(config, overrides, arm_yaml, arm_cache, where, args.reevaluate, synonyms)
                 rows.setdefault(str(style), {})[arm] = row

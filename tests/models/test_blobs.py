@@ -115,22 +115,38 @@ def test_blob_kinds_are_checked_and_the_margins_come_first() -> None:
         BlobStatistics(8).statistics(torch.rand(1, 1, 1, 12, 8))
 
 
-def test_resnet_with_blobs_starts_as_without_trains_the_map_and_loads_a_plain_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("args", "head", "new_keys"),
+    [
+        ({"blobs": True}, "blobs.proj.weight", {"blobs.proj.weight", "blobs.proj.bias", "blobs.norm.weight"}),
+        (
+            {"blobs": True, "spot_maps": True},
+            "spot_maps.conv.weight",
+            {"spot_maps.conv.weight", "spot_maps.norm.weight", "blobs.proj.weight"},
+        ),
+    ],
+)
+def test_resnet_with_spot_heads_starts_as_without_trains_them_and_loads_a_plain_checkpoint(
+    tmp_path: Path, args: dict, head: str, new_keys: set
+) -> None:
+    """The spot statistics (`blobs`) and the spot maps into the stem (`spot_maps`) start at zero, learn, load a plain
+    backbone checkpoint and stay trainable on a locked tower, whose stem stays frozen."""
     torch.manual_seed(0)
     size = (32, 32, 16)
-    enc = create_image_encoder("tiny_resnet", 3, size, blobs=True)
+    enc = create_image_encoder("tiny_resnet", 3, size, **args)
     plain = create_image_encoder("tiny_resnet", 3, size)
     save_file(plain.state_dict(), tmp_path / "plain.safetensors")
     report = load_image_checkpoint(enc, tmp_path / "plain.safetensors", strict=True)
-    assert {"blobs.proj.weight", "blobs.proj.bias"} <= set(report["missing"])
+    assert new_keys <= set(report["missing"])
     x = torch.rand(4, 1, *size)
     with torch.no_grad():
         torch.testing.assert_close(enc.eval()(x).embedding, plain.eval()(x).embedding)  # a zero residual at first
     enc.train()
     enc(x).embedding.sum().backward()
-    assert enc.blobs is not None and enc.blobs.proj.weight.grad.abs().sum() > 0
-    enc.lock(0)  # a head: trainable on a locked tower
-    assert {"blobs.proj.weight", "blobs.norm.weight"} <= {n for n, p in enc.named_parameters() if p.requires_grad}
+    assert dict(enc.named_parameters())[head].grad.abs().sum() > 0
+    enc.lock(0)  # heads: trainable on a locked tower
+    trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
+    assert new_keys <= trainable and "backbone.conv1.weight" not in trainable
 
 
 def test_the_3d_demo_config_builds_its_resnet_with_the_statistics() -> None:
@@ -169,27 +185,6 @@ def test_spot_maps_mark_where_a_dot_is_bright_or_dark_and_leave_a_bar_and_an_edg
         SpotMaps(torch.nn.Conv2d(1, 4, 3), 3)
     with pytest.raises(ValueError, match="odd kernel padded by half of it"):  # its output grid would not be the stem's
         SpotMaps(torch.nn.Conv3d(1, 4, (4, 7, 7), stride=2, padding=(2, 3, 3)), 3)
-
-
-def test_resnet_with_spot_maps_starts_as_without_trains_the_maps_conv_and_loads_a_plain_checkpoint(
-    tmp_path: Path,
-) -> None:
-    torch.manual_seed(0)
-    size = (32, 32, 16)
-    enc = create_image_encoder("tiny_resnet", 3, size, blobs=True, spot_maps=True)
-    plain = create_image_encoder("tiny_resnet", 3, size)
-    save_file(plain.state_dict(), tmp_path / "plain.safetensors")
-    report = load_image_checkpoint(enc, tmp_path / "plain.safetensors", strict=True)
-    assert {"spot_maps.conv.weight", "spot_maps.norm.weight", "blobs.proj.weight"} <= set(report["missing"])
-    x = torch.rand(4, 1, *size)
-    with torch.no_grad():
-        torch.testing.assert_close(enc.eval()(x).embedding, plain.eval()(x).embedding)  # a zero residual at first
-    enc.train()
-    enc(x).embedding.sum().backward()
-    assert enc.spot_maps is not None and enc.spot_maps.conv.weight.grad.abs().sum() > 0
-    enc.lock(0)  # a head: trainable on a locked tower
-    trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
-    assert "spot_maps.conv.weight" in trainable and "backbone.conv1.weight" not in trainable
     enc2d = create_image_encoder("monai_resnet", 2, (32, 32), depth=10, block_inplanes=[8, 8, 8, 8], spot_maps=True)
     assert enc2d(torch.rand(2, 1, 32, 32)).embedding.shape == (2, 8)  # 2D: the in-plane sizes
 
