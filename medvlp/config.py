@@ -168,6 +168,14 @@ class AlignStageConfig(OptimConfig):
         description="whether the phrase-box term also moves the text tower; False: the phrase embeddings are held "
         "fixed in that term, so only the image side learns where a phrase is",
     )
+    branch_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of the branch term: the image tower's fixed-statistics branch (the spot statistics' map, "
+        "model.image_encoder_args.blobs) alone, through the image projection, must match its own report against the "
+        "batch's others, as the whole embedding does (the reports enter the term fixed), so that a tower memorising "
+        "its training series does not drown what the statistics can say; needs a tower with such a branch; 0: off",
+    )
     chunk_size: int | None = Field(default=None, ge=1)
     lock_text_layers: int | None = Field(default=None, ge=0, description="freeze all but the last N text layers")
     text_lr_scale: float = Field(

@@ -48,11 +48,14 @@ class ImageEncoderOutput:
         tokens: patch/voxel tokens of the last stage (or the ``token_stage`` of a pyramid), ``[B, N, token_dim]``,
             flattened row-major over ``grid``.
         grid: token grid in the input's axis order ``(X, Y[, Z])``; ``prod(grid) == N``.
+        branch: the part of ``embedding`` that a fixed head adds on its own (the spot statistics' map), ``[B,
+            embed_dim]``, for a term that aligns it alone (``branch_weight``); None for a tower without one.
     """
 
     embedding: Tensor  # [B, embed_dim]
     tokens: Tensor  # [B, N, token_dim]
     grid: tuple[int, ...]
+    branch: Tensor | None = None
 
 
 class ImageEncoder(nn.Module):
@@ -68,6 +71,7 @@ class ImageEncoder(nn.Module):
         head_prefixes: parameter-name prefixes of the tower's own new heads (a token pyramid's laterals): a backbone
             checkpoint need not hold them (a strict load does not miss them) and ``lock`` leaves them trainable, as
             the projections on top of a locked tower.
+        has_branch: whether ``ImageEncoderOutput.branch`` is set (a head that can be aligned on its own).
     """
 
     fixed_size: bool = False
@@ -82,6 +86,7 @@ class ImageEncoder(nn.Module):
         self.grad_checkpointing = False
         self.unused_parameters: set[str] = set()  # kept for checkpoint compatibility, frozen, never unlocked
         self.head_prefixes: tuple[str, ...] = ()
+        self.has_branch = False
 
     @property
     def static_grid(self) -> tuple[int, ...] | None:

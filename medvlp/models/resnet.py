@@ -52,7 +52,8 @@ class MonaiResNetEncoder(ImageEncoder):
     embedding for that fraction of the training samples (drop path on a branch, the kept ones scaled up), so that the
     heads beside it (the spot statistics; the laterality head still reads the tower's map, and the tokens are never
     dropped) must carry those samples and are not drowned by a tower that memorises a few hundred series;
-    evaluation always uses both.
+    evaluation always uses both. The statistics' map is also returned alone (``ImageEncoderOutput.branch``), so that
+    stage 2 can align it with the reports by itself (``branch_weight``).
     """
 
     def __init__(
@@ -120,6 +121,7 @@ class MonaiResNetEncoder(ImageEncoder):
         if blobs:
             self.blobs = BlobStatistics(self.embed_dim, spatial_dims, laterality_axis, kinds=blobs)
             self.head_prefixes = (*self.head_prefixes, "blobs.")
+            self.has_branch = True
         self.spot_maps: SpotMaps | None = None
         if spot_maps:
             self.spot_maps = SpotMaps(self.backbone.conv1, spatial_dims)
@@ -148,13 +150,14 @@ class MonaiResNetEncoder(ImageEncoder):
             embedding = embedding * keep.to(embedding.dtype) / (1.0 - self.tower_drop)
         if self.laterality is not None:
             embedding = embedding + self.laterality(h)
-        if self.blobs is not None and stats is not None:
-            embedding = embedding + self.blobs.head(stats)
+        branch = self.blobs.head(stats) if self.blobs is not None and stats is not None else None
+        if branch is not None:
+            embedding = embedding + branch
         for s in range(3, self.token_stage - 1, -1):  # top-down: upsample, add the finer stage's lateral
             finer = stages[s - 1]
             h = nn.functional.interpolate(h, size=finer.shape[2:], mode="nearest") + self.laterals[str(s)](finer)
         tokens, grid = flatten_map(h)  # [B, N, C] on the token stage's grid
-        return ImageEncoderOutput(embedding=embedding, tokens=tokens, grid=grid)
+        return ImageEncoderOutput(embedding=embedding, tokens=tokens, grid=grid, branch=branch)
 
     def _group_prefixes(self) -> list[tuple[str, ...]]:
         stages = [(f"backbone.layer{i}.",) for i in range(1, 4)]

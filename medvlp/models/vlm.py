@@ -36,6 +36,7 @@ class ImageEmbeddings:
     embedding: Tensor  # [B, E]
     tokens: Tensor  # [B, N, E]
     grid: tuple[int, ...]  # token grid (X, Y[, Z]), prod == N
+    branch: Tensor | None = None  # [B, E]: the tower's fixed-statistics branch alone, projected (``with_branch``)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class VLMOutput:
     text_tokens: Tensor  # [B, T, E]
     text_mask: Tensor  # [B, T]
     image_grid: tuple[int, ...]
+    image_branch: Tensor | None = None  # [B, E] (``with_branch``)
 
 
 def _head(in_dim: int, out_dim: int, kind: str) -> nn.Module:
@@ -137,13 +139,20 @@ class MedVLP(nn.Module):
         return self.logit_scale.device
 
     # ---------------------------------------------------------------------------------------------------- image
-    def forward_image(self, images: Tensor, normalize: bool = True) -> ImageEmbeddings:
-        """One image-encoder pass: global embedding ``[B, E]`` and tokens ``[B, N, E]`` in the shared space."""
+    def forward_image(self, images: Tensor, normalize: bool = True, with_branch: bool = False) -> ImageEmbeddings:
+        """One image-encoder pass: global embedding ``[B, E]`` and tokens ``[B, N, E]`` in the shared space; with
+        ``with_branch`` also the tower's branch (``ImageEncoderOutput.branch``) alone through the global projection."""
         out = self.image_encoder(images)
         embedding, tokens = self.image_projection(out.embedding, out.tokens)
+        branch = None
+        if with_branch:
+            if out.branch is None:
+                raise ValueError(f"{type(self.image_encoder).__name__} has no branch to align on its own")
+            branch = self.image_projection.global_proj(out.branch)
         if normalize:
             embedding, tokens = F.normalize(embedding, dim=-1), F.normalize(tokens, dim=-1)
-        return ImageEmbeddings(embedding=embedding, tokens=tokens, grid=out.grid)
+            branch = None if branch is None else F.normalize(branch, dim=-1)
+        return ImageEmbeddings(embedding=embedding, tokens=tokens, grid=out.grid, branch=branch)
 
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
         """Global image features ``[B, E]``."""
@@ -195,10 +204,14 @@ class MedVLP(nn.Module):
         return cosine, self.side_check(list(texts), image.tokens, image.grid, encode)
 
     def forward(
-        self, images: Tensor, text_inputs: Sequence[str] | dict[str, Tensor], normalize: bool = True
+        self,
+        images: Tensor,
+        text_inputs: Sequence[str] | dict[str, Tensor],
+        normalize: bool = True,
+        with_branch: bool = False,
     ) -> VLMOutput:
         """Encode a batch of image-text pairs."""
-        image = self.forward_image(images, normalize)
+        image = self.forward_image(images, normalize, with_branch)
         text = self.forward_text(text_inputs, normalize)
         return VLMOutput(
             image_features=image.embedding,
@@ -209,6 +222,7 @@ class MedVLP(nn.Module):
             text_tokens=text.tokens,
             text_mask=text.attention_mask,
             image_grid=image.grid,
+            image_branch=image.branch,
         )
 
     def lock_image_tower(self, unlocked_groups: int = 0) -> None:

@@ -255,3 +255,33 @@ def test_head_lr_scale_gives_the_image_towers_new_heads_their_own_rate(cache: Ca
         return stage.model.image_encoder.blobs.proj.weight.abs().max().item()  # it starts at zero
 
     assert moved(fast) == pytest.approx(20 * moved(same), rel=1e-3), "Adam's first step is the rate itself"
+
+
+def test_branch_weight_aligns_the_spot_statistics_branch_alone_with_the_reports_held_fixed(cache: CachedCohort) -> None:
+    with pytest.raises(ValueError, match="has none here"):
+        _stage(cache, branch_weight=1.0)  # a tower without the statistics has no branch
+    blobs = {"image_encoder_args": {"blobs": True}}
+    plain, aligned = _stage(cache, blobs), _stage(cache, blobs, branch_weight=0.5)
+    aligned.model.load_state_dict(plain.model.state_dict())
+    batch = plain.collate([plain.dataset()[i] for i in range(4)])
+    plain.model.eval(), aligned.model.eval()  # no dropout, fixed batch norms: the two forwards must agree
+    base = plain.training_forward(plain.module(), batch, 0)
+    terms = aligned.training_forward(aligned.module(), batch, 0)
+    assert "branch" not in base and terms["branch"] > 0
+    torch.testing.assert_close(terms["loss"], base["loss"] + 0.5 * terms["branch"])
+
+    with torch.no_grad():  # the term is the plain contrastive loss of the branch alone against the reports
+        image = aligned.model.forward_image(batch["image"], with_branch=True)
+        reports = aligned.model.encode_text(batch["tokens"])
+        again = aligned.branch_loss(image.branch, reports, aligned.model.logit_scale.exp(), keys=aligned._keys(batch))
+    torch.testing.assert_close(terms["branch"], again["contrastive"])
+    assert not torch.allclose(image.branch, image.embedding), "the branch is not the whole embedding"
+
+    aligned.model.zero_grad()
+    terms["branch"].backward()
+    head = aligned.model.image_encoder.blobs
+    assert head is not None and head.proj.weight.grad is not None and head.proj.weight.grad.abs().sum() > 0
+    text_grads = [p.grad for p in aligned.model.text_encoder.parameters() if p.grad is not None]
+    assert all(g.abs().sum() == 0 for g in text_grads), "the reports are held fixed in the branch term"
+    tower = aligned.model.image_encoder.backbone.conv1.weight.grad
+    assert tower is None or tower.abs().sum() == 0, "the statistics are fixed: the tower gets nothing from it"

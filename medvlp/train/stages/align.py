@@ -9,7 +9,8 @@ seed, the epoch and the study), so that one-finding texts such as a zero-shot pr
 its image. With ``twin_weight`` each image must also prefer its own report over the same report with one sentence
 flipped by those rules (:func:`medvlp.losses.terms.twin_loss`). With ``box_weight`` one annotated phrase of each
 training study with grounding boxes must point into its boxes over the image tokens
-(:func:`medvlp.losses.terms.box_grounding_loss`).
+(:func:`medvlp.losses.terms.box_grounding_loss`). With ``branch_weight`` the image tower's fixed-statistics branch
+must also match its own report alone (the reports held fixed in that term).
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ from medvlp.train.loop import LrPlan
 logger = logging.getLogger(__name__)
 
 MAX_LOG_SCALE = math.log(100.0)  # open_clip's bound: the logit scale stays in [1, 100]
+ADDED_TERMS = (  # the contrastive loss's terms beyond the pair loss (medvlp.losses.ContrastiveLoss)
+    "alignment_weight",
+    "uniformity_weight",
+    "local_weight",
+    "sentence_weight",
+    "twin_weight",
+    "twin_sentence_weight",
+)
 SENTENCE_STREAM = 0x53454E54  # keeps sentence draws apart from augmentation seeds
 TWIN_STREAM = 0x5457494E  # and the flipped sentence of each report's twin apart from both
 
@@ -70,9 +79,9 @@ class AlignNet(nn.Module):
     reduced, and the all-reduce of their bucket would never run.
     """
 
-    def __init__(self, model: MedVLP, with_tokens: bool) -> None:
+    def __init__(self, model: MedVLP, with_tokens: bool, with_branch: bool = False) -> None:
         super().__init__()
-        self.model, self.with_tokens = model, with_tokens
+        self.model, self.with_tokens, self.with_branch = model, with_tokens, with_branch
 
     def forward(
         self,
@@ -86,9 +95,13 @@ class AlignNet(nn.Module):
         return out
 
     def _pairs(self, images: torch.Tensor, tokens: dict[str, torch.Tensor]) -> dict[str, Any]:
+        branch: dict[str, Any] = {}
         if self.with_tokens:
-            out = self.model(images, tokens)
+            out = self.model(images, tokens, with_branch=self.with_branch)
+            if self.with_branch:
+                branch["branch_features"] = out.image_branch
             return {
+                **branch,
                 "image_features": out.image_features,
                 "text_features": out.text_features,
                 "logit_scale": out.logit_scale,
@@ -98,8 +111,12 @@ class AlignNet(nn.Module):
                 "text_mask": out.text_mask,
                 "image_grid": out.image_grid,
             }
+        image = self.model.forward_image(images, with_branch=self.with_branch)
+        if self.with_branch:
+            branch["branch_features"] = image.branch
         return {
-            "image_features": self.model.encode_image(images),
+            **branch,
+            "image_features": image.embedding,
             "text_features": self.model.encode_text(tokens),
             "logit_scale": self.model.logit_scale.exp(),
             "logit_bias": self.model.logit_bias,
@@ -129,7 +146,13 @@ class AlignStage:
             set_dropout(self.model.text_encoder, text_dropout)
         if cfg.lock_text_layers is not None:
             self.model.lock_text_tower(unlocked_layers=cfg.lock_text_layers)
-        self.net = AlignNet(self.model, with_tokens=cfg.local_weight > 0 or cfg.box_weight > 0)
+        if cfg.branch_weight and not self.model.image_encoder.has_branch:
+            raise ValueError(
+                f"branch_weight {cfg.branch_weight} aligns the image tower's fixed-statistics branch alone, and "
+                f"{type(self.model.image_encoder).__name__} has none here (set model.image_encoder_args.blobs)"
+            )
+        with_tokens = cfg.local_weight > 0 or cfg.box_weight > 0
+        self.net = AlignNet(self.model, with_tokens=with_tokens, with_branch=cfg.branch_weight > 0)
         self.loss = ContrastiveLoss(
             model_config.loss,
             chunk_size=cfg.chunk_size,
@@ -142,6 +165,8 @@ class AlignStage:
             twin_sentence_weight=cfg.twin_sentence_weight,
             twin_sentence_text_only=cfg.twin_sentence_text_only,
         )
+        # the branch term: the plain contrastive loss of the same kind and batch, without the sentence and twin terms
+        self.branch_loss = ContrastiveLoss(config=replace(self.loss.config, **dict.fromkeys(ADDED_TERMS, 0.0)))
         # the val loss: the same terms on rank 0's whole val batches, never gathered across ranks
         self.val_loss = ContrastiveLoss(config=replace(self.loss.config, gather=False, local_loss=False))
         self.val_data = self._val_data() if cfg.val_every else None
@@ -332,6 +357,13 @@ class AlignStage:
         if self.boxes:
             terms["box"] = self._box_term(out, batch, self.config.box_text_grad)
             terms["loss"] = terms["loss"] + self.config.box_weight * terms["box"]
+        if self.config.branch_weight:  # the statistics' branch alone against the reports, held fixed
+            scale, bias = out["logit_scale"].detach(), out["logit_bias"]
+            bias = None if bias is None else bias.detach()
+            fixed = out["text_features"].detach()
+            branch = self.branch_loss(out["branch_features"], fixed, scale, bias, keys=self._keys(batch))
+            terms["branch"] = branch["contrastive"]
+            terms["loss"] = terms["loss"] + self.config.branch_weight * terms["branch"]
         terms["logit_scale"] = out["logit_scale"].detach()
         return terms
 
