@@ -289,6 +289,16 @@ with_mined_reports("blobs_spots")
 #: aligned through the spot statistics alone, which a tower that memorises the series otherwise drowns.
 ARMS["blobs_drop"] = [*ARMS["blobs"], "model.image_encoder_args.tower_drop=0.5"]
 with_mined_reports("blobs_drop")
+#: The 3D demo with the spot statistics' branch also aligned alone (`branch_weight: 1.0`): the statistics' map must
+#: match each report by itself, against the reports held fixed; and the same with the spot levels (`blobs_levels`).
+ARMS["blobs_branch"] = [*ARMS["blobs"], "stages.stage2-align.branch_weight=1.0"]
+ARMS["blobs_levels_branch"] = [*ARMS["blobs_levels"], "stages.stage2-align.branch_weight=1.0"]
+for _base in ("blobs_branch", "blobs_levels_branch"):
+    with_mined_reports(_base)
+#: The 3D demo with the spots' contrast to noise beside the margins (`blobs: [margins, contrast]`,
+#: medvlp.models.blobs.spot_contrast): faint dark and bright spots in a homogeneous organ (hepatic lesions).
+ARMS["blobs_contrast"] = ["model.image_encoder_args.blobs=[margins,contrast]"]
+with_mined_reports("blobs_contrast")
 #: The 3D demo's finished run with the side edit (as `twin_attn_box_side` in 2D): left and right kidneys.
 ARMS["blobs_mined_reports_side"] = [*ARMS["blobs_mined_reports"], "stages.stage2-align.side_edit=true"]
 DERIVED["blobs_mined_reports_side"] = "blobs_mined_reports"

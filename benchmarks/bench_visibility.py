@@ -21,8 +21,8 @@ grid) were not looked at before they ran.
 Per style and split, the AUROC of each statistic for each finding, and the linear-probe and zero-shot AUROC of the
 demo's model on the same cohort where a bench_ablation result holds them. Beside them, ``blob_probe``: the project's
 linear probe (fitted on train, scored on test: labels are read, so a yardstick of what the statistics hold, not a
-detector) on the fixed spot statistics of :mod:`medvlp.models.blobs` alone, the margins and the margins with the
-levels. With ``--runs``, ``head_parts``: how bench_ablation's trained models (kept under the same DIR) carry the
+detector) on the fixed spot statistics of :mod:`medvlp.models.blobs` alone: the margins, the margins with the
+levels, the contrasts to noise, and the margins with the contrasts. With ``--runs``, ``head_parts``: how bench_ablation's trained models (kept under the same DIR) carry the
 statistics in their embeddings. Writes benchmarks/results/visibility-ct.json.
 """
 
@@ -96,7 +96,7 @@ def visibility(findings: list[str], splits: dict[str, tuple[np.ndarray, np.ndarr
     return out
 
 
-BLOB_KINDS_PROBED = (("margins",), ("margins", "levels"))
+BLOB_KINDS_PROBED = (("margins",), ("margins", "levels"), ("contrast",), ("margins", "contrast"))
 
 
 def blob_probe(findings: list[str], splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:

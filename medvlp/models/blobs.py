@@ -16,6 +16,12 @@ spot is a finding.
 ``levels`` (opt-in, :func:`ceiling_free_levels`) add the spot's own mean where neither it nor its ring touches the
 image's maximum (the window's top, where a windowed CT clips bone): soft tissue brighter than the organs.
 
+``contrast`` (opt-in, :func:`spot_contrast`) adds the spot's contrast to noise against its ring: the ring's mean less
+the spot's mean over the ring's standard deviation, dark and bright, where neither touches a clipped voxel. A faint
+lesion in a homogeneous organ (a hypodense liver lesion a few tens of HU below the parenchyma, within the noise of a
+single voxel) has no margin over *every* voxel of its ring, but stands out of the ring's mean by several of the
+spot's own standard errors; an edge has a wide ring and a small ratio.
+
 The sizes are in voxels of the cached grid (half-widths of the spot and widths of the ring, in-plane first; a 2D
 image uses the in-plane two), not in millimetres: the cache's spacing (``cohort build``) sets what they span.
 """
@@ -31,6 +37,7 @@ from torch import Tensor, nn
 __all__ = [
     "BLOB_KINDS",
     "BLOB_SCALES",
+    "CONTRAST_SCALES",
     "BlobStatistics",
     "SpotMaps",
     "blob_kinds",
@@ -38,6 +45,7 @@ __all__ = [
     "ceiling_free_levels",
     "margin_maps",
     "ring_max",
+    "spot_contrast",
     "spot_margins",
 ]
 
@@ -50,8 +58,18 @@ BLOB_SCALES: tuple[tuple[tuple[int, int, int], tuple[int, int, int]], ...] = (
     ((2, 2, 1), (3, 3, 2)),
 )
 #: what :class:`BlobStatistics` can compute: spot ``margins`` (bright and dark, 8 numbers per scale) and the
-#: ``levels`` of spots away from the window's ceiling (4 numbers per scale)
-BLOB_KINDS = ("margins", "levels")
+#: ``levels`` of spots away from the window's ceiling (4 numbers per scale) and their ``contrast`` to noise (8 numbers
+#: per scale of :data:`CONTRAST_SCALES`)
+BLOB_KINDS = ("margins", "levels", "contrast")
+#: (half-width of the spot, width of the ring) of the contrast to noise: spots of 3 x 3 x 1 to 7 x 7 x 5 voxels (a
+#: single voxel has no mean to speak of), set once before any run and not changed after
+CONTRAST_SCALES: tuple[tuple[tuple[int, int, int], tuple[int, int, int]], ...] = (
+    ((1, 1, 0), (2, 2, 1)),
+    ((1, 1, 1), (2, 2, 1)),
+    ((2, 2, 1), (2, 2, 1)),
+    ((3, 3, 2), (3, 3, 1)),
+)
+RING_VAR_MIN = 1e-6  # a ring of constant voxels (a flat phantom) has no noise to divide by
 CEILING_TOL = 1e-3  # within this fraction of the range below the image's maximum, a voxel is at the window's ceiling
 TOP_K = 8  # the largest margins averaged beside the maximum: a spot of a few voxels, not one noisy voxel
 
@@ -127,6 +145,37 @@ def _box_mean(x: Tensor, inner: Sequence[int]) -> Tensor:
     return _box_sum(_pad(x, inner, 0.0), kernel) / count
 
 
+def _clipped_near(x: Tensor, outer: Sequence[int], floor: bool) -> Tensor:
+    """1 where the box of half-widths ``outer`` around a voxel holds a voxel at the image's maximum (or, with
+    ``floor``, at its minimum too), else 0; ``[B, C, *grid]``."""
+    flat = x.flatten(1)
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    top, bottom = flat.amax(dim=1).view(shape), flat.amin(dim=1).view(shape)
+    tol = CEILING_TOL * (top - bottom)
+    clipped = (x >= top - tol) | (x <= bottom + tol) if floor else x >= top - tol
+    return _box_max(_pad(clipped.to(x.dtype), outer, 0.0), [2 * o + 1 for o in outer])
+
+
+def spot_contrast(x: Tensor, inner: Sequence[int], width: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """The contrast to noise of the box of half-widths ``inner`` around each voxel against its ring (the box
+    ``width`` past it, less the inner box): ``(spot mean - ring mean) / ring std`` for bright spots and its opposite
+    for dark ones, each at least 0, and 0 where the spot or its ring holds a voxel at the image's minimum or maximum
+    (air, gas, bone clipped by a CT window: their edges are not lesions); ``[B, C, *grid]`` each."""
+    outer = [i + w for i, w in zip(inner, width, strict=True)]
+
+    def box(v: Tensor, half: Sequence[int]) -> Tensor:
+        return _box_sum(_pad(v, half, 0.0), [2 * h + 1 for h in half])
+
+    ones = torch.ones_like(x[:1, :1])
+    n_in, n_ring = box(ones, inner), (box(ones, outer) - box(ones, inner)).clamp(min=1.0)
+    s_in, q_in = box(x, inner), box(x * x, inner)
+    ring_mean = (box(x, outer) - s_in) / n_ring
+    ring_var = ((box(x * x, outer) - q_in) / n_ring - ring_mean**2).clamp(min=RING_VAR_MIN)
+    ratio = (s_in / n_in - ring_mean) / ring_var.sqrt()
+    ratio = torch.where(_clipped_near(x, outer, floor=True) > 0, torch.zeros_like(ratio), ratio)
+    return ratio.clamp(min=0.0), (-ratio).clamp(min=0.0)
+
+
 def ceiling_free_levels(x: Tensor, inner: Sequence[int], width: Sequence[int]) -> Tensor:
     """The mean of the box of half-widths ``inner`` around each voxel where neither it nor its ring (``width`` past
     it) holds a voxel at the image's maximum, and the image's minimum elsewhere; ``[B, C, *grid]``.
@@ -135,13 +184,8 @@ def ceiling_free_levels(x: Tensor, inner: Sequence[int], width: Sequence[int]) -
     spot brighter than every organ (an enhancing mass) has no margin over a ring that reaches a rib or the spine,
     but its level away from anything clipped still tells it from parenchyma.
     """
-    flat = x.flatten(1)
-    top, bottom = flat.amax(dim=1), flat.amin(dim=1)
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    top, bottom = top.view(shape), bottom.view(shape)
-    clipped = (x >= top - CEILING_TOL * (top - bottom)).to(x.dtype)
-    outer = [i + w for i, w in zip(inner, width, strict=True)]
-    near = _box_max(_pad(clipped, outer, 0.0), [2 * o + 1 for o in outer])
+    bottom = x.flatten(1).amin(dim=1).view((-1,) + (1,) * (x.ndim - 1))
+    near = _clipped_near(x, [i + w for i, w in zip(inner, width, strict=True)], floor=False)
     return torch.where(near > 0, bottom.expand_as(x), _box_mean(x, inner))
 
 
@@ -150,7 +194,8 @@ class BlobStatistics(nn.Module):
 
     ``kinds`` picks from :data:`BLOB_KINDS` (``True``: the margins alone). ``statistics(x)`` gives per scale 8
     margins (bright and dark, two halves, maximum and top-k mean) and 4 levels (two halves, maximum and top-k mean),
-    without gradient; ``forward`` returns ``proj(norm(statistics))`` ``[B, channels]``, zero at the start.
+    and per scale of :data:`CONTRAST_SCALES` 8 contrasts to noise (as the margins), without gradient; ``forward``
+    returns ``proj(norm(statistics))`` ``[B, channels]``, zero at the start.
     """
 
     def __init__(
@@ -164,8 +209,10 @@ class BlobStatistics(nn.Module):
         self.kinds = blob_kinds(kinds)
         self.spatial_dims, self.axis = int(spatial_dims), int(axis)
         self.scales = blob_scales(spatial_dims)
-        per_scale = {"margins": 8, "levels": 4}
-        self.num_statistics = len(self.scales) * sum(per_scale[k] for k in self.kinds)
+        self.contrast_scales = blob_scales(spatial_dims, CONTRAST_SCALES)
+        per_scale = {"margins": 8 * len(self.scales), "levels": 4 * len(self.scales)}
+        per_scale["contrast"] = 8 * len(self.contrast_scales)
+        self.num_statistics = sum(per_scale[k] for k in self.kinds)
         self.norm = nn.BatchNorm1d(self.num_statistics)
         self.proj = nn.Linear(self.num_statistics, channels)
         nn.init.zeros_(self.proj.weight)
@@ -184,8 +231,8 @@ class BlobStatistics(nn.Module):
 
     @torch.no_grad()
     def statistics(self, x: Tensor, margins: Sequence[tuple[Tensor, Tensor]] | None = None) -> Tensor:
-        """``x`` ``[B, 1, *grid]`` -> ``[B, num_statistics]`` in float32: the margins of all scales, then the levels
-        (``margins``: :func:`margin_maps` of ``x`` when already computed)."""
+        """``x`` ``[B, 1, *grid]`` -> ``[B, num_statistics]`` in float32: the margins of all scales, then the levels,
+        then the contrasts (``margins``: :func:`margin_maps` of ``x`` when already computed)."""
         if x.shape[2 + self.axis] < 2:
             raise ValueError(
                 f"blob statistics read two halves along axis {self.axis}, and this image has "
@@ -199,6 +246,9 @@ class BlobStatistics(nn.Module):
         if "levels" in self.kinds:
             for inner, width in self.scales:
                 out += self._summaries([ceiling_free_levels(x, inner, width)])
+        if "contrast" in self.kinds:
+            for inner, width in self.contrast_scales:
+                out += self._summaries(spot_contrast(x, inner, width))
         return torch.stack(out, dim=1)
 
     def head(self, stats: Tensor) -> Tensor:
@@ -249,10 +299,12 @@ class SpotMaps(nn.Module):
         return self.conv(self.norm(self.maps(x, margins)))
 
 
-def blob_scales(spatial_dims: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """:data:`BLOB_SCALES` for a ``spatial_dims`` image: all of them in 3D, their in-plane sizes (each once) in 2D."""
-    scales = [(inner[:spatial_dims], width[:spatial_dims]) for inner, width in BLOB_SCALES]
-    return list(dict.fromkeys(scales))
+def blob_scales(
+    spatial_dims: int, scales: Sequence[tuple[Sequence[int], Sequence[int]]] = BLOB_SCALES
+) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``scales`` (:data:`BLOB_SCALES`) for a ``spatial_dims`` image: all of them in 3D, their in-plane sizes (each
+    once) in 2D."""
+    return list(dict.fromkeys((tuple(i[:spatial_dims]), tuple(w[:spatial_dims])) for i, w in scales))
 
 
 def margin_maps(x: Tensor, scales: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[Tensor, Tensor]]:

@@ -18,6 +18,7 @@ from medvlp.models.blobs import (
     ceiling_free_levels,
     margin_maps,
     ring_max,
+    spot_contrast,
     spot_margins,
 )
 
@@ -98,6 +99,29 @@ def test_a_bright_soft_tissue_spot_has_its_level_only_away_from_what_the_window_
     assert stats.num_statistics == 16 and s.shape == (1, 16)
     first_max, second_max = s[0, 8], s[0, 10]  # scale (1, 1, 1): maximum of each half
     assert first_max.item() == pytest.approx(0.7) and second_max.item() == pytest.approx(0.4)
+
+
+def test_a_faint_spot_in_a_noisy_organ_has_a_contrast_to_noise_and_no_margin_and_an_edge_or_clipped_ring_none() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = 0.55 + 0.045 * torch.randn(1, 1, 32, 24, 12, generator=g)  # a liver with CT noise, as a 6 mm cache has it
+    x[0, 0, 6:11, 9:14, 4:8] -= 0.04  # a hypodense lesion 0.04 below it: within the noise of one voxel
+    x[0, 0, 24:, :, :] = 0.0  # air, clipped at the window's floor, from voxel 24 on
+    inner, width = (2, 2, 1), (2, 2, 1)
+    bright, dark = spot_contrast(x, inner, width)
+    assert dark[0, 0, 8, 11, 6].item() > 0.5  # the lesion stands out of its ring's mean by most of a voxel's noise
+    assert dark[0, 0, 12:18].max().item() < dark[0, 0, 8, 11, 6].item()  # noise alone, in the same organ
+    assert spot_margins(x, inner, width)[1][0, 0, 8, 11, 6].item() <= 0  # not darker than *every* ring voxel
+    assert dark[0, 0, 20:].max().item() == 0 and bright[0, 0, 20:].max().item() == 0  # its ring reaches the air
+    edge = torch.full((1, 1, 32, 24, 12), 0.3)
+    edge[0, 0, 16:] = 0.6  # two organs side by side, no noise, nothing clipped (both below the top)
+    edge[0, 0, 0, 0, 0], edge[0, 0, -1, -1, -1] = 0.0, 1.0  # the window's floor and top, far away
+    b, d = spot_contrast(edge, inner, width)
+    assert max(b[0, 0, 8:24, 6:18, 4:8].max().item(), d[0, 0, 8:24, 6:18, 4:8].max().item()) < 1.5  # a wide ring
+    flat = torch.full((1, 1, 16, 12, 8), 0.4)
+    assert all(m.abs().max().item() == 0 for m in spot_contrast(flat, inner, width))  # no noise: nothing, no nan
+    stats = BlobStatistics(8, kinds=["margins", "contrast"])
+    assert stats.num_statistics == 32 + 32 and stats.statistics(x).shape == (1, 64)
+    assert BlobStatistics(8, spatial_dims=2, kinds=["contrast"]).num_statistics == 8 * 3  # in-plane sizes, each once
 
 
 def test_blob_kinds_are_checked_and_the_margins_come_first() -> None:
