@@ -297,7 +297,7 @@ for _base in ("blobs_branch", "blobs_levels_branch"):
     with_mined_reports(_base)
 #: The 3D demo with the spots' contrast to noise beside the margins (`blobs: [margins, contrast]`,
 #: medvlp.models.blobs.spot_contrast): faint dark and bright spots in a homogeneous organ (hepatic lesions).
-ARMS["blobs_contrast"] = ["model.image_encoder_args.blobs=[margins,contrast]"]
+ARMS["blobs_contrast"] = [*ARMS["blobs"], "model.image_encoder_args.blobs=[margins,contrast]"]
 with_mined_reports("blobs_contrast")
 #: The 3D demo's finished run with the side edit (as `twin_attn_box_side` in 2D): left and right kidneys.
 ARMS["blobs_mined_reports_side"] = [*ARMS["blobs_mined_reports"], "stages.stage2-align.side_edit=true"]
