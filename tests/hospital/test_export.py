@@ -131,10 +131,10 @@ def test_onnx_export_of_the_demo_tower_with_its_attention_pool(
 
 @pytest.mark.parametrize("spot_maps", [False, True])
 def test_onnx_export_of_a_3d_tower_with_blob_statistics(model_3d: TinyModel, tmp_path: Path, spot_maps: bool) -> None:
-    """A 3D ResNet with the fixed spot statistics (`blobs: [margins, levels]`), alone and with the spot maps into its
+    """A 3D ResNet with the fixed spot statistics (`blobs`: every kind), alone and with the spot maps into its
     stem (`spot_maps`), exports with its trained maps and norms: onnxruntime gives PyTorch's embeddings and the
     server's answer."""
-    args = {"blobs": ["margins", "levels"], "spot_maps": spot_maps}
+    args = {"blobs": ["margins", "levels", "contrast"], "spot_maps": spot_maps}
     model = _tiny_model(model_3d, "tiny_resnet", args, seed=6)
     blobs, spots = model.image_encoder.blobs, model.image_encoder.spot_maps
     assert blobs is not None and (spots is not None) == spot_maps
