@@ -22,8 +22,9 @@ Per style and split, the AUROC of each statistic for each finding, and the linea
 demo's model on the same cohort where a bench_ablation result holds them. Beside them, ``blob_probe``: the project's
 linear probe (fitted on train, scored on test: labels are read, so a yardstick of what the statistics hold, not a
 detector) on the fixed spot statistics of :mod:`medvlp.models.blobs` alone: the margins, the margins with the
-levels, the contrasts to noise, and the margins with the contrasts. With ``--runs``, ``head_parts``: how bench_ablation's trained models (kept under the same DIR) carry the
-statistics in their embeddings. Writes benchmarks/results/visibility-ct.json.
+levels, the contrasts to noise, and the margins with the contrasts. With ``--runs``, ``head_parts``: how
+bench_ablation's trained models (kept under the same DIR) carry the statistics in their embeddings. Writes
+benchmarks/results/visibility-ct.json.
 """
 
 from __future__ import annotations
