@@ -290,11 +290,9 @@ with_mined_reports("blobs_spots")
 ARMS["blobs_drop"] = [*ARMS["blobs"], "model.image_encoder_args.tower_drop=0.5"]
 with_mined_reports("blobs_drop")
 #: The 3D demo with the spot statistics' branch also aligned alone (`branch_weight: 1.0`): the statistics' map must
-#: match each report by itself, against the reports held fixed; and the same with the spot levels (`blobs_levels`).
+#: match each report by itself, against the reports held fixed.
 ARMS["blobs_branch"] = [*ARMS["blobs"], "stages.stage2-align.branch_weight=1.0"]
-ARMS["blobs_levels_branch"] = [*ARMS["blobs_levels"], "stages.stage2-align.branch_weight=1.0"]
-for _base in ("blobs_branch", "blobs_levels_branch"):
-    with_mined_reports(_base)
+with_mined_reports("blobs_branch")
 #: The 3D demo with the spots' contrast to noise beside the margins (`blobs: [margins, contrast]`,
 #: medvlp.models.blobs.spot_contrast): faint dark and bright spots in a homogeneous organ (hepatic lesions).
 ARMS["blobs_contrast"] = [*ARMS["blobs"], "model.image_encoder_args.blobs=[margins,contrast]"]

@@ -38,14 +38,6 @@ from medvlp.train.loop import LrPlan
 logger = logging.getLogger(__name__)
 
 MAX_LOG_SCALE = math.log(100.0)  # open_clip's bound: the logit scale stays in [1, 100]
-ADDED_TERMS = (  # the contrastive loss's terms beyond the pair loss (medvlp.losses.ContrastiveLoss)
-    "alignment_weight",
-    "uniformity_weight",
-    "local_weight",
-    "sentence_weight",
-    "twin_weight",
-    "twin_sentence_weight",
-)
 SENTENCE_STREAM = 0x53454E54  # keeps sentence draws apart from augmentation seeds
 TWIN_STREAM = 0x5457494E  # and the flipped sentence of each report's twin apart from both
 
@@ -165,8 +157,11 @@ class AlignStage:
             twin_sentence_weight=cfg.twin_sentence_weight,
             twin_sentence_text_only=cfg.twin_sentence_text_only,
         )
-        # the branch term: the plain contrastive loss of the same kind and batch, without the sentence and twin terms
-        self.branch_loss = ContrastiveLoss(config=replace(self.loss.config, **dict.fromkeys(ADDED_TERMS, 0.0)))
+        # the branch term: the pair loss of the same kind and options, without any added term (their weights default
+        # to 0)
+        self.branch_loss = ContrastiveLoss(
+            model_config.loss, chunk_size=cfg.chunk_size, noise_weighting=cfg.noise_weighting
+        )
         # the val loss: the same terms on rank 0's whole val batches, never gathered across ranks
         self.val_loss = ContrastiveLoss(config=replace(self.loss.config, gather=False, local_loss=False))
         self.val_data = self._val_data() if cfg.val_every else None
