@@ -44,6 +44,13 @@ class OptimConfig(_Strict):
     )
     checkpoint_every: int = Field(default=50, ge=1)
     log_every: int = Field(default=5, ge=1)
+    ema_decay: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="keep an exponential moving average of the weights (decay warmed up, capped here; "
+        "medvlp.train.ema): val scores it, the best step keeps it and the stage writes it; None: the raw weights",
+    )
 
 
 class TextStageConfig(OptimConfig):

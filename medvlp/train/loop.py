@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from medvlp.config import OptimConfig
 from medvlp.data.cache import atomic_write_bytes
 from medvlp.train.data import StepBatchSampler, StepSchedule
+from medvlp.train.ema import WeightAverage
 from medvlp.train.runtime import Runtime, autocast, barrier, channels_last, resolve_precision, to_channels_last
 from medvlp.train.select import BEST_FILE, BestTracker
 
@@ -195,6 +196,7 @@ def run_stage(
     module = stage.module().to(rt.device)
     if cfg.channels_last:
         to_channels_last(module)
+    ema = WeightAverage(module, cfg.ema_decay) if cfg.ema_decay is not None else None
     opt = make_optimizer(module, cfg, getattr(stage, "lr_plan", None))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [lr_lambda(cfg, g["delay"]) for g in opt.param_groups])
     amp_dtype = resolve_precision(cfg.precision, rt.device)
@@ -214,6 +216,8 @@ def run_stage(
         stopped = bool(state.get("stopped", False))
         if tracker is not None and state.get("best") is not None:
             tracker.load_state_dict(state["best"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
         _set_rng_state(state["rng"][rt.rank] if isinstance(state["rng"], list) else state["rng"])
         if rt.is_main:
             _trim_log(log_path, step)
@@ -225,7 +229,7 @@ def run_stage(
     if report is not None:
         report(step, cfg.steps)
     if step >= cfg.steps or stopped:  # finished; a kill may have come between the last checkpoint and the outputs
-        _finish(stage, module, out_dir, tracker, step, stopped, rt)
+        _finish(stage, module, out_dir, tracker, step, stopped, rt, ema)
         return _result(step, None, resumed_from, tracker, stopped)
 
     ddp: nn.Module = module
@@ -278,6 +282,8 @@ def run_stage(
             scaler.update()
             if after_step is not None:
                 after_step()
+            if ema is not None:
+                ema.update(module)
             opt.zero_grad(set_to_none=True)
             sched.step()
             step += 1
@@ -286,12 +292,15 @@ def run_stage(
                 report(step, cfg.steps)
             evaluate = bool(val_every) and (step % val_every == 0 or step == cfg.steps)
             t_val = time.perf_counter()
-            val = _validate(stage, module, rt, amp_dtype, cfg.batch_size * rt.world_size) if evaluate else {}
+            val: dict[str, float] = {}
+            if evaluate:  # with an average of the weights, val scores the average and the best step keeps it
+                with ema.swapped_in(module) if ema is not None else nullcontext():
+                    val = _validate(stage, module, rt, amp_dtype, cfg.batch_size * rt.world_size)
+                    if tracker is not None and rt.is_main and tracker.update(step, val, module):
+                        logger.info("%s: step %d is the best so far (%s %.4f)", stage.name, step, metric, tracker.value)
+                if tracker is not None:
+                    stopped = _agree(tracker.should_stop, rt)
             t_log += time.perf_counter() - t_val  # samples/s counts training time only
-            if evaluate and tracker is not None:
-                if rt.is_main and tracker.update(step, val, module):
-                    logger.info("%s: step %d is the best so far (%s %.4f)", stage.name, step, metric, tracker.value)
-                stopped = _agree(tracker.should_stop, rt)
             if step % cfg.log_every == 0 or step == cfg.steps or evaluate:
                 if rt.distributed:
                     vec = torch.tensor(list(sums.values()), dtype=torch.float64, device=rt.device)
@@ -315,7 +324,11 @@ def run_stage(
                     log.flush()
                 bar.set_postfix(loss=f"{sums['loss']:.4f}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopped:
-                extra = {"stopped": stopped, "best": tracker.state_dict() if tracker is not None else None}
+                extra = {
+                    "stopped": stopped,
+                    "best": tracker.state_dict() if tracker is not None else None,
+                    "ema": ema.state_dict() if ema is not None else None,
+                }
                 _save_checkpoint(ckpt_path, module, opt, sched, scaler, step, rt, extra)
             if stopped:
                 logger.info(
@@ -327,7 +340,7 @@ def run_stage(
                 )
                 break
     bar.close()
-    _finish(stage, module, out_dir, tracker, step, stopped, rt)
+    _finish(stage, module, out_dir, tracker, step, stopped, rt, ema)
     return _result(step, last.get("loss"), resumed_from, tracker, stopped)
 
 
@@ -356,12 +369,22 @@ def _agree(flag: bool, rt: Runtime) -> bool:
 
 
 def _finish(
-    stage: Stage, module: nn.Module, out_dir: Path, tracker: BestTracker | None, step: int, stopped: bool, rt: Runtime
+    stage: Stage,
+    module: nn.Module,
+    out_dir: Path,
+    tracker: BestTracker | None,
+    step: int,
+    stopped: bool,
+    rt: Runtime,
+    ema: WeightAverage | None = None,
 ) -> None:
-    """The stage's final outputs, from the best step's weights when it selects one; ``best.json`` says which."""
+    """The stage's final outputs, from the best step's weights when it selects one (else the weights' average when
+    the stage keeps one); ``best.json`` says which step."""
     if rt.is_main:
         if tracker is not None and tracker.weights is not None:
             module.load_state_dict(tracker.weights)
+        elif ema is not None and ema.updates:
+            module.load_state_dict(ema.weights())
         stage.save_final(out_dir)
         if tracker is not None:
             best = {**tracker.record(), "last_step": step, "stopped_early": stopped}
