@@ -34,6 +34,7 @@ PIN = [
     "stages.stage2-align.side_edit=false",
     "stages.stage2-align.side_edit_texts=sentences",
     "stages.stage2-align.side_check=false",
+    "stages.stage2-align.image_refit=null",
 ]
 
 #: Per kind, what the demo config turns on beyond :data:`PIN`'s methods, pinned off as well (a kind's own switch: only
@@ -302,6 +303,13 @@ with_mined_reports("blobs_contrast")
 #: pairs the weights after one step carry its batch, and the val contrastive loss climbs after step 50 or 100.
 ARMS["blobs_ema"] = [*ARMS["blobs"], "stages.stage2-align.ema_decay=0.999"]
 with_mined_reports("blobs_ema")
+#: The image refit after training (`image_refit`, medvlp.models.image_refit): the global image embedding mapped onto
+#: the report embeddings in closed form from the trained embedding and the spot statistics (margins and contrasts to
+#: noise), a ridge on the training pairs chosen on val, no labels; on finished runs, with the 3D demo's prompt forms.
+REFIT = "stages.stage2-align.image_refit=[margins,contrast]"
+for _base in ("blobs", "blobs_contrast"):
+    ARMS[f"{_base}_refit_mined_reports"] = [*ARMS[f"{_base}_mined_reports"], REFIT]
+    DERIVED[f"{_base}_refit_mined_reports"] = _base
 #: The 3D demo's finished run with the side edit (as `twin_attn_box_side` in 2D): left and right kidneys.
 ARMS["blobs_mined_reports_side"] = [*ARMS["blobs_mined_reports"], "stages.stage2-align.side_edit=true"]
 DERIVED["blobs_mined_reports_side"] = "blobs_mined_reports"

@@ -11,7 +11,7 @@ Four layouts, each written by one owner and opened here (the README has one tabl
 - **model folder** (written by :meth:`medvlp.models.MedVLP.save_pretrained` and stage 2): ``config.json``,
   ``model.safetensors``, ``text/``, ``cohort.json``, ``calibration.json`` (fitted on ``val`` after training),
   ``side_edit.json`` (with the side edit, :mod:`medvlp.tasks.side_edit`), ``side_check.json`` (with the side
-  check, :mod:`medvlp.tasks.side_check`).
+  check, :mod:`medvlp.tasks.side_check`), ``image_refit.json`` (with the image refit, :mod:`medvlp.tasks.image_refit`).
 - **card folder** (written by ``medvlp evaluate``): ``metrics.json``, ``model_card.md``, ``*.png`` and, with the
   align-only baseline, ``baselines/align-only/`` (a run folder).
 
@@ -251,6 +251,12 @@ class RunDir:
         from medvlp.tasks.side_edit import SIDE_EDIT_RECORD
 
         return _read_json(self.model_dir / SIDE_EDIT_RECORD)
+
+    def image_refit(self) -> dict[str, Any] | None:
+        """The image refit's fit record (``image_refit.json``: kinds, ridge, val R@10 per candidate), or None."""
+        from medvlp.tasks.image_refit import IMAGE_REFIT_RECORD
+
+        return _read_json(self.model_dir / IMAGE_REFIT_RECORD)
 
     def side_check(self) -> dict[str, Any] | None:
         """The side check's fit record (``side_check.json``: axis, orientation, strength, val accuracies), or None."""

@@ -83,6 +83,15 @@ def write_model_card(out: Path, metrics: dict[str, Any], model_path: Path) -> Pa
             "test studies (labels drawn from the probabilities); an ECE near its floor is within the metric's noise.",
         ]
         lines += _prompt_note((metrics.get("zero_shot") or {}).get("prompts") or {})
+        refit = metrics.get("image_refit")
+        if refit:
+            lines += [
+                "",
+                "*Image refit*: the global image embedding is a ridge map, fitted after training on the training pairs "
+                f"(no labels), of the trained embedding and {refit.get('num_statistics')} spot statistics "
+                f"({', '.join(refit.get('kinds') or [])}) onto the report embeddings, its strength "
+                f"{refit.get('ridge')} chosen on val by image -> report R@10; grounding reads the tokens, unchanged.",
+            ]
     ground = (metrics.get("grounding") or {}).get("per_category") or {}
     if ground:
         lines += [

@@ -222,6 +222,13 @@ class AlignStageConfig(OptimConfig):
         "images (no labels), its strength chosen on val by how often each image prefers its reports' one-sided "
         "sentences over their side-swapped twins (medvlp.tasks.side_edit)",
     )
+    image_refit: list[Literal["margins", "levels", "contrast"]] | None = Field(
+        default=None,
+        description="after training (before the side edit): the global image embedding refitted in closed form onto "
+        "the report embeddings, from the trained embedding and these kinds of spot statistics of the image "
+        "(medvlp.models.image_refit): a ridge map fitted on the training pairs (no labels), its strength chosen on "
+        "val by image -> report R@10, no refit when none beats the trained embedding (medvlp.tasks.image_refit)",
+    )
     side_check: bool = Field(
         default=False,
         description="after training (after the side edit): a check of one-sided sentences against the image tokens "

@@ -273,6 +273,36 @@ def test_the_side_edit_is_a_switch_fitted_after_training_before_the_calibration(
     assert "*Side edit*" in (tmp_path / "card" / "model_card.md").read_text()
 
 
+def test_the_image_refit_is_a_switch_fitted_after_training_before_the_calibration(
+    tiny_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`image_refit`: off by default and in both demos; on, a finished run resumed with it fits the refit into its
+    model folder before the calibration, and the card says what the images' embedding is."""
+    from medvlp.artifacts import RunDir
+    from medvlp.evaluate import evaluate
+    from medvlp.tasks.image_refit import IMAGE_REFIT_RECORD, RIDGES
+
+    assert load_config(None).stages.stage2_align.image_refit is None
+    for demo in ("demo-2d.yaml", "demo-3d.yaml"):
+        assert load_config(ROOT / "configs" / demo).stages.stage2_align.image_refit is None
+    yaml_path, run = tiny_run
+    refitted = tmp_path / "run"
+    shutil.copytree(run, refitted)
+    model_dir = RunDir.open(refitted).model_dir
+    calibrated = (model_dir / "calibration.json").stat().st_mtime_ns
+    cfg = load_config(ROOT / "configs" / "tiny-2d.yaml", ["stages.stage2-align.image_refit=[margins,levels]"])
+    train(cfg, yaml_path, refitted, resume=True)
+    record = json.loads((model_dir / IMAGE_REFIT_RECORD).read_text())
+    assert set(record["val_r10"]) == {"none", *(str(r) for r in RIDGES)} and record["kinds"] == ["margins", "levels"]
+    assert (model_dir / "calibration.json").stat().st_mtime_ns > calibrated
+    model = RunDir.open(refitted).load_model()
+    assert (model.image_refit is None) == (record["ridge"] is None)
+    metrics = evaluate(refitted, yaml_path, tmp_path / "card")
+    assert metrics["image_refit"] == (None if record["ridge"] is None else {**record, "applied": True})
+    assert ("*Image refit*" in (tmp_path / "card" / "model_card.md").read_text()) == (record["ridge"] is not None)
+    assert evaluate(run, yaml_path, tmp_path / "plain")["image_refit"] is None
+
+
 def test_the_side_check_is_a_switch_fitted_after_training_and_the_suite_says_what_it_scored(
     tiny_run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -40,6 +40,7 @@ __all__ = [
     "CONTRAST_SCALES",
     "BlobStatistics",
     "SpotMaps",
+    "SpotStatistics",
     "blob_kinds",
     "blob_scales",
     "ceiling_free_levels",
@@ -189,18 +190,17 @@ def ceiling_free_levels(x: Tensor, inner: Sequence[int], width: Sequence[int]) -
     return torch.where(near > 0, bottom.expand_as(x), _box_mean(x, inner))
 
 
-class BlobStatistics(nn.Module):
-    """Spot statistics at :data:`BLOB_SCALES`, per half of the image along ``axis``, mapped into an embedding residual.
+class SpotStatistics(nn.Module):
+    """Spot statistics at :data:`BLOB_SCALES`, per half of the image along ``axis``: numbers, nothing learned.
 
     ``kinds`` picks from :data:`BLOB_KINDS` (``True``: the margins alone). ``statistics(x)`` gives per scale 8
     margins (bright and dark, two halves, maximum and top-k mean) and 4 levels (two halves, maximum and top-k mean),
-    and per scale of :data:`CONTRAST_SCALES` 8 contrasts to noise (as the margins), without gradient; ``forward``
-    returns ``proj(norm(statistics))`` ``[B, channels]``, zero at the start.
+    and per scale of :data:`CONTRAST_SCALES` 8 contrasts to noise (as the margins), without gradient. It holds no
+    weights: :class:`BlobStatistics` maps them into a tower's embedding, :class:`medvlp.models.image_refit.ImageRefit`
+    into the shared space after training.
     """
 
-    def __init__(
-        self, channels: int, spatial_dims: int = 3, axis: int = 0, kinds: bool | str | Sequence[str] = True
-    ) -> None:
+    def __init__(self, spatial_dims: int = 3, axis: int = 0, kinds: bool | str | Sequence[str] = True) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"blob statistics need a 2D or 3D image, not {spatial_dims}D")
@@ -213,10 +213,6 @@ class BlobStatistics(nn.Module):
         per_scale = {"margins": 8 * len(self.scales), "levels": 4 * len(self.scales)}
         per_scale["contrast"] = 8 * len(self.contrast_scales)
         self.num_statistics = sum(per_scale[k] for k in self.kinds)
-        self.norm = nn.BatchNorm1d(self.num_statistics)
-        self.proj = nn.Linear(self.num_statistics, channels)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
 
     def _summaries(self, maps: Sequence[Tensor]) -> list[Tensor]:
         """Per map and half along ``axis``: the maximum and the mean of the top-k values, ``[B]`` each."""
@@ -251,11 +247,28 @@ class BlobStatistics(nn.Module):
                 out += self._summaries(spot_contrast(x, inner, width))
         return torch.stack(out, dim=1)
 
+    def forward(self, x: Tensor) -> Tensor:
+        return self.statistics(x)
+
+
+class BlobStatistics(SpotStatistics):
+    """:class:`SpotStatistics` mapped into an embedding residual: ``forward`` returns ``proj(norm(statistics))``
+    ``[B, channels]``, zero at the start."""
+
+    def __init__(
+        self, channels: int, spatial_dims: int = 3, axis: int = 0, kinds: bool | str | Sequence[str] = True
+    ) -> None:
+        super().__init__(spatial_dims, axis, kinds)
+        self.norm = nn.BatchNorm1d(self.num_statistics)
+        self.proj = nn.Linear(self.num_statistics, channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
     def head(self, stats: Tensor) -> Tensor:
         """The embedding residual of :meth:`statistics`' output: ``proj(norm(stats))``, ``[B, channels]``."""
         return self.proj(self.norm(stats))
 
-    def forward(self, x: Tensor, margins: Sequence[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+    def forward(self, x: Tensor, margins: Sequence[tuple[Tensor, Tensor]] | None = None) -> Tensor:  # type: ignore[override]
         return self.head(self.statistics(x, margins))
 
 

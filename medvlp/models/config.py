@@ -39,6 +39,9 @@ class ModelConfig(BaseModel):
         side_check_axis: the spatial axis across the patient that the model's side check reads
             (:mod:`medvlp.models.side_check`); None: no check. Set by its fit after training
             (``stages.stage2-align.side_check``), not in a training config.
+        image_refit: the spot statistics' kinds (:data:`medvlp.models.blobs.BLOB_KINDS`) that the model's image
+            refit reads beside its embedding (:mod:`medvlp.models.image_refit`); None: no refit. Set by its fit
+            after training (``stages.stage2-align.image_refit``), not in a training config.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -59,6 +62,7 @@ class ModelConfig(BaseModel):
     image_checkpoint: str | None = None
     side_edit: Literal["sentences", "all"] | None = None
     side_check_axis: int | None = Field(default=None, ge=0, le=2)
+    image_refit: tuple[str, ...] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -89,6 +93,14 @@ class ModelConfig(BaseModel):
             )
         if self.side_check_axis is not None and self.side_check_axis >= self.spatial_dims:
             raise ValueError(f"side_check_axis {self.side_check_axis} is not an axis of a {self.spatial_dims}D image")
+        if self.image_refit is not None:
+            from medvlp.models.blobs import BLOB_KINDS
+
+            unknown = [k for k in self.image_refit if k not in BLOB_KINDS]
+            if unknown or not self.image_refit:
+                raise ValueError(
+                    f"image_refit kinds must be some of {', '.join(BLOB_KINDS)}, not {list(self.image_refit)}"
+                )
         return self
 
     @property
@@ -111,6 +123,8 @@ FITTED_FIELDS: dict[str, str] = {
     "side_edit": "set by the side edit's fit after training; turn it on with stages.stage2-align.side_edit: true",
     "side_check_axis": "set by the side check's fit after training; turn it on with "
     "stages.stage2-align.side_check: true",
+    "image_refit": "set by the image refit's fit after training; turn it on with "
+    "stages.stage2-align.image_refit: [KINDS]",
 }
 #: Keys of a training config's ``model:`` section that shape training but are not part of the saved model.
 TRAINING_ONLY_FIELDS: dict[str, Any] = {"text_dropout": (Optional[float], Field(default=None, ge=0, lt=1))}  # noqa: UP045

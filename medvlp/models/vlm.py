@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medvlp.models.config import ModelConfig
+from medvlp.models.image_refit import ImageRefit
 from medvlp.models.registry import create_image_encoder
 from medvlp.models.side_check import SideCheck
 from medvlp.models.side_edit import SideEdit
@@ -132,7 +133,16 @@ class MedVLP(nn.Module):
         self.side_edit = SideEdit(e, config.side_edit) if config.side_edit else None  # fitted after training
         axis = config.side_check_axis
         self.side_check = SideCheck(axis) if axis is not None else None  # fitted after training
+        self.image_refit = self.image_refit_module(config)  # fitted after training
         self.source_info: dict[str, Any] | None = None  # informational "source" of a loaded model folder
+
+    @staticmethod
+    def image_refit_module(config: ModelConfig) -> ImageRefit | None:
+        """The (unfitted) image refit that ``config.image_refit`` names, or None."""
+        if not config.image_refit:
+            return None
+        axis = int(config.image_encoder_args.get("laterality_axis", 0))
+        return ImageRefit(config.embed_dim, config.spatial_dims, axis, config.image_refit)
 
     @property
     def device(self) -> torch.device:
@@ -144,6 +154,8 @@ class MedVLP(nn.Module):
         ``with_branch`` also the tower's branch (``ImageEncoderOutput.branch``) alone through the global projection."""
         out = self.image_encoder(images)
         embedding, tokens = self.image_projection(out.embedding, out.tokens)
+        if self.image_refit is not None:  # the global embedding only: the tokens stay the tower's
+            embedding = self.image_refit(images, embedding)
         branch = None
         if with_branch:
             if out.branch is None:
@@ -290,7 +302,7 @@ class MedVLP(nn.Module):
         missing, unexpected = load_safetensors(model, str(folder / WEIGHTS_FILE), strict=False)
         # the side edit and check are rewritten after training (config.json and the weights, one after the other): a
         # folder caught between the two loads without them, and the resumed fit writes them again
-        fitted = ("side_edit.", "side_check.")
+        fitted = ("side_edit.", "side_check.", "image_refit.")
         wrong = [k for k in [*missing, *unexpected] if not k.startswith(fitted)]
         if wrong:
             raise RuntimeError(f"{folder / WEIGHTS_FILE} does not match {CONFIG_FILE}: keys {sorted(wrong)[:8]}")

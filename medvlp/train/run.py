@@ -198,6 +198,10 @@ def train(
 
             align = cfg.stages.stage2_align
             model_dir, sections = run / "stage2-align" / "model", list(cfg.data.report_sections)
+            if align.image_refit:  # first: the side edit, check and calibration read the refitted images
+                from medvlp.tasks.image_refit import fit_image_refit
+
+                fit_image_refit(model_dir, cache, sections, align.image_refit)
             if align.side_edit:  # before the calibration, which then reads the edited text embeddings
                 from medvlp.tasks.side_edit import fit_side_edit
 

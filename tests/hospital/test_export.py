@@ -82,8 +82,11 @@ def test_export_refusals(model_2d: TinyModel, tmp_path: Path) -> None:
         OnnxScorer(tmp_path)
 
 
-def _tiny_model(tiny: TinyModel, encoder: str, args: dict[str, object], seed: int) -> MedVLP:
-    """A MedVLP with ``encoder`` and ``args`` on the preprocessing of ``tiny``'s cohort record."""
+def _tiny_model(
+    tiny: TinyModel, encoder: str, args: dict[str, object], seed: int, image_refit: tuple[str, ...] | None = None
+) -> MedVLP:
+    """A MedVLP with ``encoder`` and ``args`` (and an image refit reading ``image_refit``) on the preprocessing of
+    ``tiny``'s cohort record."""
     from medvlp.models import ModelConfig
 
     record = json.loads((tiny.model / "cohort.json").read_text())
@@ -97,6 +100,7 @@ def _tiny_model(tiny: TinyModel, encoder: str, args: dict[str, object], seed: in
             text_num_layers=1,
             text_max_length=64,
             embed_dim=64,
+            image_refit=image_refit,
         )
     )
 
@@ -147,4 +151,17 @@ def test_onnx_export_of_a_3d_tower_with_blob_statistics(model_3d: TinyModel, tmp
         for norm in norms:
             norm.running_mean.uniform_(0.0, 0.2)
             norm.running_var.uniform_(0.01, 0.05)
+    _export_and_check(model, model_3d, "S00002", tmp_path)
+
+
+def test_onnx_export_of_a_3d_model_with_an_image_refit(model_3d: TinyModel, tmp_path: Path) -> None:
+    """A 3D model whose global embedding is refitted from its spot statistics after training
+    (`medvlp.models.image_refit`) exports with the fitted map: onnxruntime gives PyTorch's embeddings and the
+    server's answer."""
+    model = _tiny_model(model_3d, "tiny_resnet", {"blobs": True}, seed=7, image_refit=("margins", "contrast"))
+    refit = model.image_refit
+    assert refit is not None
+    n = refit.spots.num_statistics
+    torch.manual_seed(8)
+    refit.set(torch.rand(n) * 0.1, torch.rand(n) + 0.5, torch.randn(refit.num_features, 64) * 0.1)
     _export_and_check(model, model_3d, "S00002", tmp_path)
