@@ -306,10 +306,16 @@ with_mined_reports("blobs_ema")
 #: The image refit after training (`image_refit`, medvlp.models.image_refit): the global image embedding mapped onto
 #: the report embeddings in closed form from the trained embedding and the spot statistics (margins and contrasts to
 #: noise), a ridge on the training pairs chosen on val, no labels; on finished runs, with the 3D demo's prompt forms.
-REFIT = "stages.stage2-align.image_refit=[margins,contrast]"
+#: `_refit` reads the tower's own kinds (margins and contrasts), `_refitall` every kind (the spot levels too, which
+#: hold the renal masses but lowered zero-shot when the tower's map learned them in stage 2).
+REFITS = {"refit": "[margins,contrast]", "refitall": "[margins,levels,contrast]"}
 for _base in ("blobs", "blobs_contrast"):
-    ARMS[f"{_base}_refit_mined_reports"] = [*ARMS[f"{_base}_mined_reports"], REFIT]
-    DERIVED[f"{_base}_refit_mined_reports"] = _base
+    for _name, _kinds in REFITS.items():
+        ARMS[f"{_base}_{_name}_mined_reports"] = [
+            *ARMS[f"{_base}_mined_reports"],
+            f"stages.stage2-align.image_refit={_kinds}",
+        ]
+        DERIVED[f"{_base}_{_name}_mined_reports"] = _base
 #: The 3D demo's finished run with the side edit (as `twin_attn_box_side` in 2D): left and right kidneys.
 ARMS["blobs_mined_reports_side"] = [*ARMS["blobs_mined_reports"], "stages.stage2-align.side_edit=true"]
 DERIVED["blobs_mined_reports_side"] = "blobs_mined_reports"
