@@ -178,10 +178,11 @@ def test_the_3d_demo_config_builds_its_resnet_with_the_statistics() -> None:
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo-3d.yaml")
     args = cfg.model["image_encoder_args"]
-    assert args.get("blobs") is True
+    assert args.get("blobs") == ["margins", "contrast"]
     assert "mined_reports" in cfg.stages.stage2_align.prompt_forms
+    assert cfg.stages.stage2_align.image_refit == ["margins", "levels", "contrast"]
     enc = create_image_encoder(cfg.model["image_encoder"], 3, (64, 64, 32), **args)
-    assert isinstance(enc.blobs, BlobStatistics) and enc.blobs.num_statistics == 32
+    assert isinstance(enc.blobs, BlobStatistics) and enc.blobs.num_statistics == 64
 
 
 def test_spot_maps_mark_where_a_dot_is_bright_or_dark_and_leave_a_bar_and_an_edge_out() -> None:
