@@ -208,7 +208,7 @@ def evaluate(
     }
     metrics["protocol"] = dict(PROTOCOL)
     # the model's image refit and its fit record; None without one
-    metrics["image_refit"] = None if model.image_refit is None else {**(run.image_refit() or {}), "applied": True}
+    metrics["image_refit"] = None if model.image_refit is None else (run.image_refit() or {})
     if metrics.get("robustness") is not None:  # the model's side edit and its fit record; None without one
         edit, record = model.side_edit, run.side_edit() or {}
         metrics["robustness"]["side_edit"] = (

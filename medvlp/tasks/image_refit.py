@@ -42,15 +42,15 @@ def ridge_map(features: np.ndarray, targets: np.ndarray, strength: float) -> np.
     return np.linalg.solve(x.T @ x + np.diag(penalty), x.T @ t)
 
 
-def _split(model: Any, cache: Any, split: str, sections: Sequence[str], batch_size: int) -> dict[str, Any]:
-    """The split's unit image and report embeddings (the model without a refit), its reports and raw statistics."""
+def _split(model: Any, spots: Any, cache: Any, split: str, sections: Sequence[str], batch_size: int) -> dict[str, Any]:
+    """The split's unit image and report embeddings (``model``, without a refit), its reports and the images' raw
+    ``spots`` statistics."""
     from medvlp.tasks.embed import embed_split, load_images
 
     emb = embed_split(model, cache, split, sections, batch_size)
     studies = list(emb.records["study"])
     stats = [
-        model.image_refit.spots.statistics(load_images(cache, studies[i : i + batch_size]))
-        for i in range(0, len(studies), batch_size)
+        spots.statistics(load_images(cache, studies[i : i + batch_size])) for i in range(0, len(studies), batch_size)
     ]
     return {"image": emb.image, "text": emb.text, "reports": emb.reports, "stats": torch.cat(stats).numpy()}
 
@@ -84,14 +84,12 @@ def fit_image_refit(
 
     model_dir = Path(model_dir)
     model = MedVLP.from_pretrained(model_dir).eval()
-    model.image_refit = None  # the embeddings are the trained model's
+    model.image_refit = None  # the embeddings are the trained model's (a refit fitted before is left out)
     config = model.config.model_copy(update={"image_refit": tuple(kinds)})
     refit = MedVLP.image_refit_module(config)
     if refit is None:
         raise ValueError("the image refit needs at least one kind of spot statistics")
-    model.image_refit = refit
-    data = {s: _split(model, cache, s, sections, batch_size) for s in ("train", "val")}
-    model.image_refit = None
+    data = {s: _split(model, refit.spots, cache, s, sections, batch_size) for s in ("train", "val")}
     mean = data["train"]["stats"].mean(0)
     scale = data["train"]["stats"].std(0)
     scale = np.where(scale > MIN_SCALE, scale, 1.0)
@@ -121,10 +119,9 @@ def fit_image_refit(
     if chosen is not None:
         refit.set(torch.as_tensor(mean), torch.as_tensor(scale), torch.as_tensor(maps[chosen]))
         model.config, model.image_refit = config, refit
-        model.save_pretrained(model_dir)
     else:  # a folder refitted before goes back to the model without a map
         model.config = model.config.model_copy(update={"image_refit": None})
-        model.save_pretrained(model_dir)
+    model.save_pretrained(model_dir)
     (model_dir / IMAGE_REFIT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     logger.info("image refit: ridge %s chosen on val (R@10 %s)", chosen, record["val_r10"])
     return record
