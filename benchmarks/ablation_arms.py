@@ -35,6 +35,7 @@ PIN = [
     "stages.stage2-align.side_edit_texts=sentences",
     "stages.stage2-align.side_check=false",
     "stages.stage2-align.image_refit=null",
+    "stages.stage2-align.image_refit_cell=null",
 ]
 
 #: Per kind, what the demo config turns on beyond :data:`PIN`'s methods, pinned off as well (a kind's own switch: only
@@ -316,6 +317,13 @@ for _base in ("blobs", "blobs_contrast"):
             f"stages.stage2-align.image_refit={_kinds}",
         ]
         DERIVED[f"{_base}_{_name}_mined_reports"] = _base
+#: The refit's map on the tokens too (`image_refit_cell`): cells of 4 voxels (16 x 16 x 8 at the demo's 64 x 64 x 32),
+#: each from the cell's spot statistics standardised by that cell's training mean and scale; grounding reads them.
+ARMS["blobs_contrast_refitall_cells_mined_reports"] = [
+    *ARMS["blobs_contrast_refitall_mined_reports"],
+    "stages.stage2-align.image_refit_cell=4",
+]
+DERIVED["blobs_contrast_refitall_cells_mined_reports"] = "blobs_contrast"
 #: The 3D demo's finished run with the side edit (as `twin_attn_box_side` in 2D): left and right kidneys.
 ARMS["blobs_mined_reports_side"] = [*ARMS["blobs_mined_reports"], "stages.stage2-align.side_edit=true"]
 DERIVED["blobs_mined_reports_side"] = "blobs_mined_reports"

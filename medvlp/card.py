@@ -90,7 +90,7 @@ def write_model_card(out: Path, metrics: dict[str, Any], model_path: Path) -> Pa
                 "*Image refit*: the global image embedding is a ridge map, fitted after training on the training pairs "
                 f"(no labels), of the trained embedding and {refit.get('num_statistics')} spot statistics "
                 f"({', '.join(refit.get('kinds') or [])}) onto the report embeddings, its strength "
-                f"{refit.get('ridge')} chosen on val by image -> report R@10; grounding reads the tokens, unchanged.",
+                f"{refit.get('ridge')} chosen on val by image -> report R@10; {_refit_tokens(refit)}",
             ]
     ground = (metrics.get("grounding") or {}).get("per_category") or {}
     if ground:
@@ -236,3 +236,14 @@ def _prompt_note(prompts: dict[str, Any]) -> list[str]:
     labels = prompts.get("uses_training_labels")
     read = "" if labels is None else (" No training label was read." if labels is False else " Uses training labels.")
     return ["", f"*Prompts*: `{form}` (chosen on val): {PROMPT_NOTES[form]}.{read}"]
+
+
+def _refit_tokens(refit: dict[str, Any]) -> str:
+    """What the card says grounding reads under an image refit: the tower's tokens, or the refitted cells'."""
+    grid = refit.get("token_grid")
+    if not grid:
+        return "grounding reads the tower's tokens, unchanged."
+    return (
+        f"grounding reads the same map on {' x '.join(str(g) for g in grid)} cells of about {refit.get('cell')} "
+        "voxels, each from its own spot statistics standardised by that cell's training mean and scale."
+    )

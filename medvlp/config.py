@@ -229,6 +229,13 @@ class AlignStageConfig(OptimConfig):
         "(medvlp.models.image_refit): a ridge map fitted on the training pairs (no labels), its strength chosen on "
         "val by image -> report R@10, no refit when none beats the trained embedding (medvlp.tasks.image_refit)",
     )
+    image_refit_cell: int | None = Field(
+        default=None,
+        ge=1,
+        description="with image_refit: the tokens refitted too, on cells of about this many voxels across, each from "
+        "the tower's token there and the cell's spot statistics standardised by that cell's training mean and scale "
+        "(medvlp.models.image_refit); None: grounding reads the tower's tokens",
+    )
     side_check: bool = Field(
         default=False,
         description="after training (after the side edit): a check of one-sided sentences against the image tokens "

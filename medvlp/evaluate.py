@@ -160,10 +160,10 @@ def _add_ece_floor(zs: dict[str, Any], labels: np.ndarray, probs: np.ndarray, fi
 
 
 def _untrained(model: MedVLP) -> MedVLP:
-    """The same architecture with no pretraining: random image tower, the generic (not adapted) text tower."""
-    cfg = model.config.model_copy(
-        update={"text_encoder": None, "image_checkpoint": None, "text_num_layers": model.text_encoder.num_layers}
-    )
+    """The same architecture with no pretraining: random image tower, the generic (not adapted) text tower, no image
+    refit (an unfitted one is the identity on the embedding and would give every cell of the tokens the same one)."""
+    update = {"text_encoder": None, "image_checkpoint": None, "text_num_layers": model.text_encoder.num_layers}
+    cfg = model.config.model_copy(update=update | {"image_refit": None, "image_refit_cell": None})
     with torch.random.fork_rng(devices=[]):  # a fixed draw, without touching the caller's random state
         torch.manual_seed(0)
         return MedVLP(cfg)

@@ -276,34 +276,37 @@ def test_the_side_edit_is_a_switch_fitted_after_training_before_the_calibration(
 def test_the_image_refit_is_a_switch_fitted_after_training_before_the_calibration(
     tiny_run: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    """`image_refit`: off by default and in the 2D demo, on in the 3D demo; on, a finished run resumed with it fits
-    the refit into its model folder before the calibration, and the card says what the images' embedding is."""
+    """`image_refit`: off by default and in the 2D demo, on in the 3D demo; on, a finished run resumed with it (and its
+    tokens on cells, `image_refit_cell`) fits the refit into its model folder before the calibration, and the card
+    says what the images' embedding and grounding's tokens are."""
     from medvlp.artifacts import RunDir
     from medvlp.evaluate import evaluate
     from medvlp.tasks.image_refit import IMAGE_REFIT_RECORD, RIDGES
 
     assert load_config(None).stages.stage2_align.image_refit is None
     assert load_config(ROOT / "configs" / "demo-2d.yaml").stages.stage2_align.image_refit is None
-    assert load_config(ROOT / "configs" / "demo-3d.yaml").stages.stage2_align.image_refit == [
-        "margins",
-        "levels",
-        "contrast",
-    ]
+    demo_3d = load_config(ROOT / "configs" / "demo-3d.yaml").stages.stage2_align
+    assert demo_3d.image_refit == ["margins", "levels", "contrast"] and demo_3d.image_refit_cell == 4
+    assert load_config(None).stages.stage2_align.image_refit_cell is None
     yaml_path, run = tiny_run
     refitted = tmp_path / "run"
     shutil.copytree(run, refitted)
     model_dir = RunDir.open(refitted).model_dir
     calibrated = (model_dir / "calibration.json").stat().st_mtime_ns
-    cfg = load_config(ROOT / "configs" / "tiny-2d.yaml", ["stages.stage2-align.image_refit=[margins,levels]"])
-    train(cfg, yaml_path, refitted, resume=True)
+    overrides = ["stages.stage2-align.image_refit=[margins,levels]", "stages.stage2-align.image_refit_cell=8"]
+    train(load_config(ROOT / "configs" / "tiny-2d.yaml", overrides), yaml_path, refitted, resume=True)
     record = json.loads((model_dir / IMAGE_REFIT_RECORD).read_text())
     assert set(record["val_r10"]) == {"none", *(str(r) for r in RIDGES)} and record["kinds"] == ["margins", "levels"]
     assert (model_dir / "calibration.json").stat().st_mtime_ns > calibrated
     model = RunDir.open(refitted).load_model()
-    assert (model.image_refit is None) == (record["ridge"] is None)
+    assert (model.image_refit is None) == (record["ridge"] is None) and record["cell"] == 8
+    if model.image_refit is not None:
+        grid = [round(n / 8) for n in model.config.image_size]
+        assert model.config.image_refit_cell == 8 and record["token_grid"] == grid == list(model.image_refit.grid)
     metrics = evaluate(refitted, yaml_path, tmp_path / "card")
     assert metrics["image_refit"] == (None if record["ridge"] is None else record)
-    assert ("*Image refit*" in (tmp_path / "card" / "model_card.md").read_text()) == (record["ridge"] is not None)
+    card = (tmp_path / "card" / "model_card.md").read_text()
+    assert ("*Image refit*" in card) == ("cells of about 8 voxels" in card) == (record["ridge"] is not None)
     assert evaluate(run, yaml_path, tmp_path / "plain")["image_refit"] is None
 
 

@@ -28,8 +28,11 @@ image uses the in-plane two), not in millimetres: the cache's spacing (``cohort 
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -44,6 +47,7 @@ __all__ = [
     "blob_kinds",
     "blob_scales",
     "ceiling_free_levels",
+    "cell_index",
     "margin_maps",
     "ring_max",
     "spot_contrast",
@@ -226,9 +230,10 @@ class SpotStatistics(nn.Module):
         return out
 
     @torch.no_grad()
-    def statistics(self, x: Tensor, margins: Sequence[tuple[Tensor, Tensor]] | None = None) -> Tensor:
-        """``x`` ``[B, 1, *grid]`` -> ``[B, num_statistics]`` in float32: the margins of all scales, then the levels,
-        then the contrasts (``margins``: :func:`margin_maps` of ``x`` when already computed)."""
+    def maps(self, x: Tensor, margins: Sequence[tuple[Tensor, Tensor]] | None = None) -> list[Tensor]:
+        """``x`` ``[B, 1, *grid]`` -> the maps the statistics summarise, ``[B, 1, *grid]`` float32 each: the margins
+        (bright, dark) of all scales, then the levels, then the contrasts (``margins``: :func:`margin_maps` of ``x``
+        when already computed)."""
         if x.shape[2 + self.axis] < 2:
             raise ValueError(
                 f"blob statistics read two halves along axis {self.axis}, and this image has "
@@ -238,14 +243,41 @@ class SpotStatistics(nn.Module):
         out: list[Tensor] = []
         if "margins" in self.kinds:
             for pair in margins if margins is not None else margin_maps(x, self.scales):
-                out += self._summaries(pair)
+                out += list(pair)
         if "levels" in self.kinds:
-            for inner, width in self.scales:
-                out += self._summaries([ceiling_free_levels(x, inner, width)])
+            out += [ceiling_free_levels(x, inner, width) for inner, width in self.scales]
         if "contrast" in self.kinds:
             for inner, width in self.contrast_scales:
-                out += self._summaries(spot_contrast(x, inner, width))
-        return torch.stack(out, dim=1)
+                out += list(spot_contrast(x, inner, width))
+        return out
+
+    @torch.no_grad()
+    def statistics(
+        self, x: Tensor, margins: Sequence[tuple[Tensor, Tensor]] | None = None, maps: Sequence[Tensor] | None = None
+    ) -> Tensor:
+        """``x`` ``[B, 1, *grid]`` -> ``[B, num_statistics]`` in float32: the margins of all scales, then the levels,
+        then the contrasts (``margins``: :func:`margin_maps` of ``x``, or ``maps``: :meth:`maps` of ``x``, when
+        already computed)."""
+        return torch.stack(self._summaries(self.maps(x, margins) if maps is None else maps), dim=1)
+
+    @torch.no_grad()
+    def cell_statistics(self, x: Tensor, grid: Sequence[int], maps: Sequence[Tensor] | None = None) -> Tensor:
+        """The statistics of each cell of ``grid`` (a partition of the image, :func:`cell_index`), as if the cell were
+        its half of the image: ``[B, prod(grid), num_statistics]``, row-major over ``grid``, the columns of
+        :meth:`statistics` with NaN in those of the other half (a cell holds nothing of it)."""
+        maps = self.maps(x) if maps is None else maps
+        size, grid = tuple(int(n) for n in maps[0].shape[2:]), tuple(int(g) for g in grid)
+        centres = (np.arange(grid[self.axis]) + 0.5) * size[self.axis] / grid[self.axis]
+        in_first = centres < size[self.axis] // 2  # per cell along the axis: it lies in the first half
+        first_np = in_first[np.arange(math.prod(grid)) // math.prod(grid[self.axis + 1 :]) % grid[self.axis]]
+        first = torch.as_tensor(first_np, device=maps[0].device)
+        out = []
+        for m in maps:
+            top, mean = _cell_top(m.flatten(1), size, grid)
+            nan = torch.full_like(top, float("nan"))
+            for half in (first, ~first):
+                out += [torch.where(half, top, nan), torch.where(half, mean, nan)]
+        return torch.stack(out, dim=2)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.statistics(x)
@@ -310,6 +342,42 @@ class SpotMaps(nn.Module):
 
     def forward(self, x: Tensor, margins: Sequence[tuple[Tensor, Tensor]] | None = None) -> Tensor:
         return self.conv(self.norm(self.maps(x, margins)))
+
+
+def cell_index(size: Sequence[int], grid: Sequence[int]) -> np.ndarray:
+    """The cell of ``grid`` that holds each voxel of an image of ``size``, row-major over both, ``[prod(size)]``:
+    along each axis voxel ``i`` of ``n`` lies in cell ``floor(i * g / n)`` (cells of equal size, or within a voxel of
+    it, whose centres are where an interpolation of the grid onto the image puts them)."""
+    if len(size) != len(grid) or any(not 1 <= g <= n for g, n in zip(grid, size, strict=True)):
+        raise ValueError(f"a grid {tuple(grid)} of cells does not partition an image of {tuple(size)}")
+    index = np.zeros((), dtype=np.int64)
+    for n, g in zip(size, grid, strict=True):
+        index = index[..., None] * g + np.arange(n) * g // n
+    return index.reshape(-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _cell_layout(size: tuple[int, ...], grid: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """``[cells, width]`` the voxels of each cell (padded with ``prod(size)``, one past the last) and ``[cells]`` their
+    number: constants, so that an exported graph gathers instead of sorting."""
+    cells = cell_index(size, grid)
+    sizes = np.bincount(cells, minlength=math.prod(grid))
+    order = np.argsort(cells, kind="stable")
+    position = np.arange(len(cells)) - (np.cumsum(sizes) - sizes)[cells[order]]
+    layout = np.full((len(sizes), int(sizes.max())), len(cells), dtype=np.int64)
+    layout[cells[order], position] = order
+    return layout, sizes
+
+
+def _cell_top(values: Tensor, size: tuple[int, ...], grid: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Per row of ``values`` ``[B, prod(size)]`` and cell of ``grid``, the maximum and the mean of the :data:`TOP_K`
+    largest values (fewer in a smaller cell), ``[B, cells]`` each."""
+    layout, sizes = _cell_layout(size, grid)
+    pad = torch.full_like(values[:, :1], float("-inf"))
+    cells = torch.cat([values, pad], dim=1)[:, torch.as_tensor(layout, device=values.device)]  # [B, cells, width]
+    top = cells.topk(min(TOP_K, layout.shape[1]), dim=2).values
+    count = torch.as_tensor(np.minimum(sizes, TOP_K), dtype=values.dtype, device=values.device)
+    return top[..., 0], torch.where(torch.isfinite(top), top, torch.zeros_like(top)).sum(dim=2) / count
 
 
 def blob_scales(

@@ -42,6 +42,9 @@ class ModelConfig(BaseModel):
         image_refit: the spot statistics' kinds (:data:`medvlp.models.blobs.BLOB_KINDS`) that the model's image
             refit reads beside its embedding (:mod:`medvlp.models.image_refit`); None: no refit. Set by its fit
             after training (``stages.stage2-align.image_refit``), not in a training config.
+        image_refit_cell: the size in voxels of the cells whose refitted tokens replace the tower's
+            (:mod:`medvlp.models.image_refit`); None: the tokens stay the tower's. Set by the refit's fit
+            (``stages.stage2-align.image_refit_cell``), not in a training config.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -63,6 +66,7 @@ class ModelConfig(BaseModel):
     side_edit: Literal["sentences", "all"] | None = None
     side_check_axis: int | None = Field(default=None, ge=0, le=2)
     image_refit: tuple[str, ...] | None = None
+    image_refit_cell: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -101,6 +105,8 @@ class ModelConfig(BaseModel):
                 raise ValueError(
                     f"image_refit kinds must be some of {', '.join(BLOB_KINDS)}, not {list(self.image_refit)}"
                 )
+        if self.image_refit_cell is not None and self.image_refit is None:
+            raise ValueError("image_refit_cell refits the tokens of an image refit: it needs image_refit")
         return self
 
     @property
@@ -125,6 +131,8 @@ FITTED_FIELDS: dict[str, str] = {
     "stages.stage2-align.side_check: true",
     "image_refit": "set by the image refit's fit after training; turn it on with "
     "stages.stage2-align.image_refit: [KINDS]",
+    "image_refit_cell": "set by the image refit's fit after training; turn it on with "
+    "stages.stage2-align.image_refit_cell: VOXELS",
 }
 #: Keys of a training config's ``model:`` section that shape training but are not part of the saved model.
 TRAINING_ONLY_FIELDS: dict[str, Any] = {"text_dropout": (Optional[float], Field(default=None, ge=0, lt=1))}  # noqa: UP045

@@ -142,7 +142,8 @@ class MedVLP(nn.Module):
         if not config.image_refit:
             return None
         axis = int(config.image_encoder_args.get("laterality_axis", 0))
-        return ImageRefit(config.embed_dim, config.spatial_dims, axis, config.image_refit)
+        cell = config.image_refit_cell
+        return ImageRefit(config.embed_dim, config.spatial_dims, axis, config.image_refit, config.image_size, cell)
 
     @property
     def device(self) -> torch.device:
@@ -154,8 +155,9 @@ class MedVLP(nn.Module):
         ``with_branch`` also the tower's branch (``ImageEncoderOutput.branch``) alone through the global projection."""
         out = self.image_encoder(images)
         embedding, tokens = self.image_projection(out.embedding, out.tokens)
-        if self.image_refit is not None:  # the global embedding only: the tokens stay the tower's
-            embedding = self.image_refit(images, embedding)
+        grid = tuple(out.grid)
+        if self.image_refit is not None:  # the tokens too when it has cells (else they stay the tower's)
+            embedding, tokens, grid = self.image_refit.refit(images, embedding, tokens, grid)
         branch = None
         if with_branch:
             if out.branch is None:
@@ -164,7 +166,7 @@ class MedVLP(nn.Module):
         if normalize:
             embedding, tokens = F.normalize(embedding, dim=-1), F.normalize(tokens, dim=-1)
             branch = None if branch is None else F.normalize(branch, dim=-1)
-        return ImageEmbeddings(embedding=embedding, tokens=tokens, grid=out.grid, branch=branch)
+        return ImageEmbeddings(embedding=embedding, tokens=tokens, grid=grid, branch=branch)
 
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
         """Global image features ``[B, E]``."""

@@ -8,6 +8,9 @@ mean rank; identical reports are one answer, as :func:`medvlp.tasks.retrieval.re
 best wins, a tie going to the stronger ridge and, before every map, to no refit. The choice and every candidate's
 scores go to ``image_refit.json`` in the model folder, the map into its weights. A refit starts from the model
 without one, so fitting twice gives the same model.
+
+With ``cell`` the chosen map also refits the tokens (:class:`medvlp.models.image_refit.ImageRefit`): each cell's
+statistics are standardised with that cell's mean and scale over the training images (again no label).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 __all__ = ["IMAGE_REFIT_RECORD", "RIDGES", "fit_image_refit", "ridge_map"]
 
@@ -31,6 +35,9 @@ RIDGES = (1000.0, 300.0, 100.0, 30.0, 10.0, 3.0, 1.0)
 IMAGE_REFIT_RECORD = "image_refit.json"
 #: A statistic whose training spread is below this is left at its mean (scale 1): it carries nothing.
 MIN_SCALE = 1e-6
+#: A cell's scale is at least this fraction of its statistic's scale over whole images: a place where a statistic
+#: hardly varies over the training images (air, the table) does not turn its noise into a finding.
+CELL_SCALE_FLOOR = 0.1
 
 
 def ridge_map(features: np.ndarray, targets: np.ndarray, strength: float) -> np.ndarray:
@@ -55,6 +62,25 @@ def _split(model: Any, spots: Any, cache: Any, split: str, sections: Sequence[st
     return {"image": emb.image, "text": emb.text, "reports": emb.reports, "stats": torch.cat(stats).numpy()}
 
 
+def _cell_moments(refit: Any, cache: Any, batch_size: int, scale: np.ndarray) -> tuple[Tensor, Tensor]:
+    """Per cell of ``refit.grid`` and statistic, the mean and standard deviation over the training images, the latter
+    at least :data:`CELL_SCALE_FLOOR` of the statistic's ``scale`` over whole images (0 and 1 in the other half's
+    columns, which a cell never holds)."""
+    from medvlp.tasks.embed import load_images
+
+    studies = list(cache.split("train")["study"])
+    total = square = count = torch.zeros(())
+    for i in range(0, len(studies), batch_size):
+        cells = refit.spots.cell_statistics(load_images(cache, studies[i : i + batch_size]), refit.grid).double()
+        held = torch.isfinite(cells)
+        cells = torch.where(held, cells, torch.zeros_like(cells))
+        total, square, count = total + cells.sum(0), square + (cells**2).sum(0), count + held.sum(0)
+    mean = total / count.clamp(min=1)
+    std = (square / count.clamp(min=1) - mean**2).clamp(min=0).sqrt()
+    floor = torch.as_tensor(CELL_SCALE_FLOOR * scale, dtype=std.dtype)
+    return mean.float(), torch.where(count > 0, std.maximum(floor), torch.ones_like(std)).float()
+
+
 def _retrieval(image: np.ndarray, text: np.ndarray, reports: list[str]) -> tuple[float, float]:
     from medvlp.tasks.retrieval import retrieval_metrics
 
@@ -70,11 +96,13 @@ def fit_image_refit(
     kinds: Sequence[str],
     ridges: Sequence[float] = RIDGES,
     batch_size: int = 16,
+    cell: int | None = None,
 ) -> dict[str, Any]:
     """Fit the image refit of a model folder on its cohort (the map on ``train``, the ridge on ``val``), write it.
 
     ``kinds``: the spot statistics it reads (:data:`medvlp.models.blobs.BLOB_KINDS`). The model must be 2D or 3D
-    with images of at least two pixels across its laterality axis (the statistics read two halves).
+    with images of at least two pixels across its laterality axis (the statistics read two halves). ``cell``: the
+    refitted tokens' cell size in voxels (None: the tokens stay the tower's).
 
     Returns:
         The record written to ``image_refit.json``: the chosen ``ridge`` (None: no refit, the folder's model is left
@@ -85,7 +113,7 @@ def fit_image_refit(
     model_dir = Path(model_dir)
     model = MedVLP.from_pretrained(model_dir).eval()
     model.image_refit = None  # the embeddings are the trained model's (a refit fitted before is left out)
-    config = model.config.model_copy(update={"image_refit": tuple(kinds)})
+    config = model.config.model_copy(update={"image_refit": tuple(kinds), "image_refit_cell": cell})
     refit = MedVLP.image_refit_module(config)
     if refit is None:
         raise ValueError("the image refit needs at least one kind of spot statistics")
@@ -115,12 +143,16 @@ def fit_image_refit(
         "train_pairs": len(x_train),
         "val_pairs": len(x_val),
         "num_statistics": int(refit.spots.num_statistics),
+        "cell": cell,
+        "token_grid": None if refit.grid is None or chosen is None else list(refit.grid),
     }
     if chosen is not None:
         refit.set(torch.as_tensor(mean), torch.as_tensor(scale), torch.as_tensor(maps[chosen]))
+        if refit.grid is not None:
+            refit.set_cells(*_cell_moments(refit, cache, batch_size, scale))
         model.config, model.image_refit = config, refit
     else:  # a folder refitted before goes back to the model without a map
-        model.config = model.config.model_copy(update={"image_refit": None})
+        model.config = model.config.model_copy(update={"image_refit": None, "image_refit_cell": None})
     model.save_pretrained(model_dir)
     (model_dir / IMAGE_REFIT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     logger.info("image refit: ridge %s chosen on val (R@10 %s)", chosen, record["val_r10"])

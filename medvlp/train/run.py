@@ -201,7 +201,7 @@ def train(
             if align.image_refit:  # first: the side edit, check and calibration read the refitted images
                 from medvlp.tasks.image_refit import fit_image_refit
 
-                fit_image_refit(model_dir, cache, sections, align.image_refit)
+                fit_image_refit(model_dir, cache, sections, align.image_refit, cell=align.image_refit_cell)
             if align.side_edit:  # before the calibration, which then reads the edited text embeddings
                 from medvlp.tasks.side_edit import fit_side_edit
 

@@ -83,10 +83,15 @@ def test_export_refusals(model_2d: TinyModel, tmp_path: Path) -> None:
 
 
 def _tiny_model(
-    tiny: TinyModel, encoder: str, args: dict[str, object], seed: int, image_refit: tuple[str, ...] | None = None
+    tiny: TinyModel,
+    encoder: str,
+    args: dict[str, object],
+    seed: int,
+    image_refit: tuple[str, ...] | None = None,
+    cell: int | None = None,
 ) -> MedVLP:
-    """A MedVLP with ``encoder`` and ``args`` (and an image refit reading ``image_refit``) on the preprocessing of
-    ``tiny``'s cohort record."""
+    """A MedVLP with ``encoder`` and ``args`` (and an image refit reading ``image_refit``, its tokens on cells of
+    ``cell`` voxels) on the preprocessing of ``tiny``'s cohort record."""
     from medvlp.models import ModelConfig
 
     record = json.loads((tiny.model / "cohort.json").read_text())
@@ -101,6 +106,7 @@ def _tiny_model(
             text_max_length=64,
             embed_dim=64,
             image_refit=image_refit,
+            image_refit_cell=cell,
         )
     )
 
@@ -155,13 +161,17 @@ def test_onnx_export_of_a_3d_tower_with_blob_statistics(model_3d: TinyModel, tmp
 
 
 def test_onnx_export_of_a_3d_model_with_an_image_refit(model_3d: TinyModel, tmp_path: Path) -> None:
-    """A 3D model whose global embedding is refitted from its spot statistics after training
-    (`medvlp.models.image_refit`) exports with the fitted map: onnxruntime gives PyTorch's embeddings and the
-    server's answer."""
-    model = _tiny_model(model_3d, "tiny_resnet", {"blobs": True}, seed=7, image_refit=("margins", "contrast"))
+    """A 3D model whose global embedding and tokens (on cells of 4 voxels) are refitted from its spot statistics after
+    training (`medvlp.models.image_refit`) exports with the fitted maps: onnxruntime gives PyTorch's embeddings and
+    tokens and the server's answer (a refit without cells is the same graph less the tokens' part)."""
+    kinds = ("margins", "contrast")
+    model = _tiny_model(model_3d, "tiny_resnet", {"blobs": True}, seed=7, image_refit=kinds, cell=4)
     refit = model.image_refit
     assert refit is not None
     n = refit.spots.num_statistics
     torch.manual_seed(8)
     refit.set(torch.rand(n) * 0.1, torch.rand(n) + 0.5, torch.randn(refit.num_features, 64) * 0.1)
+    assert refit.grid is not None
+    cells = refit.cell_mean.shape[0]
+    refit.set_cells(torch.rand(cells, n) * 0.1, torch.rand(cells, n) + 0.5)
     _export_and_check(model, model_3d, "S00002", tmp_path)

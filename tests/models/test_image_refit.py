@@ -91,3 +91,79 @@ def test_no_refit_when_none_beats_the_trained_embedding(tmp_path: Path) -> None:
     assert record["ridge"] is None and record["val_r10"]["none"] == max(record["val_r10"].values())
     assert MedVLP.from_pretrained(model_dir).image_refit is None
     assert json.loads((model_dir / "config.json").read_text())["config"] == config
+
+
+def test_an_unfitted_refit_with_cells_keeps_the_tokens_on_its_grid() -> None:
+    """Before a fit the cells' tokens are the tower's, interpolated onto the cells' grid: a tower's grid that is the
+    cells' passes unchanged in direction."""
+    refit = ImageRefit(8, spatial_dims=2, axis=0, kinds=["margins"], image_size=(32, 24), cell=8)
+    assert refit.grid == (4, 3) and tuple(refit.cell_mean.shape) == (12, refit.spots.num_statistics)
+    images, embedding, tokens = torch.rand(2, 1, 32, 24), torch.randn(2, 8), torch.randn(2, 12, 8) * 3
+    new_embedding, new_tokens, grid = refit.refit(images, embedding, tokens, (4, 3))
+    assert grid == (4, 3)
+    torch.testing.assert_close(new_tokens, F.normalize(embedding, dim=-1)[:, None].expand(-1, 12, -1))
+    torch.testing.assert_close(new_embedding, refit(images, embedding))
+    _, coarse, grid = refit.refit(images, embedding, tokens[:, :2], (2, 1))  # a coarser tower: interpolated
+    assert grid == (4, 3) and coarse.shape == (2, 12, 8)
+    with pytest.raises(ValueError, match="image size"):
+        ImageRefit(8, spatial_dims=2, axis=0, kinds=["margins"], cell=8)
+    with pytest.raises(ValueError, match="needs image_refit"):
+        ModelConfig(image_encoder="tiny_vit", spatial_dims=2, image_size=(32, 32), image_refit_cell=8)
+
+
+def test_a_refitted_token_stands_out_where_a_spot_exceeds_its_cells_usual() -> None:
+    """A map that sends the bright spots' margins to one direction and the constant to another: a small bright spot
+    moves its own cell's token along the spots' direction five times as far as any other cell's, or any cell of an
+    image of noise alone; statistics below their cell's usual count for nothing."""
+    refit = ImageRefit(4, spatial_dims=2, axis=0, kinds=["margins"], image_size=(32, 32), cell=8)
+    n = refit.spots.num_statistics
+    weight = torch.zeros(4 + n + 1, 4)
+    bright = [4 + col for col in range(n) if col // 4 % 2 == 0]  # per map 4 columns; bright, then dark maps
+    weight[bright, 0] = 1.0
+    weight[-1, 1] = 1.0
+    noise = torch.randn(40, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 0.1
+    cells = refit.spots.cell_statistics(noise, refit.grid)
+    mean, std = torch.nanmean(cells, 0), cells.nan_to_num(0.0).std(0)
+    refit.set(torch.zeros(n), torch.ones(n), weight)
+    refit.set_cells(mean.nan_to_num(0.0), torch.where(std > 0, std, torch.ones_like(std)))
+    image = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 0.1
+    image[0, 0, 19:21, 11:13] += 2.0  # the middle of cell (2, 1) of the 4 x 4 grid: row-major index 9
+    _, tokens, grid = refit.refit(image, torch.randn(2, 4), torch.randn(2, 16, 4), (4, 4))
+    toward = tokens[..., 0]  # [2, 16]: along the spots' direction (the constant's stays 1)
+    assert grid == (4, 4) and int(toward[0].argmax()) == 9 and torch.allclose(tokens[..., 1], torch.ones(2, 16))
+    assert toward[0, 9] > 5 * toward[0].topk(2).values[1] and toward[0, 9] > 5 * toward[1].max()
+    assert toward.min() >= 0  # the noise's spots below their cells' usual count for nothing
+
+
+def test_fit_with_cells_refits_the_tokens_in_the_folder(tmp_path: Path) -> None:
+    """Fitted with cells, the folder's model gives the cells' tokens (grounding reads them), the record names the grid,
+    and the cells over the bright patch differ from those around it."""
+    from medvlp.tasks.grounding import similarity_maps
+
+    model_dir = tiny_model_dir(tmp_path / "model")
+    cache = side_cohort(24, seed=0, axis=0)
+    record = fit_image_refit(model_dir, cache, ["findings"], ["levels"], cell=8)
+    assert record["ridge"] is not None and record["cell"] == 8 and record["token_grid"] == [4, 4]
+    after = MedVLP.from_pretrained(model_dir)
+    assert after.config.image_refit_cell == 8 and after.image_refit.grid == (4, 4)
+    images = torch.stack([torch.as_tensor(cache.load_image(s)) for s in cache.split("val")["study"][:4]])
+    with torch.no_grad():
+        out = after.forward_image(images)
+    assert out.grid == (4, 4) and out.tokens.shape == (4, 16, 16)
+    assert torch.cdist(out.tokens[0], out.tokens[0]).max() > 1e-4
+    assert similarity_maps(after, images, ["Small left pleural effusion."] * 4).shape == (4, 32, 32)
+
+
+def test_the_untrained_baseline_has_no_refit(tmp_path: Path) -> None:
+    """The card's untrained model is the architecture with nothing fitted: no refit, so its tokens are its tower's
+    (an unfitted refit with cells would give every cell the image's embedding: a flat map)."""
+    from medvlp.evaluate import _untrained
+
+    folder = tiny_model_dir(tmp_path / "model")
+    model = MedVLP.from_pretrained(folder)
+    model.config = model.config.model_copy(update={"image_refit": ("margins",), "image_refit_cell": 8})
+    baseline = _untrained(model)
+    assert baseline.image_refit is None and baseline.config.image_refit_cell is None
+    with torch.no_grad():
+        out = baseline.forward_image(torch.rand(2, 1, 32, 32))
+    assert torch.cdist(out.tokens[0], out.tokens[0]).max() > 1e-3
