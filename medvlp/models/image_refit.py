@@ -103,7 +103,8 @@ class ImageRefit(nn.Module):
         self, images: Tensor, embedding: Tensor, tokens: Tensor, grid: Sequence[int]
     ) -> tuple[Tensor, Tensor, tuple[int, ...]]:
         """The refitted embedding ``[B, E]`` and, with cells, the refitted tokens ``[B, cells, E]`` on the cells'
-        grid (else ``tokens`` on ``grid``), the statistics' maps computed once; none of them unit."""
+        grid (the tower's ``tokens`` are not read then), else ``tokens`` on ``grid``; the statistics' maps computed
+        once; none of them unit."""
         maps = self.spots.maps(images)
         stats = (self.spots.statistics(images, maps=maps).to(embedding.dtype) - self.mean) / self.scale
         weight = self.weight.to(embedding.dtype)
@@ -125,14 +126,3 @@ def _features(embedding: Tensor, stats: Tensor) -> Tensor:
     """``[..., E + S + 1]``: the unit ``embedding``, the standardised ``stats`` and a constant 1."""
     ones = torch.ones(*embedding.shape[:-1], 1, dtype=embedding.dtype, device=embedding.device)
     return torch.cat([F.normalize(embedding, dim=-1), stats, ones], dim=-1)
-
-
-def _on_grid(tokens: Tensor, grid: Sequence[int], target: Sequence[int]) -> Tensor:
-    """``tokens`` ``[B, N, E]`` on ``grid`` interpolated (linearly, as a similarity map is) onto ``target``."""
-    if tuple(grid) == tuple(target):
-        return tokens
-    b, _, e = tokens.shape
-    volume = tokens.transpose(1, 2).reshape(b, e, *grid)
-    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(grid)]
-    out = F.interpolate(volume, size=tuple(target), mode=mode, align_corners=False)
-    return out.reshape(b, e, -1).transpose(1, 2)

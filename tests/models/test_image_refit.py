@@ -103,7 +103,7 @@ def test_an_unfitted_refit_with_cells_keeps_the_tokens_on_its_grid() -> None:
     assert grid == (4, 3)
     torch.testing.assert_close(new_tokens, F.normalize(embedding, dim=-1)[:, None].expand(-1, 12, -1))
     torch.testing.assert_close(new_embedding, refit(images, embedding))
-    _, coarse, grid = refit.refit(images, embedding, tokens[:, :2], (2, 1))  # a coarser tower: interpolated
+    _, coarse, grid = refit.refit(images, embedding, tokens[:, :2], (2, 1))  # any tower's grid: the cells'
     assert grid == (4, 3) and coarse.shape == (2, 12, 8)
     with pytest.raises(ValueError, match="image size"):
         ImageRefit(8, spatial_dims=2, axis=0, kinds=["margins"], cell=8)
