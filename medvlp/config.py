@@ -232,9 +232,9 @@ class AlignStageConfig(OptimConfig):
     image_refit_cell: int | None = Field(
         default=None,
         ge=1,
-        description="with image_refit: the tokens refitted too, on cells of about this many voxels across, each from "
-        "the tower's token there and the cell's spot statistics standardised by that cell's training mean and scale "
-        "(medvlp.models.image_refit); None: grounding reads the tower's tokens",
+        description="with image_refit: the tokens refitted too, on cells of about this many voxels across, each the "
+        "refit's map of the image's embedding and the cell's spot statistics, standardised by that cell's training "
+        "mean and scale and kept where above it (medvlp.models.image_refit); None: grounding reads the tower's tokens",
     )
     side_check: bool = Field(
         default=False,

@@ -49,32 +49,35 @@ def ridge_map(features: np.ndarray, targets: np.ndarray, strength: float) -> np.
     return np.linalg.solve(x.T @ x + np.diag(penalty), x.T @ t)
 
 
-def _split(model: Any, spots: Any, cache: Any, split: str, sections: Sequence[str], batch_size: int) -> dict[str, Any]:
-    """The split's unit image and report embeddings (``model``, without a refit), its reports and the images' raw
-    ``spots`` statistics."""
+def _split(
+    model: Any, refit: Any, cache: Any, split: str, sections: Sequence[str], batch_size: int, cells: bool = False
+) -> dict[str, Any]:
+    """The split's unit image and report embeddings (``model``, without a refit), its reports, the images' raw spot
+    statistics and, with ``cells`` (and a ``refit`` that has them), the sums of their cells' statistics: values,
+    squares and counts (the maps computed once for both)."""
     from medvlp.tasks.embed import embed_split, load_images
 
     emb = embed_split(model, cache, split, sections, batch_size)
     studies = list(emb.records["study"])
-    stats = [
-        spots.statistics(load_images(cache, studies[i : i + batch_size])) for i in range(0, len(studies), batch_size)
-    ]
-    return {"image": emb.image, "text": emb.text, "reports": emb.reports, "stats": torch.cat(stats).numpy()}
-
-
-def _cell_moments(refit: Any, cache: Any, batch_size: int, scale: np.ndarray) -> tuple[Tensor, Tensor]:
-    """Per cell of ``refit.grid`` and statistic, the mean and standard deviation over the training images, the latter
-    at least :data:`CELL_SCALE_FLOOR` of the statistic's ``scale`` over whole images (0 and 1 in the other half's
-    columns, which a cell never holds)."""
-    from medvlp.tasks.embed import load_images
-
-    studies = list(cache.split("train")["study"])
-    total = square = count = torch.zeros(())
+    stats, sums = [], [torch.zeros(())] * 3
     for i in range(0, len(studies), batch_size):
-        cells = refit.spots.cell_statistics(load_images(cache, studies[i : i + batch_size]), refit.grid).double()
-        held = torch.isfinite(cells)
-        cells = torch.where(held, cells, torch.zeros_like(cells))
-        total, square, count = total + cells.sum(0), square + (cells**2).sum(0), count + held.sum(0)
+        x = load_images(cache, studies[i : i + batch_size])
+        maps = refit.spots.maps(x)
+        stats.append(refit.spots.statistics(x, maps=maps))
+        if cells and refit.grid is not None:
+            values = refit.spots.cell_statistics(x, refit.grid, maps=maps).double()
+            held = torch.isfinite(values)
+            values = torch.where(held, values, torch.zeros_like(values))
+            sums = [sums[0] + values.sum(0), sums[1] + (values**2).sum(0), sums[2] + held.sum(0)]
+    out = {"image": emb.image, "text": emb.text, "reports": emb.reports, "stats": torch.cat(stats).numpy()}
+    return out | {"cell_sums": sums}
+
+
+def _cell_moments(sums: Sequence[Tensor], scale: np.ndarray) -> tuple[Tensor, Tensor]:
+    """From the training images' cell sums of :func:`_split` (values, squares, counts), per cell and statistic the
+    mean and standard deviation, the latter at least :data:`CELL_SCALE_FLOOR` of the statistic's ``scale`` over whole
+    images (0 and 1 in the other half's columns, which a cell never holds)."""
+    total, square, count = sums
     mean = total / count.clamp(min=1)
     std = (square / count.clamp(min=1) - mean**2).clamp(min=0).sqrt()
     floor = torch.as_tensor(CELL_SCALE_FLOOR * scale, dtype=std.dtype)
@@ -117,7 +120,7 @@ def fit_image_refit(
     refit = MedVLP.image_refit_module(config)
     if refit is None:
         raise ValueError("the image refit needs at least one kind of spot statistics")
-    data = {s: _split(model, refit.spots, cache, s, sections, batch_size) for s in ("train", "val")}
+    data = {s: _split(model, refit, cache, s, sections, batch_size, cells=s == "train") for s in ("train", "val")}
     mean = data["train"]["stats"].mean(0)
     scale = data["train"]["stats"].std(0)
     scale = np.where(scale > MIN_SCALE, scale, 1.0)
@@ -149,7 +152,7 @@ def fit_image_refit(
     if chosen is not None:
         refit.set(torch.as_tensor(mean), torch.as_tensor(scale), torch.as_tensor(maps[chosen]))
         if refit.grid is not None:
-            refit.set_cells(*_cell_moments(refit, cache, batch_size, scale))
+            refit.set_cells(*_cell_moments(data["train"]["cell_sums"], scale))
         model.config, model.image_refit = config, refit
     else:  # a folder refitted before goes back to the model without a map
         model.config = model.config.model_copy(update={"image_refit": None, "image_refit_cell": None})
