@@ -296,6 +296,8 @@ class AlignStageConfig(OptimConfig):
             )
         if self.twin_absence and "negation" not in self.hard_negatives:
             raise ValueError("twin_absence draws negated phrases: it needs 'negation' in hard_negatives")
+        if self.image_refit_cell is not None and not self.image_refit:
+            raise ValueError("image_refit_cell refits the tokens with the image refit's map: set image_refit too")
         if self.twin_sentence_balance and not self.twin_sentence_weight:
             raise ValueError("twin_sentence_balance weighs the sentence twin term: set twin_sentence_weight > 0")
         if self.twin_sentence_text_only and not self.twin_sentence_weight:

@@ -288,6 +288,8 @@ def test_the_image_refit_is_a_switch_fitted_after_training_before_the_calibratio
     demo_3d = load_config(ROOT / "configs" / "demo-3d.yaml").stages.stage2_align
     assert demo_3d.image_refit == ["margins", "levels", "contrast"] and demo_3d.image_refit_cell == 4
     assert load_config(None).stages.stage2_align.image_refit_cell is None
+    with pytest.raises(ValueError, match="set image_refit too"):  # cells without the refit whose map they read
+        load_config(None, ["stages.stage2-align.image_refit_cell=4"])
     yaml_path, run = tiny_run
     refitted = tmp_path / "run"
     shutil.copytree(run, refitted)
